@@ -1,0 +1,1 @@
+"""pipeline_cluster actors: root, log, node, stage supervisor and worker (pykka ThreadingActors)."""

@@ -1,0 +1,1 @@
+"""SSH bootstrap of remote nodes with paramiko, and the cluster config."""

@@ -1,0 +1,1 @@
+"""Small runnable pipelines used by the README and `pipeline-cluster demo`."""
