@@ -1,0 +1,38 @@
+"""LogActor: the cluster's log. Receives records from every process and writes them to a file and/or stderr."""
+from __future__ import annotations
+
+import sys
+from typing import IO
+
+from pipeline_cluster.actors.base import Actor
+from pipeline_cluster.multiprocess_logging import Record
+
+
+class LogActor(Actor):
+    """Writes each record as one line (time, level, node, pid, stage, message)."""
+
+    def __init__(self, path: str | None, to_stderr: bool = False, stderr_level: int = 30) -> None:
+        super().__init__()
+        self.path = path
+        self.to_stderr = to_stderr
+        self.stderr_level = stderr_level
+        self.file: IO[str] | None = None
+
+    def on_start(self) -> None:
+        if self.path:
+            self.file = open(self.path, "a", buffering=1, encoding="utf-8")
+
+    def on_record(self, record: Record) -> None:
+        line = record.format()
+        if self.file is not None:
+            self.file.write(line + "\n")
+        if self.to_stderr or record.level >= self.stderr_level:
+            sys.stderr.write(line + "\n")
+
+    def on_flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
+    def on_stop(self) -> None:
+        if self.file is not None:
+            self.file.close()

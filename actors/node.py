@@ -1,0 +1,133 @@
+"""NodeActor: hosts one StageSupervisor per stage on this node and reports finished root items upstream.
+
+It keeps, per root item, how many of its descendants are still inside the stages. A root item is reported (with
+all of its outputs) only when that count reaches zero, which is what makes delivery exactly-once per input.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+import pykka
+
+from pipeline_cluster.actors.base import Actor, tell
+from pipeline_cluster.actors.stage import StageSupervisor
+from pipeline_cluster.deadletters import DeadLetter
+from pipeline_cluster.errors import StageFailed
+from pipeline_cluster.model import Pipeline
+from pipeline_cluster.multiprocess_logging import Record, make_record
+
+
+class NodeActor(Actor):
+    """One node: stage supervisors, the per-root-item tree ledger, and the report channel to the root."""
+
+    def __init__(self, name: str, report: Callable[[tuple], None], log_sink: Callable[[Record], None],
+                 workers: int | None = None, log_level: int = logging.INFO) -> None:
+        super().__init__()
+        self.name = name
+        self.report = report
+        self.log_sink = log_sink
+        self.default_workers = workers or os.cpu_count() or 1
+        self.log_level = log_level
+        self.stages: list[pykka.ActorRef] = []
+        self.pending: dict[int, int] = {}
+        self.results: dict[int, list] = {}
+        self.ready: set[int] = set()
+        self.escalate = lambda text: self.report(("failed", self.name, RuntimeError(text)))
+
+    def on_setup(self, pipeline: Pipeline) -> None:
+        self._stop_stages(kill=True)
+        n = len(pipeline.stages)
+        self.stages = [
+            StageSupervisor.start(i, stage, stage.workers or self.default_workers, i == n - 1, self.actor_ref,
+                                  self.name, self.log_sink, self.log_level)
+            for i, stage in enumerate(pipeline.stages)
+        ]
+        for i, ref in enumerate(self.stages):
+            tell(ref, "link", self.stages[i + 1] if i + 1 < n else None)
+
+    def on_boot(self) -> None:
+        self.ready.clear()
+        for ref in self.stages:
+            tell(ref, "spawn_workers")
+
+    def on_stage_ready(self, index: int) -> None:
+        self.ready.add(index)
+        if len(self.ready) == len(self.stages):
+            self.report(("node_ready", self.name))
+
+    def on_stage_failed(self, error: StageFailed) -> None:
+        self.report(("failed", self.name, error))
+
+    def on_submit(self, rids: list[int], items: list) -> None:
+        self.pending.update(dict.fromkeys(rids, 1))
+        tell(self.stages[0], "push", (rids, items, None))
+
+    def on_tree(self, adjust: list, finished: list, outputs: tuple | None, dead: list[DeadLetter]) -> None:
+        pending, results = self.pending, self.results
+        if outputs is not None:
+            for rid, out in zip(*outputs):
+                bucket = results.get(rid)
+                if bucket is None:
+                    results[rid] = [out]
+                else:
+                    bucket.append(out)
+        done = []
+        for rid, delta in adjust:
+            left = pending[rid] + delta
+            if left:
+                pending[rid] = left
+            else:
+                del pending[rid]
+                done.append(rid)
+        for rid in finished:
+            left = pending[rid] - 1
+            if left:
+                pending[rid] = left
+            else:
+                del pending[rid]
+                done.append(rid)
+        if done or dead:
+            self.report(("completed", self.name, [(rid, results.pop(rid, [])) for rid in done], dead))
+
+    def on_log(self, text: str) -> None:
+        self.log_sink(make_record(text, logging.WARNING, "pipeline_cluster.node")._replace(node=self.name))
+
+    def on_log_failure(self, letter: DeadLetter) -> None:
+        self.on_log(f"dropped item {letter.item!r:.200} in stage {letter.stage!r} after {letter.attempts} "
+                    f"attempt(s): {letter.cause}: {letter.message}")
+
+    def on_pause(self, paused: bool) -> None:
+        for ref in self.stages:
+            tell(ref, "pause", paused)
+
+    def on_stats(self) -> list:
+        futures = [ref.ask(("stats",), block=False) for ref in self.stages]
+        return [future.get(timeout=30) for future in futures]
+
+    def on_shutdown(self, grace: float) -> None:
+        """Stop the stages' workers gracefully (close() runs in class stages)."""
+        self._stop_stages(kill=False, grace=grace)
+
+    def on_kill(self) -> list[int]:
+        """Stop at once; returns the root items that were unfinished here."""
+        unfinished = list(self.pending)
+        self._stop_stages(kill=True)
+        return unfinished
+
+    def _stop_stages(self, kill: bool, grace: float = 5.0) -> None:
+        futures = [ref.ask(("kill",) if kill else ("shutdown", grace), block=False) for ref in self.stages]
+        for future in futures:
+            try:
+                future.get(timeout=grace + 30)
+            except (pykka.ActorDeadError, pykka.Timeout):
+                pass
+        for ref in self.stages:
+            ref.stop(block=True, timeout=10)
+        self.stages = []
+        self.pending.clear()
+        self.results.clear()
+
+    def on_stop(self) -> None:
+        self._stop_stages(kill=True)

@@ -1,0 +1,348 @@
+"""StageSupervisor: one stage on one node; owns a pool of WorkerActors and accounts for every item.
+
+Items arrive as chunks `(rids, items, attempts)` (parallel lists: per-item work stays in C-level list operations).
+The supervisor cuts batches sized to the measured time per item, keeps two batches in flight per worker, charges
+failures to exactly the item that failed, restarts dead workers with backoff within a restart budget, and reports
+each root item's progress to its NodeActor, which knows when a root item's whole tree is done.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import pickle
+import random
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+import pykka
+
+from pipeline_cluster.actors.base import Actor, tell
+from pipeline_cluster.actors.worker import Death, WorkerActor, WorkerConfig, WorkerProcess
+from pipeline_cluster.deadletters import DeadLetter
+from pipeline_cluster.errors import StageFailed
+from pipeline_cluster.model import Stage
+from pipeline_cluster.stats import StageStats
+
+DEPTH = 2  # batches in flight per worker: the next one waits in the worker's inbox, no idle round trip
+MAX_BATCH = 1024
+TARGET_BATCH_SECONDS = 0.02
+
+
+@dataclass
+class Slot:
+    """The supervisor's view of one worker: its actor, its process, and the batches given to it, in order."""
+
+    ref: pykka.ActorRef
+    proc: WorkerProcess
+    ready: bool = False
+    inflight: dict[int, tuple] = field(default_factory=dict)
+
+
+class StageSupervisor(Actor):
+    """Feeds one stage's worker pool and applies its Supervision config."""
+
+    def __init__(self, index: int, stage: Stage, workers: int, last: bool, node: pykka.ActorRef,
+                 node_name: str, log_sink: Any, log_level: int) -> None:
+        super().__init__()
+        self.index, self.stage, self.n_workers, self.last = index, stage, workers, last
+        self.node, self.node_name = node, node_name
+        self.sup = stage.supervision
+        self.next_stage: pykka.ActorRef | None = None
+        self.config = WorkerConfig(stage.name, stage.payload(), cloudpickle.dumps(self.sup.retry_on),
+                                   self.sup.timeout, node_name, log_level, log_sink)
+        self.queue: deque[tuple] = deque()
+        self.queued = 0
+        self.slots: dict[int, Slot] = {}
+        self.wids = itertools.count(1)
+        self.bids = itertools.count(1)
+        self.stats = StageStats(stage.name)
+        self.restart_times: deque[float] = deque()
+        self.crash_streak = 0
+        self.startup_failures = 0
+        self.ever_ready = False
+        self.announced = False
+        self.paused = False
+        self.state = "running"  # running | failed | stopping
+        self.ewma: float | None = None
+        self.last_death: Death | None = None
+        self.escalate = lambda text: tell(node, "stage_failed", StageFailed(stage.name, "internal error", None, text))
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    def on_link(self, next_stage: pykka.ActorRef | None) -> None:
+        self.next_stage = next_stage
+
+    def on_spawn_workers(self) -> None:
+        for _ in range(self.n_workers):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        wid = next(self.wids)
+        proc = WorkerProcess()
+        ref = WorkerActor.start(self.actor_ref, wid, proc, self.config)
+        self.slots[wid] = Slot(ref, proc)
+
+    def on_respawn(self) -> None:
+        if self.state == "running":
+            self._spawn()
+
+    def on_worker_ready(self, wid: int, pid: int) -> None:
+        slot = self.slots.get(wid)
+        if slot is None:
+            return
+        slot.ready = True
+        self.ever_ready = True
+        self.startup_failures = 0
+        self.stats.workers = sum(s.ready for s in self.slots.values())
+        if not self.announced and self.stats.workers == self.n_workers:
+            self.announced = True
+            tell(self.node, "stage_ready", self.index)
+        self._dispatch()
+
+    def on_pause(self, paused: bool) -> None:
+        self.paused = paused
+        self._dispatch()
+
+    def on_shutdown(self, grace: float) -> None:
+        """Stop every worker: close() runs in each; those that don't exit within `grace` are killed."""
+        self.state = "stopping"
+        futures = [slot.ref.ask(("stop_worker", grace), block=False) for slot in self.slots.values()]
+        for future in futures:
+            try:
+                future.get(timeout=grace + 10)
+            except (pykka.ActorDeadError, pykka.Timeout):
+                pass
+        self._stop_all()
+
+    def on_kill(self) -> None:
+        """Stop at once: SIGKILL every worker process."""
+        self.state = "stopping"
+        for slot in self.slots.values():
+            slot.proc.kill()
+        self._stop_all()
+
+    def _stop_all(self) -> None:
+        for slot in self.slots.values():
+            slot.proc.kill()
+            slot.ref.stop(block=False)
+        for slot in self.slots.values():
+            try:
+                slot.ref.actor_stopped.wait(10)
+            except AttributeError:
+                pass
+        self.slots.clear()
+        self.stats.workers = 0
+
+    def on_stats(self) -> StageStats:
+        return StageStats(**{**self.stats.__dict__, "samples": list(self.stats.samples)})
+
+    def on_backlog(self) -> int:
+        return self.queued + sum(len(c[0]) for s in self.slots.values() for c in s.inflight.values())
+
+    # -- items ---------------------------------------------------------------------------------------------------
+
+    def on_push(self, chunk: tuple) -> None:
+        self.stats.items_in += len(chunk[0])
+        self.queue.append(chunk)
+        self.queued += len(chunk[0])
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        if self.paused or self.state != "running":
+            return
+        while self.queued:
+            ready = [s for s in self.slots.values() if s.ready and len(s.inflight) < DEPTH]
+            if not ready:
+                return
+            slot = min(ready, key=lambda s: len(s.inflight))
+            n_ready = sum(1 for s in self.slots.values() if s.ready)
+            rids, items, attempts = self._take(self._batch_size(n_ready))
+            try:
+                payload = pickle.dumps(("batch", items), protocol=5)
+            except Exception:
+                payload = self._encode_or_reject(rids, items, attempts)
+                if payload is None:
+                    continue
+            bid = next(self.bids)
+            slot.inflight[bid] = (rids, items, attempts)
+            tell(slot.ref, "batch", bid, payload)
+
+    def _batch_size(self, n_ready: int) -> int:
+        size = 1 if self.ewma is None else int(TARGET_BATCH_SECONDS / max(self.ewma, 1e-7))
+        fair = math.ceil(self.queued / max(1, n_ready * DEPTH))
+        return max(1, min(size, MAX_BATCH, fair))
+
+    def _take(self, size: int) -> tuple:
+        """Cut up to `size` items from the front of the queue."""
+        rids: list = []
+        items: list = []
+        attempts: list | None = None
+        while self.queue and len(rids) < size:
+            c_rids, c_items, c_att = self.queue[0]
+            room = size - len(rids)
+            if len(c_rids) > room:
+                self.queue[0] = (c_rids[room:], c_items[room:], c_att[room:] if c_att else None)
+                c_rids, c_items, c_att = c_rids[:room], c_items[:room], (c_att[:room] if c_att else None)
+            else:
+                self.queue.popleft()
+            if c_att or attempts is not None:
+                attempts = (attempts if attempts is not None else [0] * len(rids)) + (c_att or [0] * len(c_rids))
+            rids.extend(c_rids)
+            items.extend(c_items)
+        self.queued -= len(rids)
+        return rids, items, attempts
+
+    def _encode_or_reject(self, rids: list, items: list, attempts: list | None) -> bytes | None:
+        """Pickle a batch with cloudpickle; items that cannot be pickled at all fail alone."""
+        try:
+            return cloudpickle.dumps(("batch", items), protocol=5)
+        except Exception:
+            pass
+        good: list[int] = []
+        dead: list[DeadLetter] = []
+        for i, item in enumerate(items):
+            try:
+                cloudpickle.dumps(item)
+                good.append(i)
+            except Exception as exc:
+                self.stats.failed += 1
+                dead.append(DeadLetter(repr(item), self.stage.name, self.index, (attempts[i] if attempts else 0) + 1,
+                                       "exception", "PicklingError",
+                                       f"stage {self.stage.name!r}: item {item!r:.200} cannot be pickled: {exc}",
+                                       traceback.format_exc(), self.node_name, rid=rids[i]))
+        self._report([], [d.rid for d in dead], None, dead)
+        if good:
+            self._requeue(([rids[i] for i in good], [items[i] for i in good],
+                           [attempts[i] for i in good] if attempts else None))
+        return None
+
+    def _requeue(self, chunk: tuple) -> None:
+        self.queue.appendleft(chunk)
+        self.queued += len(chunk[0])
+
+    def on_batch_done(self, wid: int, bid: int, result: tuple) -> None:
+        slot = self.slots.get(wid)
+        if slot is None or bid not in slot.inflight or self.state == "stopping":
+            return
+        rids, items, attempts = slot.inflight.pop(bid)
+        outs, counts, errors, dropped, (seconds, timed, samples) = result
+        self.crash_streak = 0
+        self.stats.items_out += len(outs)
+        self.stats.dropped += dropped
+        self.stats.add_timing(seconds, timed, samples)
+        if timed:
+            mean = seconds / timed
+            self.ewma = mean if self.ewma is None else 0.7 * self.ewma + 0.3 * mean
+        out_rids = rids if counts is None else list(
+            itertools.chain.from_iterable(map(itertools.repeat, rids, counts)))
+        failed = {index: (etype, message, tb, retryable) for index, etype, message, tb, retryable in errors}
+        if self.last:
+            finished = [r for i, r in enumerate(rids) if i not in failed] if failed else list(rids)
+            adjust: list = []
+        else:
+            finished = []
+            adjust = [] if counts is None else [
+                (r, c - 1) for i, (r, c) in enumerate(zip(rids, counts)) if c != 1 and i not in failed]
+        dead: list[DeadLetter] = []
+        for index, (etype, message, tb, retryable) in failed.items():
+            letter = self._charge(rids[index], items[index], attempts[index] if attempts else 0, "exception",
+                                  retryable, error_type=etype, message=message, traceback=tb, pid=slot.proc.pid)
+            if letter is not None:
+                dead.append(letter)
+                finished.append(rids[index])
+        self._report(adjust, finished, (out_rids, outs) if self.last and outs else None, dead)
+        if outs and not self.last:
+            tell(self.next_stage, "push", (out_rids, outs, None))
+        self._dispatch()
+
+    def _charge(self, rid: int, item: Any, attempts: int, cause: str, retryable: bool, **detail: Any
+                ) -> DeadLetter | None:
+        """Count one failed attempt: re-queue the item if it has tries left, else return its dead letter."""
+        attempts += 1
+        if retryable and attempts < self.sup.max_attempts:
+            self.stats.retried += 1
+            self._requeue(([rid], [item], [attempts]))
+            return None
+        self.stats.failed += 1
+        letter = DeadLetter(item, self.stage.name, self.index, attempts, cause, node=self.node_name, rid=rid,
+                            **detail)
+        if self.sup.on_failure == "drop":
+            tell(self.node, "log_failure", letter)
+            return None
+        return letter
+
+    def _report(self, adjust: list, finished: list, outputs: tuple | None, dead: list[DeadLetter]) -> None:
+        """Tell the node how root items' trees changed; sent before outputs move on, so counts never dip early."""
+        if adjust or finished or outputs or dead:
+            tell(self.node, "tree", adjust, finished, outputs, dead)
+
+    # -- failures of workers -----------------------------------------------------------------------------------------
+
+    def on_worker_died(self, wid: int, death: Death) -> None:
+        slot = self.slots.pop(wid, None)
+        if slot is None or self.state != "running":
+            return
+        slot.ref.stop(block=False)
+        self.last_death = death
+        self.stats.workers = sum(s.ready for s in self.slots.values())
+        batches = list(slot.inflight.values())
+        finished: list = []
+        dead: list[DeadLetter] = []
+        for position, (rids, items, attempts) in enumerate(batches):
+            blamed = death.index if position == 0 and death.cause != "init_failed" else -1
+            if 0 <= blamed < len(rids):
+                letter = self._charge(rids[blamed], items[blamed], attempts[blamed] if attempts else 0,
+                                      death.cause, True, message=death.message, traceback=death.traceback,
+                                      pid=death.pid, exit_code=death.exit_code, signal=death.signal)
+                if letter is not None:
+                    dead.append(letter)
+                    finished.append(rids[blamed])
+                keep = [i for i in range(len(rids)) if i != blamed]
+                rids, items = [rids[i] for i in keep], [items[i] for i in keep]
+                attempts = [attempts[i] for i in keep] if attempts else None
+            if rids:
+                self._requeue((rids, items, attempts))
+        self._report([], finished, None, dead)
+        self._restart_after(death)
+        self._dispatch()
+
+    def _restart_after(self, death: Death) -> None:
+        """Restart a dead worker with backoff, unless the restart budget or the startup rule says stop."""
+        if death.cause == "init_failed" and not self.ever_ready:
+            self.startup_failures += 1
+            if self.startup_failures >= min(3, self.sup.max_restarts + 1):
+                self._fail(f"its workers cannot start: {death.message}", death.traceback)
+                return
+        now = time.monotonic()
+        self.restart_times.append(now)
+        while self.restart_times and self.restart_times[0] < now - self.sup.restart_window:
+            self.restart_times.popleft()
+        if len(self.restart_times) > self.sup.max_restarts:
+            if self.sup.on_exhausted == "degrade" and self.slots:
+                tell(self.node, "log", f"stage {self.stage.name!r}: restart budget exhausted, "
+                                       f"going on with {len(self.slots)} worker(s)")
+                return
+            self._fail(f"more than {self.sup.max_restarts} worker restarts in {self.sup.restart_window} s; "
+                       f"last: {death.cause} ({death.message})", death.traceback)
+            return
+        self.stats.restarts += 1
+        low, high = self.sup.backoff
+        delay = min(high, low * (2 ** self.crash_streak)) * random.uniform(0.5, 1.0)
+        self.crash_streak += 1
+        timer = threading.Timer(delay, tell, (self.actor_ref, "respawn"))
+        timer.daemon = True
+        timer.start()
+
+    def _fail(self, cause: str, detail: str) -> None:
+        self.state = "failed"
+        item = None
+        for slot in self.slots.values():
+            slot.proc.kill()
+        if self.queue:
+            item = self.queue[0][1][0]
+        tell(self.node, "stage_failed", StageFailed(self.stage.name, cause, item, detail))

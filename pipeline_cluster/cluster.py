@@ -1,0 +1,420 @@
+"""The cluster objects users hold: `Cluster` (root + log actors over any nodes) and `LocalCluster` (this machine).
+
+Both offer `run(pipeline, inputs)`, a streaming iterator that reads inputs lazily, and the seed's step-by-step
+interface (`setup`, `boot`, `feed`, `wait_input`, `wait_empty`, `sleep`, `wakeup`, `status`, `reset`, `close`).
+"""
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import threading
+import time
+import weakref
+from typing import Any, Callable, Iterable, Iterator
+
+from pipeline_cluster.actors.base import ask, tell
+from pipeline_cluster.actors.log import LogActor
+from pipeline_cluster.actors.node import NodeActor
+from pipeline_cluster.actors.root import NodeLink, RootActor
+from pipeline_cluster.deadletters import DeadLetter
+from pipeline_cluster.errors import ClusterError
+from pipeline_cluster.model import Pipeline, as_pipeline
+from pipeline_cluster.multiprocess_logging import Record, attach_local
+from pipeline_cluster.rundir import RunDir
+from pipeline_cluster.runstate import RunState
+from pipeline_cluster.stats import StageStats
+
+FEED_CHUNK = 1024
+FEED_FLUSH_SECONDS = 0.002
+STATS_REFRESH_SECONDS = 2.0
+
+_open_clusters: "weakref.WeakSet[Cluster]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_forgotten_clusters() -> None:
+    for cluster in list(_open_clusters):
+        cluster.close(drain=False)
+
+
+class LocalLink:
+    """A node actor in this process, reached by actor messages."""
+
+    def __init__(self, name: str, ref: Any) -> None:
+        self.name = name
+        self.ref = ref
+
+    def tell(self, name: str, *args: Any) -> None:
+        tell(self.ref, name, *args)
+
+    def ask(self, name: str, *args: Any, timeout: float | None = None) -> Any:
+        return ask(self.ref, name, *args, timeout=timeout)
+
+    def close(self) -> None:
+        self.ref.stop(block=True, timeout=30)
+
+
+class Cluster:
+    """A root (RootActor, LogActor) driving a set of nodes; subclasses decide where the nodes are."""
+
+    def __init__(self, *, credit: int = 1024, run_dir: str | None = None, log_file: str | None = None,
+                 log_stderr: bool = False, start_timeout: float = 60.0, log_level: int = logging.INFO) -> None:
+        if isinstance(credit, bool) or not isinstance(credit, int) or credit < 1:
+            raise ValueError(f"credit must be a positive int, got {credit!r}")
+        self.rundir = RunDir(run_dir)
+        self.credit = credit
+        self.start_timeout = start_timeout
+        self.log_level = log_level
+        self.log_ref = LogActor.start(log_file or str(self.rundir.log_file), log_stderr)
+        attach_local(self.log_sink, node="root")
+        self.dead_letters: list[DeadLetter] = []
+        self._dead_lock = threading.Lock()
+        self.root = RootActor.start(credit, self._on_dead_letters)
+        self.links: list[NodeLink] = []
+        self.pipeline: Pipeline | None = None
+        self.state = RunState()
+        self.outputs: list = []
+        self._phase = "idle"  # idle | setup | running | closed
+        self._paused = False
+        self._threads: list[threading.Thread] = []
+        self._last_stats: dict[str, dict[str, Any]] = {}
+        self._stop = threading.Event()
+        _open_clusters.add(self)
+
+    # -- wiring --------------------------------------------------------------------------------------------------
+
+    def log_sink(self, record: Record) -> None:
+        """Where every process's log records end: the LogActor."""
+        self.log_ref.tell(("record", record))
+
+    def _report(self, message: tuple) -> None:
+        self.root.tell(message)
+
+    def _add_link(self, link: NodeLink) -> None:
+        self.links.append(link)
+        ask(self.root, "add_node", link)
+
+    @property
+    def capacity(self) -> int:
+        """Root items allowed between feed and consumption: every node's credit plus one credit of backlog."""
+        return self.credit * (len(self.links) + 1)
+
+    # -- step-by-step interface (the seed's) ---------------------------------------------------------------------
+
+    def setup(self, name: Any = None, version: Any = None, pipeline: Any = None) -> Pipeline:
+        """Validate a pipeline (or seed taskchain) and send it to every node. `setup(pipeline)` works too."""
+        self._check_open()
+        if pipeline is None and not isinstance(name, str) and name is not None:
+            name, pipeline = None, name
+        if pipeline is None:
+            raise TypeError("setup() needs a pipeline: setup(name, version, taskchain) or setup(pipeline)")
+        if self._phase == "running":
+            raise ClusterError("a pipeline is running: call reset() (or let run() finish) before setup()")
+        self.pipeline = as_pipeline(pipeline, None if name is None else str(name), version)
+        for link in self.links:
+            link.ask("setup", self.pipeline, timeout=60)
+        self._phase = "setup"
+        return self.pipeline
+
+    def boot(self, output_handler: Callable[[Any], Any] | None = None) -> None:
+        """Start every stage's workers and the output stream; returns when all workers are up.
+
+        Outputs go to `output_handler(output)` (in a delivery thread), or to the list `cluster.outputs`.
+        """
+        self._start_run()
+        handler = output_handler if output_handler is not None else self.outputs.append
+        self._spawn_thread(self._deliver, handler, self.state, name="pipeline-cluster-output")
+
+    def feed(self, *items: Any) -> None:
+        """Give items to the cluster; blocks while the cluster already holds its capacity of unfinished items."""
+        self._check_running()
+        state = self.state
+        for start in range(0, len(items), FEED_CHUNK):
+            chunk = list(items[start:start + FEED_CHUNK])
+            state.wait(lambda: state.fed - state.consumed < self.capacity, what="room to feed")
+            state.change(fed=len(chunk), at_root=len(chunk))
+            self.root.tell(("feed", chunk))
+
+    def wait_input(self, timeout: float | None = None) -> None:
+        """Wait until every fed item has been handed to a node."""
+        self._check_running()
+        self.state.wait(lambda: self.state.at_root == 0, timeout, "the input queue to empty")
+
+    def wait_empty(self, timeout: float | None = None) -> None:
+        """Wait until every fed item is finished and its outputs reached the handler (or `cluster.outputs`)."""
+        self._check_running()
+        self.state.wait(self.state.all_consumed, timeout, "all items to finish")
+
+    def sleep(self) -> None:
+        """Pause: workers finish what they run, nothing new starts."""
+        self._check_running()
+        self._paused = True
+        ask(self.root, "pause", True)
+
+    def wakeup(self) -> None:
+        """Resume after sleep()."""
+        self._check_running()
+        self._paused = False
+        ask(self.root, "pause", False)
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot: phase, nodes, counts of fed and unfinished items, failures, per-stage stats."""
+        state = self.state
+        return {
+            "phase": "sleeping" if self._paused and self._phase == "running" else self._phase,
+            "pipeline": None if self.pipeline is None else self.pipeline.name,
+            "version": None if self.pipeline is None else self.pipeline.version,
+            "nodes": [link.name for link in self.links],
+            "ready_nodes": sorted(state.ready_nodes),
+            "fed": state.fed,
+            "waiting_at_root": state.at_root,
+            "unfinished": state.fed - state.consumed,
+            "failures": len(self.dead_letters),
+            "error": None if state.error is None else str(state.error),
+            "run_dir": str(self.rundir.path),
+            "stages": self.stats() if self._phase != "closed" else self._last_stats,
+        }
+
+    def reset(self) -> dict[str, Any]:
+        """Stop the pipeline at once (kill its workers) and forget it; returns what was unfinished.
+
+        When nothing is unfinished, workers stop gracefully instead, so class stages' close() runs.
+        """
+        if self._phase in ("idle", "closed"):
+            return {"unfinished": 0}
+        unfinished = self._finish_run(graceful=None)
+        self._phase = "idle"
+        self.pipeline = None
+        return {"unfinished": unfinished}
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Finish queued and in-flight items (unless `drain=False`), stop every worker and actor."""
+        if self._phase == "closed":
+            return
+        try:
+            if drain and self._phase == "running" and self.state.error is None:
+                self.wait_empty(timeout)
+        finally:
+            if self._phase == "running":
+                self._finish_run(graceful=None if drain else False)
+            self._phase = "closed"
+            for link in self.links:
+                link.close()
+            self.root.stop(block=True, timeout=30)
+            attach_local(None)
+            self.log_ref.stop(block=True, timeout=30)
+            _open_clusters.discard(self)
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(drain=exc_type is None)
+
+    # -- the streaming interface ---------------------------------------------------------------------------------
+
+    def run(self, pipeline: Any, inputs: Iterable[Any]) -> "Results":
+        """Run `pipeline` over `inputs` (read lazily); returns an iterator of outputs in completion order."""
+        self._check_open()
+        if self._phase == "running":
+            raise ClusterError("a pipeline is already running on this cluster")
+        if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Iterable):
+            raise TypeError(f"inputs must be an iterable of items, got {type(inputs).__name__}")
+        self.setup(pipeline=pipeline)
+        self._start_run()
+        self._spawn_thread(self._feed_from, iter(inputs), self.state, name="pipeline-cluster-feeder")
+        return Results(self, self.state)
+
+    def _feed_from(self, inputs: Iterator[Any], state: RunState) -> None:
+        """Pull inputs only as the cluster makes room, in chunks, flushing a partial chunk after a moment."""
+        try:
+            while not self._stop.is_set() and state.error is None:
+                state.wait(lambda: state.fed - state.consumed < self.capacity or self._stop.is_set(),
+                           what="room to feed")
+                if self._stop.is_set():
+                    return
+                room = min(FEED_CHUNK, self.capacity - (state.fed - state.consumed))
+                chunk: list = []
+                started = time.monotonic()
+                for item in inputs:
+                    chunk.append(item)
+                    if len(chunk) >= room or time.monotonic() - started > FEED_FLUSH_SECONDS:
+                        break
+                if not chunk:
+                    return
+                state.change(fed=len(chunk), at_root=len(chunk))
+                self.root.tell(("feed", chunk))
+        except BaseException as exc:  # the user's input iterable raised: end the run with its error
+            state.fail(exc)
+        finally:
+            with state.cond:
+                state.inputs_done = True
+                state.cond.notify_all()
+            state.outputs.put(("wake",))
+
+    # -- internals -----------------------------------------------------------------------------------------------
+
+    def _start_run(self) -> None:
+        self._check_open()
+        if self._phase != "setup":
+            raise ClusterError("call setup() before boot()" if self._phase == "idle" else
+                               "this pipeline was already booted: reset() first")
+        self.state = RunState()
+        self.outputs = []
+        self._stop.clear()
+        self._paused = False
+        ask(self.root, "begin", self.state)
+        self._phase = "running"
+        for link in self.links:
+            link.tell("boot")
+        try:
+            self.state.wait(lambda: len(self.state.ready_nodes) == len(self.links), self.start_timeout,
+                            "the workers to start")
+        except BaseException:
+            self._finish_run(graceful=False)
+            raise
+        self._spawn_thread(self._refresh_stats, name="pipeline-cluster-stats")
+
+    def _spawn_thread(self, target: Callable[..., None], *args: Any, name: str) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _deliver(self, handler: Callable[[Any], Any], state: RunState) -> None:
+        """Hand outputs to the user's handler, one at a time, then count their root items as consumed."""
+        while True:
+            message = state.outputs.get()
+            if message[0] != "out":
+                if state.error is not None or self._stop.is_set():
+                    return
+                continue
+            try:
+                for output in message[1]:
+                    handler(output)
+            except BaseException as exc:
+                state.fail(exc)
+                return
+            state.change(consumed=message[2])
+
+    def _refresh_stats(self) -> None:
+        while not self._stop.wait(STATS_REFRESH_SECONDS):
+            try:
+                self._write_stats()
+            except Exception:
+                return
+
+    def _write_stats(self) -> None:
+        self.rundir.write_stats({"run_id": self.rundir.run_id, "time": time.time(),
+                                 "pipeline": None if self.pipeline is None else self.pipeline.name,
+                                 "failures": len(self.dead_letters), "stages": self.stats()})
+
+    def _finish_run(self, graceful: bool | None) -> int:
+        """Stop the running pipeline: gracefully, at once (False), or gracefully only if nothing is left (None)."""
+        try:
+            self._last_stats = self.stats()
+        except Exception:
+            pass
+        self._stop.set()
+        self.state.outputs.put(("wake",))
+        unfinished = ask(self.root, "unfinished")
+        if graceful is None:
+            graceful = unfinished == 0
+        if graceful:
+            for link in self.links:
+                link.ask("shutdown", 5.0, timeout=60)
+        else:
+            ask(self.root, "kill", timeout=120)
+        self._phase = "idle"
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=5)
+        self._threads.clear()
+        try:
+            self._write_stats()
+        except OSError:
+            pass
+        return unfinished
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per stage: items in, out, dropped, failed, retried, restarts, workers, mean and p95 seconds per item."""
+        if self._phase != "running":
+            return self._last_stats
+        per_node = [link.ask("stats", timeout=30) for link in self.links]
+        return self._merge_stats(per_node) or self._last_stats
+
+    def _merge_stats(self, per_node: list[list[StageStats]]) -> dict[str, dict[str, Any]]:
+        per_node = [stages for stages in per_node if stages]
+        if not per_node:
+            return {}
+        return {parts[0].stage: StageStats.combine(parts).public() for parts in zip(*per_node)}
+
+    def failures(self) -> list[DeadLetter]:
+        """Dead letters of this cluster so far (also appended to the run directory's dead_letters.jsonl)."""
+        with self._dead_lock:
+            return list(self.dead_letters)
+
+    def _on_dead_letters(self, letters: list[DeadLetter]) -> None:
+        with self._dead_lock:
+            self.dead_letters.extend(letters)
+        try:
+            self.rundir.append_dead_letters(letters)
+        except OSError as exc:
+            self.log_sink(Record(time.time(), logging.ERROR, "pipeline_cluster", f"cannot write dead letters: {exc}",
+                                 "root", 0, None))
+
+    def _check_open(self) -> None:
+        if self._phase == "closed":
+            raise ClusterError("this cluster is closed")
+
+    def _check_running(self) -> None:
+        self._check_open()
+        if self._phase != "running":
+            raise ClusterError("no pipeline is running: call setup() and boot() first")
+
+
+class Results:
+    """The outputs of `cluster.run(...)`, in completion order; closing it early stops the run."""
+
+    def __init__(self, cluster: Cluster, state: RunState) -> None:
+        self._cluster = cluster
+        self._state = state
+        self._gen = self._iterate()
+
+    def __iter__(self) -> "Results":
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._gen)
+
+    def close(self) -> None:
+        """Stop the run now (unfinished items are dropped) and stop its workers."""
+        self._gen.close()
+
+    def _iterate(self) -> Iterator[Any]:
+        state = self._state
+        finished = False
+        try:
+            while True:
+                with state.cond:
+                    if state.error is not None:
+                        raise state.error
+                    if state.inputs_done and state.all_consumed():
+                        finished = True
+                        return
+                message = state.outputs.get()
+                if message[0] == "out":
+                    yield from message[1]
+                    state.change(consumed=message[2])
+        finally:
+            if self._cluster._phase == "running" and self._cluster.state is state:
+                self._cluster._finish_run(graceful=finished)
+
+
+class LocalCluster(Cluster):
+    """The embedded default: one node in this process, its workers as child processes; no port is opened."""
+
+    def __init__(self, workers: int | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        node = NodeActor.start("local", self._report, self.log_sink, workers, self.log_level)
+        self._add_link(LocalLink("local", node))

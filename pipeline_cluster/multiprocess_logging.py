@@ -1,0 +1,95 @@
+"""Logging from every process of the cluster to one place (the seed's `multiprocess_logging` module).
+
+Inside a task, `log(msg)` and stdlib `logging` records travel to the LogActor, which writes them with time,
+node, pid and stage. Outside a cluster process, `log()` goes to the log server set by `configure(addr)`, or to
+stderr when there is none.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Any, Callable, NamedTuple
+
+
+class Record(NamedTuple):
+    """One log line as it travels between processes: plain data, cheap to pickle."""
+
+    created: float
+    level: int
+    logger: str
+    message: str
+    node: str | None
+    pid: int
+    stage: str | None
+
+    def format(self) -> str:
+        """Render as one line: time, level, node, pid, stage, message."""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.created))
+        millis = int((self.created % 1) * 1000)
+        where = f"node={self.node or '-'} pid={self.pid} stage={self.stage or '-'}"
+        return f"{stamp}.{millis:03d} {logging.getLevelName(self.level):<7} {where} [{self.logger}] {self.message}"
+
+
+class _Route:
+    """Where this process's records go: a sink function (worker pipe, LogActor, log server) or stderr."""
+
+    def __init__(self) -> None:
+        self.sink: Callable[[Record], None] | None = None
+        self.node: str | None = None
+        self.stage: str | None = None
+        self.lock = threading.Lock()
+
+    def emit(self, record: Record) -> None:
+        sink = self.sink
+        if sink is None:
+            sys.stderr.write(record.format() + "\n")
+            return
+        try:
+            sink(record)
+        except Exception as exc:  # the route is gone (pipe closed, server down): never lose the line silently
+            sys.stderr.write(f"{record.format()}  (log route failed: {exc})\n")
+
+
+_route = _Route()
+
+
+class ForwardHandler(logging.Handler):
+    """A stdlib logging handler that sends records along this process's route."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + logging.Formatter().formatException(record.exc_info)
+            _route.emit(Record(record.created, record.levelno, record.name, message,
+                               _route.node, os.getpid(), _route.stage))
+        except Exception:
+            self.handleError(record)
+
+
+def make_record(msg: Any, level: int = logging.INFO, logger: str = "task") -> Record:
+    """A Record for `msg` stamped with this process's node, pid and stage."""
+    return Record(time.time(), level, logger, str(msg), _route.node, os.getpid(), _route.stage)
+
+
+def log(msg: Any, level: int = logging.INFO) -> None:
+    """Log `msg` from anywhere: a task, the root, a node. Never blocks on a missing server."""
+    _route.emit(make_record(msg, level))
+
+
+def attach_worker(sink: Callable[[Record], None], node: str | None, stage: str | None, level: int) -> None:
+    """In a worker process: route `log()` and stdlib logging to the WorkerActor through `sink`."""
+    _route.sink, _route.node, _route.stage = sink, node, stage
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(ForwardHandler())
+    root.setLevel(level)
+
+
+def attach_local(sink: Callable[[Record], None] | None, node: str | None = None) -> None:
+    """In a root or node process: route `log()` to a LogActor's sink (None detaches)."""
+    _route.sink, _route.node = sink, node

@@ -1,0 +1,54 @@
+"""RunState: the counters that the user's threads wait on and the RootActor moves, under one condition."""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Callable
+
+
+class RunState:
+    """Counts of one run: fed, held by the root, delivered, consumed; plus the first fatal error."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.fed = 0          # root items accepted by feed()
+        self.at_root = 0      # fed but not yet handed to a node
+        self.consumed = 0     # root items whose outputs the iterator or handler has taken
+        self.inputs_done = False
+        self.error: BaseException | None = None
+        self.ready_nodes: set[str] = set()
+        self.outputs: queue.SimpleQueue = queue.SimpleQueue()  # ("out", outputs, n_roots) | ("wake",) | ("error",)
+
+    def change(self, **deltas: int) -> None:
+        """Add to counters and wake every waiter."""
+        with self.cond:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+            self.cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        """Record the first fatal error; every wait raises it from now on."""
+        with self.cond:
+            if self.error is None:
+                self.error = error
+            self.cond.notify_all()
+        self.outputs.put(("error",))
+
+    def wait(self, predicate: Callable[[], bool], timeout: float | None = None, what: str = "the cluster") -> None:
+        """Block until `predicate()` holds; raise the run's error, or TimeoutError naming `what`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                if predicate():
+                    return
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+                self.cond.wait(left)
+
+    def all_consumed(self) -> bool:
+        """Every fed root item is finished and its outputs were handed over."""
+        return self.consumed == self.fed

@@ -1,0 +1,84 @@
+"""Per-stage item accounting: counts, time per item (mean and p95 from a bounded sample), workers, restarts."""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+SAMPLE_LIMIT = 4096
+
+
+@dataclass
+class StageStats:
+    """Counters of one stage on one node, or summed over nodes."""
+
+    stage: str
+    items_in: int = 0
+    items_out: int = 0
+    dropped: int = 0
+    failed: int = 0
+    retried: int = 0
+    restarts: int = 0
+    workers: int = 0
+    busy_seconds: float = 0.0
+    timed_items: int = 0
+    samples: list[float] = field(default_factory=list, repr=False)
+
+    def add_timing(self, seconds: float, count: int, samples: list[float]) -> None:
+        """Fold one batch's timing in; the sample stays bounded by keeping a random subset."""
+        self.busy_seconds += seconds
+        self.timed_items += count
+        self.samples.extend(samples)
+        if len(self.samples) > SAMPLE_LIMIT:
+            self.samples = random.sample(self.samples, SAMPLE_LIMIT // 2)
+
+    @property
+    def mean_seconds(self) -> float | None:
+        """Mean time per item in a worker."""
+        return self.busy_seconds / self.timed_items if self.timed_items else None
+
+    @property
+    def p95_seconds(self) -> float | None:
+        """95th percentile of time per item, estimated from the sample."""
+        if not self.samples:
+            return None
+        ordered = sorted(self.samples)
+        return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+
+    def public(self) -> dict[str, Any]:
+        """The user-facing dict: counts, mean and p95 seconds per item, workers and restarts."""
+        data = asdict(self)
+        for key in ("samples", "busy_seconds", "timed_items"):
+            data.pop(key)
+        data["mean_s"] = self.mean_seconds
+        data["p95_s"] = self.p95_seconds
+        return data
+
+    @classmethod
+    def combine(cls, parts: Iterable["StageStats"]) -> "StageStats":
+        """Sum the same stage over several nodes."""
+        parts = list(parts)
+        total = cls(parts[0].stage)
+        for part in parts:
+            for name in ("items_in", "items_out", "dropped", "failed", "retried", "restarts", "workers",
+                         "busy_seconds", "timed_items"):
+                setattr(total, name, getattr(total, name) + getattr(part, name))
+            total.samples.extend(part.samples)
+        return total
+
+
+def format_table(stats: dict[str, dict[str, Any]]) -> str:
+    """Render `cluster.stats()` as a plain text table."""
+    header = ("stage", "in", "out", "dropped", "failed", "retried", "restarts", "workers", "mean ms", "p95 ms")
+    rows = [header]
+    for name, s in stats.items():
+        rows.append((name, s["items_in"], s["items_out"], s["dropped"], s["failed"], s["retried"],
+                     s["restarts"], s["workers"], _ms(s["mean_s"]), _ms(s["p95_s"])))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(str(cell).rjust(w) if i else str(cell).ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    return "\n".join(lines)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.3f}"

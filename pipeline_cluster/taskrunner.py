@@ -1,0 +1,197 @@
+"""The program inside a worker process: builds one stage's task and runs batches of items through it.
+
+Started by a WorkerActor as a fresh interpreter (`python -c LAUNCH SOCK_FD PROGRESS_FD`),
+like multiprocessing's spawn but without re-importing the user's `__main__`. It talks to its WorkerActor over a
+socket pair, and writes the index and start time of the item it is running into a small shared memory file, so the
+supervisor can blame exactly that item when the process dies or hangs.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import pickle
+import signal
+import struct
+import sys
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any, Callable
+
+import cloudpickle
+
+from pipeline_cluster import multiprocess_logging
+
+PROGRESS = struct.Struct("<qd")  # index of the running item in its batch (-1: idle), its start (time.monotonic)
+PROGRESS_SIZE = PROGRESS.size
+SAMPLES_PER_BATCH = 64  # item durations sent back per batch, for the p95 estimate
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle with protocol 5, falling back to cloudpickle for lambdas, closures and `__main__` classes."""
+    try:
+        return pickle.dumps(obj, protocol=5)
+    except Exception:
+        return cloudpickle.dumps(obj, protocol=5)
+
+
+class TaskRunner:
+    """Runs one stage's task over batches, catching each item's failure separately."""
+
+    def __init__(self, spec: dict, retry_on: tuple[type[BaseException], ...], progress: mmap.mmap) -> None:
+        self.name: str = spec["name"]
+        self.generator: bool = spec["generator"]
+        self.retry_on = retry_on
+        self.progress = progress
+        task = spec["task"]
+        if spec["is_class"]:
+            self.instance = task(*spec["args"], **spec["kwargs"])
+            self.call: Callable[[Any], Any] = self.instance
+        else:
+            self.instance = None
+            args, kwargs = spec["args"], spec["kwargs"]
+            self.call = (lambda item: task(item, *args, **kwargs)) if args or kwargs else task
+
+    def run_batch(self, items: list) -> tuple:
+        """Run every item; returns (outputs, counts or None, errors, dropped, (seconds, n, samples))."""
+        outs: list = []
+        counts: list[int] = []
+        errors: list = []
+        durations: list[float] = []
+        dropped = 0
+        all_one = True
+        call, generator, progress, pack = self.call, self.generator, self.progress, PROGRESS.pack_into
+        clock = time.monotonic
+        for index, item in enumerate(items):
+            start = clock()
+            pack(progress, 0, index, start)
+            try:
+                result = call(item)
+                if result is None:
+                    dropped += 1
+                    n = 0
+                elif generator:
+                    produced = self._expand(result, item)
+                    outs.extend(produced)
+                    n = len(produced)
+                else:
+                    outs.append(result)
+                    n = 1
+            except Exception as exc:
+                errors.append((index, type(exc).__name__, _message(exc), traceback.format_exc(),
+                               isinstance(exc, self.retry_on)))
+                n = 0
+            durations.append(clock() - start)
+            counts.append(n)
+            if n != 1:
+                all_one = False
+        pack(progress, 0, -1, 0.0)
+        step = max(1, len(durations) // SAMPLES_PER_BATCH)
+        timing = (sum(durations), len(durations), durations[::step])
+        return outs, (None if all_one else counts), errors, dropped, timing
+
+    def _expand(self, result: Any, item: Any) -> list:
+        if isinstance(result, (str, bytes, bytearray)) or not hasattr(result, "__iter__"):
+            raise TypeError(f"generator stage {self.name!r} returned a {type(result).__name__} for item "
+                            f"{_short(item)}; a generator stage must return an iterable of items (or None)")
+        return [out for out in result if out is not None]
+
+    def close(self) -> None:
+        """Call the class stage's optional close() once, when the worker stops."""
+        close = getattr(self.instance, "close", None)
+        if callable(close):
+            close()
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return repr(exc)
+
+
+def _short(item: Any, limit: int = 120) -> str:
+    text = repr(item)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def encode_result(result: tuple, items: list, stage: str) -> bytes:
+    """Pickle a batch result; outputs that cannot be pickled fail their own item, not the batch."""
+    try:
+        return dumps(("result", result))
+    except Exception:
+        pass
+    outs, counts, errors, dropped, timing = result
+    counts = counts if counts is not None else [1] * len(items)
+    kept: list = []
+    kept_counts: list[int] = []
+    position = 0
+    for index, n in enumerate(counts):
+        mine = outs[position:position + n]
+        position += n
+        try:
+            dumps(mine)
+        except Exception as exc:
+            errors.append((index, "PicklingError", f"stage {stage!r}: an output of item {_short(items[index])} "
+                           f"cannot be pickled: {exc}", traceback.format_exc(), False))
+            n, mine = 0, []
+        kept.extend(mine)
+        kept_counts.append(n)
+    errors.sort()
+    return dumps(("result", (kept, kept_counts, errors, dropped, timing)))
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the node that started it dies, so no worker is orphaned."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def main(argv: list[str]) -> int:
+    """Serve one stage until told to stop or the parent goes away."""
+    parent = os.getppid()
+    _die_with_parent()
+    if os.getppid() != parent or parent == 1:
+        return 1
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the node's to handle; it stops us cleanly
+    conn = Connection(int(argv[0]))
+    progress = mmap.mmap(int(argv[1]), PROGRESS_SIZE)
+    send_lock = threading.Lock()
+
+    def send(data: bytes) -> None:
+        with send_lock:
+            conn.send_bytes(data)
+
+    kind, init = pickle.loads(conn.recv_bytes())
+    assert kind == "init", kind
+    sys.path[:0] = [p for p in init["sys_path"] if p not in sys.path]
+    multiprocess_logging.attach_worker(lambda record: send(dumps(("log", record))),
+                                       node=init["node"], stage=init["stage"], level=init["log_level"])
+    try:
+        spec = cloudpickle.loads(init["spec"])
+        runner = TaskRunner(spec, cloudpickle.loads(init["retry_on"]), progress)
+    except BaseException as exc:  # the stage cannot start: report why, with the traceback
+        send(dumps(("init_failed", f"{type(exc).__name__}: {_message(exc)}", traceback.format_exc())))
+        return 3
+    send(dumps(("ready", os.getpid())))
+    while True:
+        try:
+            message = pickle.loads(conn.recv_bytes())
+        except EOFError:
+            return 0
+        if message[0] == "batch":
+            items = message[1]
+            send(encode_result(runner.run_batch(items), items, runner.name))
+        elif message[0] == "stop":
+            try:
+                runner.close()
+            except Exception:
+                logging.getLogger("pipeline_cluster.worker").exception("close() of stage %r failed", runner.name)
+            send(dumps(("stopped",)))
+            return 0
