@@ -126,7 +126,10 @@ class Stage:
         self.kwargs = dict(kwargs or {}) if isinstance(kwargs, Mapping) or kwargs is None else kwargs
         self.workers = workers
         if isinstance(supervision, Mapping):
-            supervision = Supervision.from_dict(supervision)
+            try:
+                supervision = Supervision.from_dict(supervision)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"stage {self.name!r}: {exc}") from None
         self.supervision = supervision if supervision is not None else Supervision()
 
     def __repr__(self) -> str:
@@ -166,8 +169,8 @@ class Stage:
                                 f" kwargs={self.kwargs!r}: {exc}") from None
             except ValueError:
                 pass
-            call = getattr(self.task, "__call__", None)
-            if call is None or call is type.__call__ or not callable(call):
+            call = next((k.__dict__["__call__"] for k in self.task.__mro__ if "__call__" in k.__dict__), None)
+            if call is None or not callable(call):
                 raise TypeError(f"{where}: class {self.task.__name__} has no __call__(self, item) method")
             target, extra, fixed, named = call, (object(),), (), {}  # unbound __call__: self + item
         else:
