@@ -1,0 +1,140 @@
+"""The `pipeline-cluster` (alias `pcluster`) command line: demo, run, stats/benchmark, and the server roles."""
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import json
+import sys
+import time
+from typing import Any, Iterable, Iterator
+
+from tqdm import tqdm
+
+
+def _progress(iterable: Iterable[Any], total: int | None, desc: str) -> Iterable[Any]:
+    """A tqdm bar on a terminal; nothing when output is piped."""
+    return tqdm(iterable, total=total, desc=desc, unit="item", disable=not sys.stderr.isatty(), leave=False)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the word-count example on the local cluster and print per-stage stats."""
+    import pipeline_cluster as pc
+    from pipeline_cluster.examples import wordcount
+    from pipeline_cluster.stats import format_table
+
+    started = time.monotonic()
+    counts: collections.Counter = collections.Counter()
+    with pc.LocalCluster(workers=args.workers) as cluster:
+        inputs = _progress(wordcount.sentences(args.count), args.count, "sentences fed")
+        for word in cluster.run(wordcount.pipeline, inputs):
+            counts[word] += 1
+        stats = cluster.stats()
+        run_dir = cluster.rundir.path
+    elapsed = time.monotonic() - started
+    print(f"demo: {args.count} sentences -> {sum(counts.values())} words in {elapsed:.2f} s")
+    print("top words:", ", ".join(f"{w} {n}" for w, n in counts.most_common(8)))
+    print(format_table(stats))
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _load_attr(spec: str) -> Any:
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise SystemExit(f"expected module:attr, got {spec!r}")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _lines(path: str) -> Iterator[str]:
+    stream = sys.stdin if path == "-" else open(path, encoding="utf-8")
+    with stream:
+        for line in stream:
+            yield line.rstrip("\n")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a user's pipeline over the lines of a file, writing outputs as JSON lines."""
+    import pipeline_cluster as pc
+    from pipeline_cluster.stats import format_table
+
+    sys.path.insert(0, ".")
+    pipeline = _load_attr(args.pipeline)
+    if callable(pipeline) and not isinstance(pipeline, (list, pc.Pipeline)):
+        pipeline = pipeline()
+    out = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8")
+    try:
+        with pc.LocalCluster(workers=args.workers) as cluster:
+            for output in _progress(cluster.run(pipeline, _lines(args.input)), None, "outputs"):
+                out.write(json.dumps(output, default=repr) + "\n")
+            stats = cluster.stats()
+            failures = len(cluster.failures())
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    print(format_table(stats), file=sys.stderr)
+    if failures:
+        print(f"{failures} item(s) failed: see dead_letters.jsonl in the run directory", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Print the per-stage stats summary of a run (the latest by default)."""
+    from pipeline_cluster.rundir import find_run
+    from pipeline_cluster.stats import format_table
+
+    path = find_run(args.run)
+    snapshot = json.loads((path / "stats.json").read_text())
+    if args.json:
+        print(json.dumps(snapshot, indent=2))
+        return 0
+    print(f"run {path.name}: pipeline {snapshot.get('pipeline')}, {snapshot.get('failures', 0)} failure(s)")
+    print(format_table(snapshot["stages"]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All subcommands and their options."""
+    parser = argparse.ArgumentParser(prog="pipeline-cluster",
+                                     description="Run pipelines of Python functions over streams of items.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the word-count example on this machine and print per-stage stats",
+                          description="Split sentences into words (generator stage), normalise them (class stage "
+                                      "with args), drop stop words (a stage returning None), on the local cluster.")
+    demo.add_argument("--count", type=int, default=3000, help="number of input sentences (default 3000)")
+    demo.add_argument("--workers", type=int, default=None, help="worker processes per stage (default: CPU count)")
+    demo.set_defaults(func=cmd_demo)
+
+    run = sub.add_parser("run", help="run module:attr over the lines of a file, outputs as JSON lines",
+                         description="module:attr names a pc.Pipeline, a list of stages, or a function returning "
+                                     "one. Each input line (without its newline) is one item.")
+    run.add_argument("pipeline", metavar="module:attr")
+    run.add_argument("--input", required=True, help="input file, one item per line ('-' for stdin)")
+    run.add_argument("--output", default=None, help="output file for JSON lines (default stdout)")
+    run.add_argument("--workers", type=int, default=None, help="worker processes per stage (default: CPU count)")
+    run.set_defaults(func=cmd_run)
+
+    for name in ("stats", "benchmark"):
+        stats = sub.add_parser(name, help="per-stage stats of a run (the latest by default)",
+                               description="Read stats.json from a run directory and print the per-stage summary.")
+        stats.add_argument("run", nargs="?", default=None, help="run id or run directory (default: latest)")
+        stats.add_argument("--json", action="store_true", help="print the raw JSON")
+        stats.set_defaults(func=cmd_stats)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `pipeline-cluster` and `pcluster`."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
