@@ -23,7 +23,9 @@ import pykka
 from pipeline_cluster import taskrunner
 from pipeline_cluster.actors.base import Actor, tell
 
-LAUNCH = "import sys; from pipeline_cluster.taskrunner import main; sys.exit(main(sys.argv[1:]))"
+# `python -c` puts the current directory first on sys.path; drop it so a source checkout there cannot shadow the
+# installed package (the task runner then takes the node's own sys.path).
+LAUNCH = "import sys; del sys.path[0]; from pipeline_cluster.taskrunner import main; sys.exit(main(sys.argv[1:]))"
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(taskrunner.__file__)))
 
 

@@ -170,7 +170,7 @@ def main(argv: list[str]) -> int:
 
     kind, init = pickle.loads(conn.recv_bytes())
     assert kind == "init", kind
-    sys.path[:0] = [p for p in init["sys_path"] if p not in sys.path]
+    sys.path[:] = init["sys_path"] + [p for p in sys.path if p not in init["sys_path"]]
     multiprocess_logging.attach_worker(lambda record: send(dumps(("log", record))),
                                        node=init["node"], stage=init["stage"], level=init["log_level"])
     try:
