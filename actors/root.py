@@ -11,6 +11,7 @@ from typing import Any, Callable, Protocol
 
 from pipeline_cluster.actors.base import Actor
 from pipeline_cluster.deadletters import DeadLetter
+from pipeline_cluster.errors import ClusterError
 from pipeline_cluster.runstate import RunState
 
 
@@ -18,6 +19,7 @@ class NodeLink(Protocol):
     """How the root reaches one node, in-process or over the network."""
 
     name: str
+    alive: bool
 
     def tell(self, name: str, *args: Any) -> None: ...
 
@@ -83,6 +85,8 @@ class RootActor(Actor):
             self.state.change(at_root=-len(rids))
 
     def on_completed(self, name: str, results: list[tuple[int, list]], dead: list[DeadLetter]) -> None:
+        if name not in self.links:
+            return  # a node already declared lost: its items were sent elsewhere
         if dead:
             for letter in dead:
                 entry = self.inflight.get(letter.rid)
@@ -99,6 +103,28 @@ class RootActor(Actor):
         self.state.outputs.put(("out", outputs, len(results)))
         self._dispatch()
 
+    def on_node_lost(self, name: str, reason: str) -> None:
+        """Stop using a lost node and send its unfinished root items to the others."""
+        if self.links.pop(name, None) is None:
+            return
+        self.used.pop(name, None)
+        lost = [(rid, item) for rid, (node, item) in self.inflight.items() if node == name]
+        for rid, _ in lost:
+            del self.inflight[rid]
+        if lost:
+            self.backlog.appendleft(([rid for rid, _ in lost], [item for _, item in lost]))
+            self.state.change(at_root=len(lost))
+        with self.state.cond:
+            self.state.ready_nodes.discard(name)
+            self.state.lost_nodes.add(name)
+            self.state.cond.notify_all()
+        if not self.links:
+            self.state.fail(ClusterError(f"no node left: the last one, {name}, was lost ({reason}); "
+                                         f"{len(self.inflight) + sum(len(r) for r, _ in self.backlog)} item(s) "
+                                         "unfinished"))
+            return
+        self._dispatch()
+
     def on_node_ready(self, name: str) -> None:
         with self.state.cond:
             self.state.ready_nodes.add(name)
@@ -110,8 +136,11 @@ class RootActor(Actor):
     def on_kill(self) -> int:
         """Stop every node at once; returns how many root items were unfinished."""
         unfinished = len(self.inflight) + sum(len(r) for r, _ in self.backlog)
-        for link in self.links.values():
-            link.ask("kill", timeout=60)
+        for link in list(self.links.values()):
+            try:
+                link.ask("kill", timeout=60)
+            except Exception as exc:  # a node lost meanwhile has no workers to kill here
+                self.on_node_lost(link.name, str(exc))
         self.on_begin(self.state)
         return unfinished
 

@@ -96,6 +96,28 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node(args: argparse.Namespace) -> int:
+    """Serve as a node: host stages for roots that connect with the shared authkey."""
+    from pipeline_cluster import node
+
+    log_addr = (args.log_host, args.log_port) if args.log_port else None
+    return node.main(args.host, args.port, log_addr, args.authkey_file, args.workers)
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    """Serve as the log server, appending every record to a file."""
+    from pipeline_cluster import multiprocess_logging
+
+    key = open(args.authkey_file, "rb").read().strip() if args.authkey_file else None
+    server = multiprocess_logging.LogServer((args.host, args.port), args.outfile, key)
+    print(f"PCREADY {json.dumps({'host': server.address[0], 'port': server.address[1]})}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands and their options."""
     parser = argparse.ArgumentParser(prog="pipeline-cluster",
@@ -118,6 +140,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=None, help="worker processes per stage (default: CPU count)")
     run.set_defaults(func=cmd_run)
 
+    node = sub.add_parser("node", help="run a node server that roots connect to",
+                          description="Host the stages of a pipeline for a root (pc.Cluster.connect or "
+                                      "pipeline_cluster.root.Root). Connections must prove the shared authkey: "
+                                      "--authkey-file, else $PIPELINE_CLUSTER_AUTHKEY, else "
+                                      "~/.config/pipeline_cluster/authkey. Prints 'PCREADY {json}' when listening.")
+    node.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    node.add_argument("--port", type=int, default=5600, help="port (0: any free port; default 5600)")
+    node.add_argument("--log-host", default="127.0.0.1", help="log server address")
+    node.add_argument("--log-port", type=int, default=None, help="log server port (default: logs go to the root)")
+    node.add_argument("--authkey-file", default=None, help="file holding the shared authkey")
+    node.add_argument("--workers", type=int, default=None, help="worker processes per stage (default: CPU count)")
+    node.set_defaults(func=cmd_node)
+
+    logp = sub.add_parser("log", help="run a log server writing every process's records to a file",
+                          description="The seed's log server: authenticated connections, one line per record.")
+    logp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    logp.add_argument("--port", type=int, default=5555, help="port (default 5555)")
+    logp.add_argument("--outfile", required=True, help="file to append log lines to")
+    logp.add_argument("--authkey-file", default=None, help="file holding the shared authkey")
+    logp.set_defaults(func=cmd_log)
+
     for name in ("stats", "benchmark"):
         stats = sub.add_parser(name, help="per-stage stats of a run (the latest by default)",
                                description="Read stats.json from a run directory and print the per-stage summary.")
@@ -138,3 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,10 +13,12 @@ import time
 import weakref
 from typing import Any, Callable, Iterable, Iterator
 
-from pipeline_cluster.actors.base import ask, tell
+from pipeline_cluster.actors.base import ask
+from pipeline_cluster.auth import resolve_authkey
 from pipeline_cluster.actors.log import LogActor
 from pipeline_cluster.actors.node import NodeActor
 from pipeline_cluster.actors.root import NodeLink, RootActor
+from pipeline_cluster.nodelink import LocalLink, RemoteLink
 from pipeline_cluster.deadletters import DeadLetter
 from pipeline_cluster.errors import ClusterError
 from pipeline_cluster.model import Pipeline, as_pipeline
@@ -36,23 +38,6 @@ _open_clusters: "weakref.WeakSet[Cluster]" = weakref.WeakSet()
 def _close_forgotten_clusters() -> None:
     for cluster in list(_open_clusters):
         cluster.close(drain=False)
-
-
-class LocalLink:
-    """A node actor in this process, reached by actor messages."""
-
-    def __init__(self, name: str, ref: Any) -> None:
-        self.name = name
-        self.ref = ref
-
-    def tell(self, name: str, *args: Any) -> None:
-        tell(self.ref, name, *args)
-
-    def ask(self, name: str, *args: Any, timeout: float | None = None) -> Any:
-        return ask(self.ref, name, *args, timeout=timeout)
-
-    def close(self) -> None:
-        self.ref.stop(block=True, timeout=30)
 
 
 class Cluster:
@@ -206,6 +191,23 @@ class Cluster:
             self.log_ref.stop(block=True, timeout=30)
             _open_clusters.discard(self)
 
+    @classmethod
+    def connect(cls, addresses: Iterable[tuple[str, int]], *, authkey: bytes | str | None = None,
+                **options: Any) -> "Cluster":
+        """A cluster over running node servers (`pipeline-cluster node`), one persistent connection each."""
+        cluster = cls(**options)
+        try:
+            key = resolve_authkey(authkey)
+            for address in addresses:
+                cluster._add_link(RemoteLink(address, key, cluster.root, cluster.log_sink))
+        except BaseException:
+            cluster.close(drain=False)
+            raise
+        if not cluster.links:
+            cluster.close(drain=False)
+            raise ValueError("Cluster.connect() needs at least one node address")
+        return cluster
+
     def __enter__(self) -> "Cluster":
         return self
 
@@ -269,7 +271,8 @@ class Cluster:
         for link in self.links:
             link.tell("boot")
         try:
-            self.state.wait(lambda: len(self.state.ready_nodes) == len(self.links), self.start_timeout,
+            self.state.wait(lambda: self.state.ready_nodes | self.state.lost_nodes >= {l.name for l in self.links},
+                            self.start_timeout,
                             "the workers to start")
         except BaseException:
             self._finish_run(graceful=False)
@@ -321,7 +324,7 @@ class Cluster:
         if graceful is None:
             graceful = unfinished == 0
         if graceful:
-            for link in self.links:
+            for link in self._live_links():
                 link.ask("shutdown", 5.0, timeout=60)
         else:
             ask(self.root, "kill", timeout=120)
@@ -340,7 +343,7 @@ class Cluster:
         """Per stage: items in, out, dropped, failed, retried, restarts, workers, mean and p95 seconds per item."""
         if self._phase != "running":
             return self._last_stats
-        per_node = [link.ask("stats", timeout=30) for link in self.links]
+        per_node = [link.ask("stats", timeout=30) for link in self._live_links()]
         return self._merge_stats(per_node) or self._last_stats
 
     def _merge_stats(self, per_node: list[list[StageStats]]) -> dict[str, dict[str, Any]]:
@@ -362,6 +365,9 @@ class Cluster:
         except OSError as exc:
             self.log_sink(Record(time.time(), logging.ERROR, "pipeline_cluster", f"cannot write dead letters: {exc}",
                                  "root", 0, None))
+
+    def _live_links(self) -> list[NodeLink]:
+        return [link for link in self.links if link.alive]
 
     def _check_open(self) -> None:
         if self._phase == "closed":

@@ -93,3 +93,110 @@ def attach_worker(sink: Callable[[Record], None], node: str | None, stage: str |
 def attach_local(sink: Callable[[Record], None] | None, node: str | None = None) -> None:
     """In a root or node process: route `log()` to a LogActor's sink (None detaches)."""
     _route.sink, _route.node = sink, node
+
+
+class LogClient:
+    """Sends records to a log server; when none answers, writes to stderr (saying so once) and retries later."""
+
+    RETRY_SECONDS = 10.0
+
+    def __init__(self, addr: tuple[str, int], authkey: bytes | str | None = None, timeout: float = 2.0) -> None:
+        from pipeline_cluster.auth import resolve_authkey
+
+        self.addr = (addr[0], int(addr[1]))
+        self.authkey = resolve_authkey(authkey)
+        self.timeout = timeout
+        self.channel: Any = None
+        self.down_since: float | None = None
+        self.warned = False
+        self.lock = threading.Lock()
+
+    def __call__(self, record: Record) -> None:
+        with self.lock:
+            if self.channel is None and not self._connect():
+                sys.stderr.write(record.format() + "\n")
+                return
+            try:
+                self.channel.send(record)
+            except OSError:
+                self.channel = None
+                sys.stderr.write(record.format() + "\n")
+
+    def _connect(self) -> bool:
+        from pipeline_cluster import wire
+
+        if self.down_since is not None and time.monotonic() - self.down_since < self.RETRY_SECONDS:
+            return False
+        try:
+            self.channel = wire.connect(self.addr, self.authkey, timeout=self.timeout)
+            self.down_since = None
+            return True
+        except (OSError, EOFError) as exc:
+            self.down_since = time.monotonic()
+            if not self.warned:
+                self.warned = True
+                sys.stderr.write(f"pipeline_cluster: log server {self.addr[0]}:{self.addr[1]} unreachable ({exc}); "
+                                 "logging to stderr until it answers\n")
+            return False
+
+
+def configure(addr: tuple[str, int], authkey: bytes | str | None = None) -> None:
+    """Send this process's `log()` records to the log server at `addr` (the seed's call)."""
+    _route.sink = LogClient(addr, authkey)
+
+
+def emit(record: Record) -> None:
+    """Send an already made record along this process's route (a node forwarding its workers' records)."""
+    _route.emit(record)
+
+
+class LogServer:
+    """An authenticated log server writing every record it receives as one line of `filename`."""
+
+    def __init__(self, addr: tuple[str, int], filename: str, authkey: bytes | str | None = None) -> None:
+        from pipeline_cluster import wire
+        from pipeline_cluster.auth import resolve_authkey
+
+        self.listener = wire.Listener((addr[0], int(addr[1])), resolve_authkey(authkey))
+        self.address = self.listener.address
+        self.file = open(filename, "a", buffering=1, encoding="utf-8")
+        self.lock = threading.Lock()
+
+    def serve_forever(self) -> None:
+        """Accept senders until `stop()`; each gets a reader thread."""
+        while True:
+            try:
+                channel = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._read, args=(channel,), daemon=True).start()
+
+    def _read(self, channel: Any) -> None:
+        try:
+            while True:
+                record = channel.recv()
+                if isinstance(record, Record):
+                    with self.lock:
+                        self.file.write(record.format() + "\n")
+        except (EOFError, OSError, ValueError):
+            channel.close()
+
+    def stop(self) -> None:
+        """Stop accepting and close the file."""
+        self.listener.close()
+        with self.lock:
+            self.file.close()
+
+
+def serve(addr: tuple[str, int], filename: str, detach: bool = False, authkey: bytes | str | None = None
+          ) -> LogServer:
+    """Run a log server on `addr` writing to `filename` (the seed's call); `detach=True` serves in a thread."""
+    server = LogServer(addr, filename, authkey)
+    if detach:
+        threading.Thread(target=server.serve_forever, daemon=True, name="pipeline-cluster-log-server").start()
+    else:
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            server.stop()
+    return server

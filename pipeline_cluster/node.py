@@ -1,0 +1,150 @@
+"""The node server: hosts a NodeActor for each root that connects (the seed's `pipeline_cluster.node.Server`).
+
+    pipeline_cluster.node.Server(("127.0.0.2", 5600), log_addr).serve()
+    pipeline-cluster node --host 127.0.0.2 --port 5600
+
+Every connection is authenticated before a byte is unpickled. When the server listens it prints one line,
+`PCREADY {"host": ..., "port": ..., "pid": ...}`, on stdout, so scripts and tests can use port 0.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import cloudpickle
+
+from pipeline_cluster import __version__, multiprocess_logging, wire
+from pipeline_cluster.actors.base import ask, tell
+from pipeline_cluster.actors.node import NodeActor
+from pipeline_cluster.auth import resolve_authkey
+from pipeline_cluster.multiprocess_logging import Record
+
+logger = logging.getLogger("pipeline_cluster.node")
+
+
+class Session:
+    """One root's connection: a NodeActor whose reports go back over the channel."""
+
+    def __init__(self, channel: wire.Channel, log_sink: Callable[[Record], None] | None, workers: int | None) -> None:
+        self.channel = channel
+        self.workers = workers
+        self.log_sink = log_sink or self._log_to_root
+        self.node: Any = None
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self.channel.send(message)
+        except OSError:
+            pass  # the root is gone: the reader sees EOF and ends the session
+
+    def _log_to_root(self, record: Record) -> None:
+        self._send(("log", record))
+
+    def serve(self) -> None:
+        """Read the root's messages until it disconnects, then stop every worker of this session."""
+        try:
+            while True:
+                message = self.channel.recv()
+                if message[0] == "tell":
+                    _, name, args = message
+                    if name == "setup":
+                        args = (cloudpickle.loads(args[0]),)
+                    tell(self.node, name, *args)
+                elif message[0] == "ask":
+                    threading.Thread(target=self._answer, args=message[1:], daemon=True).start()
+        except (EOFError, OSError):
+            pass
+        finally:
+            self.close()
+
+    def _answer(self, rid: int, name: str, args: tuple) -> None:
+        try:
+            if name == "hello":
+                self.node = NodeActor.start(args[0], self._send, self.log_sink, self.workers)
+                value: Any = {"pid": os.getpid(), "cpus": os.cpu_count(), "version": __version__,
+                              "python": sys.version.split()[0]}
+            else:
+                if name == "setup":
+                    args = (cloudpickle.loads(args[0]),)
+                value = ask(self.node, name, *args, timeout=600)
+            self._send(("reply", rid, True, value))
+        except BaseException as exc:
+            try:
+                cloudpickle.dumps(exc)
+            except Exception:
+                exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+            self._send(("reply", rid, False, exc))
+
+    def close(self) -> None:
+        """Stop the node actor (killing its workers) and close the connection."""
+        if self.node is not None:
+            self.node.stop(block=True, timeout=60)
+            self.node = None
+        self.channel.close()
+
+
+class Server:
+    """A node server on `addr`; worker logs go to the log server at `log_addr`, or back to each root."""
+
+    def __init__(self, addr: tuple[str, int], log_addr: tuple[str, int] | None = None, *,
+                 authkey: bytes | str | None = None, workers: int | None = None) -> None:
+        self.authkey = resolve_authkey(authkey)
+        self.log_addr = log_addr
+        self.workers = workers
+        self.listener = wire.Listener((addr[0], int(addr[1])), self.authkey)
+        self.address = self.listener.address
+        self.sessions: list[Session] = []
+        self._stopping = threading.Event()
+
+    def serve(self) -> None:
+        """Accept roots until stopped (SIGINT/SIGTERM in the main thread, or `stop()`)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: self.stop())
+        log_sink = None
+        if self.log_addr is not None:
+            multiprocess_logging.configure(self.log_addr, self.authkey)
+            log_sink = multiprocess_logging.emit
+        print("PCREADY " + json.dumps({"host": self.address[0], "port": self.address[1], "pid": os.getpid()}),
+              flush=True)
+        logger.info("node server listening on %s:%s", *self.address)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    channel = self.listener.accept(timeout=0.5)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+                session = Session(channel, log_sink, self.workers)
+                self.sessions.append(session)
+                threading.Thread(target=session.serve, daemon=True, name="pipeline-cluster-session").start()
+        finally:
+            self.listener.close()
+            for session in self.sessions:
+                session.close()
+
+    def stop(self) -> None:
+        """Stop accepting, end every session and its workers."""
+        self._stopping.set()
+        self.listener.close()
+
+
+def main(host: str, port: int, log_addr: tuple[str, int] | None, authkey_file: str | None,
+         workers: int | None) -> int:
+    """`pipeline-cluster node`: serve until SIGINT/SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    authkey = None
+    if authkey_file:
+        with open(authkey_file, "rb") as f:
+            authkey = f.read().strip()
+    started = time.monotonic()
+    Server((host, port), log_addr, authkey=authkey, workers=workers).serve()
+    logger.info("node server stopped after %.1f s", time.monotonic() - started)
+    return 0

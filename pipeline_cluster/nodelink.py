@@ -1,0 +1,139 @@
+"""How the root reaches its nodes: `LocalLink` (a NodeActor in this process) and `RemoteLink` (a node server).
+
+A RemoteLink is one persistent, authenticated connection. Root-to-node messages are `("tell", name, args)` and
+`("ask", id, name, args)`; the node answers asks with `("reply", id, ok, value)`, forwards log records as
+`("log", record)`, and sends its NodeActor's reports (`completed`, `node_ready`, `failed`) as they are.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Any, Callable
+
+import cloudpickle
+import pykka
+
+from pipeline_cluster import wire
+from pipeline_cluster.actors.base import ask, tell
+from pipeline_cluster.errors import ClusterError
+from pipeline_cluster.multiprocess_logging import Record
+
+
+class LocalLink:
+    """A NodeActor in this process, reached by actor messages."""
+
+    alive = True
+
+    def __init__(self, name: str, ref: pykka.ActorRef) -> None:
+        self.name = name
+        self.ref = ref
+
+    def tell(self, name: str, *args: Any) -> None:
+        """Send a message to the node."""
+        tell(self.ref, name, *args)
+
+    def ask(self, name: str, *args: Any, timeout: float | None = None) -> Any:
+        """Send a message and wait for the node's answer."""
+        return ask(self.ref, name, *args, timeout=timeout)
+
+    def close(self) -> None:
+        """Stop the node actor (and with it every worker)."""
+        self.ref.stop(block=True, timeout=30)
+
+
+class _Reply:
+    """A pending answer to an ask."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.ok = False
+        self.value: Any = None
+
+
+class RemoteLink:
+    """A node server reached over one authenticated TCP connection; a reader thread routes what it sends."""
+
+    def __init__(self, address: tuple[str, int], authkey: bytes, root: pykka.ActorRef,
+                 log_sink: Callable[[Record], None], connect_timeout: float = 10.0) -> None:
+        self.address = (address[0], int(address[1]))
+        self.name = f"{self.address[0]}:{self.address[1]}"
+        self.root = root
+        self.log_sink = log_sink
+        try:
+            self.channel = wire.connect(self.address, authkey, timeout=connect_timeout)
+        except (OSError, EOFError) as exc:
+            raise ClusterError(f"cannot connect to node {self.name}: {exc}") from exc
+        self.alive = True
+        self._ids = itertools.count(1)
+        self._replies: dict[int, _Reply] = {}
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, name=f"pipeline-cluster-link-{self.name}", daemon=True)
+        self._reader.start()
+        self.info = self.ask("hello", self.name, timeout=connect_timeout)
+
+    def tell(self, name: str, *args: Any) -> None:
+        """Send a message to the node; a lost node is handled by the reader, not here."""
+        if name == "setup":
+            args = (cloudpickle.dumps(args[0]),)
+        try:
+            self.channel.send(("tell", name, args))
+        except OSError:
+            pass
+
+    def ask(self, name: str, *args: Any, timeout: float | None = None) -> Any:
+        """Send a message and wait for the node's answer (its exception is re-raised here)."""
+        if name == "setup":
+            args = (cloudpickle.dumps(args[0]),)
+        reply = _Reply()
+        with self._lock:
+            if not self.alive:
+                raise ClusterError(f"node {self.name} is lost")
+            rid = next(self._ids)
+            self._replies[rid] = reply
+        try:
+            self.channel.send(("ask", rid, name, args))
+        except OSError as exc:
+            raise ClusterError(f"node {self.name} is lost: {exc}") from exc
+        if not reply.event.wait(timeout):
+            raise TimeoutError(f"node {self.name} did not answer {name!r} within {timeout} s")
+        if not reply.ok:
+            raise reply.value
+        return reply.value
+
+    def _read(self) -> None:
+        try:
+            while True:
+                message = self.channel.recv()
+                kind = message[0]
+                if kind == "reply":
+                    with self._lock:
+                        reply = self._replies.pop(message[1], None)
+                    if reply is not None:
+                        reply.ok, reply.value = message[2], message[3]
+                        reply.event.set()
+                elif kind == "log":
+                    self.log_sink(message[1])
+                else:
+                    self.root.tell(message)
+        except (EOFError, OSError) as exc:
+            reason = str(exc)
+        except Exception as exc:  # a message we cannot read: the link is unusable
+            reason = f"unreadable message: {exc!r}"
+        self._lost(reason)
+
+    def _lost(self, reason: str) -> None:
+        with self._lock:
+            was_alive, self.alive = self.alive, False
+            replies, self._replies = self._replies, {}
+        for reply in replies.values():
+            reply.ok, reply.value = False, ClusterError(f"node {self.name} is lost: {reason}")
+            reply.event.set()
+        if was_alive:
+            tell(self.root, "node_lost", self.name, reason)
+
+    def close(self) -> None:
+        """Close the connection; the node server stops this session's workers."""
+        with self._lock:
+            self.alive = False
+        self.channel.close()
+        self._reader.join(timeout=10)
