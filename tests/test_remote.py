@@ -1,0 +1,227 @@
+"""Node servers as real processes on loopback addresses: the seed's flow, many nodes, flow control, auth, logs."""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import pipeline_cluster as pc
+import pipeline_cluster.node
+import pipeline_cluster.root
+from pipeline_cluster import multiprocess_logging as mpl
+from tests.conftest import wait_until
+
+KEY = "test-shared-key"
+
+
+class NodeProcess:
+    """A `pipeline-cluster node` subprocess; its address comes from the PCREADY line, its log goes to a file."""
+
+    def __init__(self, host: str, tmp_path, workers: int = 2, env: dict | None = None, log_addr: tuple | None = None):
+        self.log = tmp_path / f"node-{host}.log"
+        args = [sys.executable, "-m", "pipeline_cluster.cli", "node", "--host", host, "--port", "0",
+                "--workers", str(workers)]
+        if log_addr:
+            args += ["--log-host", log_addr[0], "--log-port", str(log_addr[1])]
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True,
+                                         env={**os.environ, **(env or {})}, cwd=os.path.dirname(os.path.dirname(__file__)))
+        line = self.proc.stdout.readline()
+        assert line.startswith("PCREADY "), (line, self.log.read_text())
+        ready = json.loads(line.split(" ", 1)[1])
+        self.address = (ready["host"], ready["port"])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def nodes(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_CLUSTER_AUTHKEY", KEY)
+    started: list[NodeProcess] = []
+
+    def start(host: str, **kwargs) -> NodeProcess:
+        node = NodeProcess(host, tmp_path, **kwargs)
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.stop()
+
+
+def wait(item):
+    mpl.log(f"wait {item}")
+    time.sleep(0.02)
+    return (item, item)
+
+
+def wait_more(item):
+    mpl.log(f"wait_more {item}")
+    time.sleep(0.04)
+    return item
+
+
+@pytest.mark.timeout(90)
+def test_seed_usage_flow(nodes, tmp_path):
+    log_file = tmp_path / "log.txt"
+    log_server = mpl.serve(("127.127.127.127", 0), str(log_file), detach=True)
+    node = nodes("127.127.127.127", log_addr=log_server.address)
+    mpl.configure(log_server.address)
+    mpl.log("hello world!")
+    cluster = pipeline_cluster.root.Root(node.address)
+    try:
+        taskchain = [{"function": wait, "is_generator": True}, {"function": wait_more, "is_generator": False}]
+        cluster.setup("example pipeline", 1.0, taskchain)
+        received = []
+        cluster.boot(output_handler=received.append)
+        cluster.feed("hello world!", "hello world!")
+        cluster.wait_input()
+        cluster.wait_empty()
+        assert received == ["hello world!"] * 4
+        assert cluster.status()["unfinished"] == 0
+        cluster.reset()
+        cluster.setup("again", 2, [str.upper])
+        cluster.boot(output_handler=received.append)
+        cluster.feed("x")
+        cluster.wait_empty()
+        assert received[-1] == "X"
+    finally:
+        cluster.close()
+        mpl.attach_local(None)
+    assert wait_until(lambda: log_file.read_text().count("] wait_more hello world!") == 4, 10), log_file.read_text()
+    text = log_file.read_text()
+    assert "hello world!" in text and text.count("] wait hello world!") == 2
+    assert "node=127.127.127.127:" in text
+    log_server.stop()
+
+
+def tag(x):
+    return (x, os.environ.get("NODE_TAG"), os.getpid())
+
+
+@pytest.mark.timeout(120)
+def test_three_nodes_every_output_exactly_once(nodes):
+    servers = [nodes(f"127.0.0.{i}", env={"NODE_TAG": str(i)}) for i in (2, 3, 4)]
+    with pc.Cluster.connect([s.address for s in servers], credit=128) as cluster:
+        outputs = list(cluster.run([tag], range(5000)))
+    values = collections.Counter(x for x, _, _ in outputs)
+    assert values == collections.Counter(range(5000))
+    per_node = collections.Counter(node for _, node, _ in outputs)
+    assert set(per_node) == {"2", "3", "4"}, per_node
+
+
+def sleepy(x):
+    time.sleep(0.05 if os.environ.get("NODE_TAG") == "slow" else 0.005)
+    return os.environ.get("NODE_TAG")
+
+
+@pytest.mark.timeout(120)
+def test_slow_node_gets_proportionally_fewer_inputs(nodes):
+    fast = [nodes(f"127.0.0.{i}", env={"NODE_TAG": f"fast{i}"}) for i in (5, 6)]
+    slow = nodes("127.0.0.7", env={"NODE_TAG": "slow"})
+    with pc.Cluster.connect([slow.address] + [f.address for f in fast], credit=16) as cluster:
+        counts = collections.Counter(cluster.run([sleepy], range(1500)))
+    assert sum(counts.values()) == 1500
+    assert counts["slow"] < 0.4 * min(counts["fast5"], counts["fast6"]), counts
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """True once the peer closes or resets the connection (anything it sent before is skipped)."""
+    try:
+        while sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def _node_log(node: NodeProcess, text: str) -> bool:
+    return text in node.log.read_text()
+
+
+@pytest.mark.timeout(60)
+def test_bad_clients_are_refused_and_the_node_keeps_serving(nodes):
+    node = nodes("127.0.0.8")
+    # wrong key
+    with pytest.raises(pc.ClusterError, match="cannot connect"):
+        pc.Cluster.connect([node.address], authkey="wrong key")
+    assert wait_until(lambda: _node_log(node, "wrong authkey"), 10), node.log.read_text()
+    # garbage bytes
+    with socket.create_connection(node.address, timeout=5) as garbage:
+        garbage.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 10)
+        assert closed_by_peer(garbage)
+    assert wait_until(lambda: _node_log(node, "bad magic"), 10), node.log.read_text()
+    # a silent client holds no one up: a correct root connects and runs meanwhile
+    silent = socket.create_connection(node.address, timeout=20)
+    with pc.Cluster.connect([node.address]) as cluster:
+        assert sorted(cluster.run([str.upper], ["a", "b"])) == ["A", "B"]
+    started = time.monotonic()
+    assert closed_by_peer(silent)  # the node drops it after its handshake timeout
+    assert time.monotonic() - started < 15
+    silent.close()
+    assert wait_until(lambda: _node_log(node, "silent"), 10), node.log.read_text()
+    assert node.proc.poll() is None
+
+
+def logs_from_node(x):
+    mpl.log(f"task log {x} from {os.environ.get('NODE_TAG')}")
+    return x
+
+
+@pytest.mark.timeout(90)
+def test_task_logs_on_every_node_reach_the_log_server(nodes, tmp_path):
+    log_file = tmp_path / "central.log"
+    log_server = mpl.serve(("127.0.0.1", 0), str(log_file), detach=True)
+    servers = [nodes(f"127.0.0.{i}", env={"NODE_TAG": f"n{i}"}, log_addr=log_server.address) for i in (9, 10)]
+    with pc.Cluster.connect([s.address for s in servers], credit=4) as cluster:
+        assert sorted(cluster.run([logs_from_node], range(40))) == list(range(40))
+    assert wait_until(lambda: log_file.read_text().count("task log") == 40, 10), log_file.read_text()
+    text = log_file.read_text()
+    assert "from n9" in text and "from n10" in text
+    log_server.stop()
+
+
+@pytest.mark.timeout(30)
+def test_log_without_server_falls_back_to_stderr_once(capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket is closed
+    mpl.configure(("127.0.0.1", port), authkey="k")
+    try:
+        started = time.monotonic()
+        mpl.log("first")
+        mpl.log("second")
+        assert time.monotonic() - started < 5
+    finally:
+        mpl.attach_local(None)
+    err = capsys.readouterr().err
+    assert err.count("unreachable") == 1 and "first" in err and "second" in err
+
+
+@pytest.mark.timeout(60)
+def test_seed_node_server_class_in_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_CLUSTER_AUTHKEY", KEY)
+    server = pipeline_cluster.node.Server(("127.0.0.11", 0))
+    import threading
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        with pc.Cluster.connect([server.address]) as cluster:
+            assert sorted(cluster.run([abs], [-1, -2])) == [1, 2]
+    finally:
+        server.stop()
+        thread.join(10)
+    assert not thread.is_alive()
