@@ -60,9 +60,9 @@ class NodeActor(Actor):
     def on_stage_failed(self, error: StageFailed) -> None:
         self.report(("failed", self.name, error))
 
-    def on_submit(self, rids: list[int], items: list) -> None:
+    def on_submit(self, rids: list[int], items: list, stage: int = 0) -> None:
         self.pending.update(dict.fromkeys(rids, 1))
-        tell(self.stages[0], "push", (rids, items, None))
+        tell(self.stages[stage], "push", (rids, items, None))
 
     def on_tree(self, adjust: list, finished: list, outputs: tuple | None, dead: list[DeadLetter]) -> None:
         pending, results = self.pending, self.results

@@ -37,8 +37,8 @@ class RootActor(Actor):
         self.dead_sink = dead_sink
         self.links: dict[str, NodeLink] = {}
         self.used: dict[str, int] = {}
-        self.backlog: deque[tuple[list[int], list]] = deque()
-        self.inflight: dict[int, tuple[str, Any]] = {}
+        self.backlog: deque[tuple[list[int], list, int]] = deque()  # (rids, items, first stage)
+        self.inflight: dict[int, tuple[str, Any, int]] = {}  # rid -> (node, item, first stage)
         self.next_rid = 0
         self.paused = False
         self.state = RunState()
@@ -55,10 +55,11 @@ class RootActor(Actor):
         self.inflight.clear()
         self.used = dict.fromkeys(self.links, 0)
 
-    def on_feed(self, items: list) -> None:
+    def on_feed(self, items: list, stage: int = 0) -> None:
+        """Accept root items that enter the pipeline at `stage` (0, or a dead letter's stage when re-fed)."""
         rids = list(range(self.next_rid, self.next_rid + len(items)))
         self.next_rid += len(items)
-        self.backlog.append((rids, items))
+        self.backlog.append((rids, items, stage))
         self._dispatch()
 
     def on_pause(self, paused: bool) -> None:
@@ -73,15 +74,15 @@ class RootActor(Actor):
             free = self.credit - self.used[name]
             if free <= 0:
                 return
-            rids, items = self.backlog[0]
+            rids, items, stage = self.backlog[0]
             if len(rids) > free:
-                self.backlog[0] = (rids[free:], items[free:])
+                self.backlog[0] = (rids[free:], items[free:], stage)
                 rids, items = rids[:free], items[:free]
             else:
                 self.backlog.popleft()
-            self.inflight.update(zip(rids, zip(itertools.repeat(name), items)))
+            self.inflight.update(zip(rids, zip(itertools.repeat(name), items, itertools.repeat(stage))))
             self.used[name] += len(rids)
-            self.links[name].tell("submit", rids, items)
+            self.links[name].tell("submit", rids, items, stage)
             self.state.change(at_root=-len(rids))
 
     def on_completed(self, name: str, results: list[tuple[int, list]], dead: list[DeadLetter]) -> None:
@@ -108,11 +109,16 @@ class RootActor(Actor):
         if self.links.pop(name, None) is None:
             return
         self.used.pop(name, None)
-        lost = [(rid, item) for rid, (node, item) in self.inflight.items() if node == name]
-        for rid, _ in lost:
+        lost = [(rid, item, stage) for rid, (node, item, stage) in self.inflight.items() if node == name]
+        by_stage: dict[int, tuple[list, list]] = {}
+        for rid, item, stage in lost:
             del self.inflight[rid]
+            rids, items = by_stage.setdefault(stage, ([], []))
+            rids.append(rid)
+            items.append(item)
+        for stage, (rids, items) in by_stage.items():
+            self.backlog.appendleft((rids, items, stage))
         if lost:
-            self.backlog.appendleft(([rid for rid, _ in lost], [item for _, item in lost]))
             self.state.change(at_root=len(lost))
         with self.state.cond:
             self.state.ready_nodes.discard(name)
@@ -120,7 +126,7 @@ class RootActor(Actor):
             self.state.cond.notify_all()
         if not self.links:
             self.state.fail(ClusterError(f"no node left: the last one, {name}, was lost ({reason}); "
-                                         f"{len(self.inflight) + sum(len(r) for r, _ in self.backlog)} item(s) "
+                                         f"{len(self.inflight) + sum(len(chunk[0]) for chunk in self.backlog)} item(s) "
                                          "unfinished"))
             return
         self._dispatch()
@@ -135,7 +141,7 @@ class RootActor(Actor):
 
     def on_kill(self) -> int:
         """Stop every node at once; returns how many root items were unfinished."""
-        unfinished = len(self.inflight) + sum(len(r) for r, _ in self.backlog)
+        unfinished = len(self.inflight) + sum(len(chunk[0]) for chunk in self.backlog)
         for link in list(self.links.values()):
             try:
                 link.ask("kill", timeout=60)
@@ -145,4 +151,4 @@ class RootActor(Actor):
         return unfinished
 
     def on_unfinished(self) -> int:
-        return len(self.inflight) + sum(len(r) for r, _ in self.backlog)
+        return len(self.inflight) + sum(len(chunk[0]) for chunk in self.backlog)

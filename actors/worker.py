@@ -135,7 +135,8 @@ class WorkerActor(Actor):
         except OSError:
             self._died("init_failed", message="worker process exited before it could be initialised")
             return
-        reply = self._wait_for(("ready", "init_failed"), deadline=time.monotonic() + self.config.start_timeout)
+        reply = self._wait_for(("ready", "init_failed"), deadline=time.monotonic() + self.config.start_timeout,
+                               death_cause="init_failed")
         if reply is None:
             return
         if reply[0] == "ready":
@@ -173,7 +174,7 @@ class WorkerActor(Actor):
         self.proc.release()
 
     def _wait_for(self, kinds: tuple[str, ...], deadline: float | None = None, item_timeout: float | None = None,
-                  report: bool = True) -> tuple | None:
+                  report: bool = True, death_cause: str = "crash") -> tuple | None:
         """Read messages until one of `kinds` arrives; on death or timeout report it and return None."""
         conn = self.proc.conn
         while True:
@@ -203,7 +204,7 @@ class WorkerActor(Actor):
             except (EOFError, OSError):
                 if report:
                     index, _ = self.proc.running_item()
-                    self._died("crash", index=index)
+                    self._died(death_cause, index=index)
                 return None
             if message[0] == "log":
                 self.config.log_sink(message[1])

@@ -114,12 +114,15 @@ class Cluster:
     def feed(self, *items: Any) -> None:
         """Give items to the cluster; blocks while the cluster already holds its capacity of unfinished items."""
         self._check_running()
+        self._feed_chunks(items, 0)
+
+    def _feed_chunks(self, items: Any, stage: int) -> None:
         state = self.state
         for start in range(0, len(items), FEED_CHUNK):
             chunk = list(items[start:start + FEED_CHUNK])
             state.wait(lambda: state.fed - state.consumed < self.capacity, what="room to feed")
             state.change(fed=len(chunk), at_root=len(chunk))
-            self.root.tell(("feed", chunk))
+            self.root.tell(("feed", chunk, stage))
 
     def wait_input(self, timeout: float | None = None) -> None:
         """Wait until every fed item has been handed to a node."""
@@ -193,13 +196,18 @@ class Cluster:
 
     @classmethod
     def connect(cls, addresses: Iterable[tuple[str, int]], *, authkey: bytes | str | None = None,
-                **options: Any) -> "Cluster":
-        """A cluster over running node servers (`pipeline-cluster node`), one persistent connection each."""
+                heartbeat: float = 1.0, dead_after: float = 10.0, **options: Any) -> "Cluster":
+        """A cluster over running node servers (`pipeline-cluster node`), one persistent connection each.
+
+        A node silent for `dead_after` seconds (heartbeats every `heartbeat` s) counts as lost: its unfinished
+        items go to the other nodes.
+        """
         cluster = cls(**options)
         try:
             key = resolve_authkey(authkey)
             for address in addresses:
-                cluster._add_link(RemoteLink(address, key, cluster.root, cluster.log_sink))
+                cluster._add_link(RemoteLink(address, key, cluster.root, cluster.log_sink,
+                                             heartbeat=heartbeat, dead_after=dead_after))
         except BaseException:
             cluster.close(drain=False)
             raise
@@ -356,6 +364,23 @@ class Cluster:
         """Dead letters of this cluster so far (also appended to the run directory's dead_letters.jsonl)."""
         with self._dead_lock:
             return list(self.dead_letters)
+
+    def refeed(self, letters: Iterable[DeadLetter] | None = None) -> int:
+        """Feed dead letters again, each into the stage it failed in (after fixing the cause); returns how many.
+
+        Without an argument every dead letter so far is re-fed; re-fed letters leave `failures()`.
+        """
+        self._check_running()
+        with self._dead_lock:
+            chosen = list(self.dead_letters) if letters is None else list(letters)
+            ids = {id(letter) for letter in chosen}
+            self.dead_letters = [letter for letter in self.dead_letters if id(letter) not in ids]
+        by_stage: dict[int, list] = {}
+        for letter in chosen:
+            by_stage.setdefault(letter.stage_index, []).append(letter.item)
+        for stage, items in sorted(by_stage.items()):
+            self._feed_chunks(items, stage)
+        return len(chosen)
 
     def _on_dead_letters(self, letters: list[DeadLetter]) -> None:
         with self._dead_lock:

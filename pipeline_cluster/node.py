@@ -36,6 +36,8 @@ class Session:
         self.workers = workers
         self.log_sink = log_sink or self._log_to_root
         self.node: Any = None
+        self.last_heard = time.monotonic()
+        self.ended = threading.Event()
 
     def _send(self, message: tuple) -> None:
         try:
@@ -51,7 +53,10 @@ class Session:
         try:
             while True:
                 message = self.channel.recv()
-                if message[0] == "tell":
+                self.last_heard = time.monotonic()
+                if message[0] == "ping":
+                    self._send(("ping",))
+                elif message[0] == "tell":
                     _, name, args = message
                     if name == "setup":
                         args = (cloudpickle.loads(args[0]),)
@@ -66,7 +71,9 @@ class Session:
     def _answer(self, rid: int, name: str, args: tuple) -> None:
         try:
             if name == "hello":
-                self.node = NodeActor.start(args[0], self._send, self.log_sink, self.workers)
+                node_name, heartbeat, dead_after = args
+                self.node = NodeActor.start(node_name, self._send, self.log_sink, self.workers)
+                threading.Thread(target=self._watch_root, args=(heartbeat, dead_after), daemon=True).start()
                 value: Any = {"pid": os.getpid(), "cpus": os.cpu_count(), "version": __version__,
                               "python": sys.version.split()[0]}
             else:
@@ -81,8 +88,17 @@ class Session:
                 exc = RuntimeError(f"{type(exc).__name__}: {exc}")
             self._send(("reply", rid, False, exc))
 
+    def _watch_root(self, heartbeat: float, dead_after: float) -> None:
+        """End the session when the root has been silent for `dead_after` s (a partition sends no FIN)."""
+        while not self.ended.wait(heartbeat):
+            if time.monotonic() - self.last_heard > dead_after:
+                logger.warning("root silent for more than %s s: ending its session", dead_after)
+                self.channel.close()
+                return
+
     def close(self) -> None:
         """Stop the node actor (killing its workers) and close the connection."""
+        self.ended.set()
         if self.node is not None:
             self.node.stop(block=True, timeout=60)
             self.node = None

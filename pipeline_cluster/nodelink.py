@@ -3,11 +3,14 @@
 A RemoteLink is one persistent, authenticated connection. Root-to-node messages are `("tell", name, args)` and
 `("ask", id, name, args)`; the node answers asks with `("reply", id, ok, value)`, forwards log records as
 `("log", record)`, and sends its NodeActor's reports (`completed`, `node_ready`, `failed`) as they are.
+Both sides send `("ping",)` every `heartbeat` seconds and give the other up after `dead_after` seconds of silence,
+so a stopped or partitioned node (no FIN ever arrives) is noticed too.
 """
 from __future__ import annotations
 
 import itertools
 import threading
+import time
 from typing import Any, Callable
 
 import cloudpickle
@@ -54,7 +57,8 @@ class RemoteLink:
     """A node server reached over one authenticated TCP connection; a reader thread routes what it sends."""
 
     def __init__(self, address: tuple[str, int], authkey: bytes, root: pykka.ActorRef,
-                 log_sink: Callable[[Record], None], connect_timeout: float = 10.0) -> None:
+                 log_sink: Callable[[Record], None], connect_timeout: float = 10.0, heartbeat: float = 1.0,
+                 dead_after: float = 10.0) -> None:
         self.address = (address[0], int(address[1]))
         self.name = f"{self.address[0]}:{self.address[1]}"
         self.root = root
@@ -64,12 +68,16 @@ class RemoteLink:
         except (OSError, EOFError) as exc:
             raise ClusterError(f"cannot connect to node {self.name}: {exc}") from exc
         self.alive = True
+        self.heartbeat, self.dead_after = heartbeat, dead_after
+        self.last_heard = time.monotonic()
+        self._closing = threading.Event()
         self._ids = itertools.count(1)
         self._replies: dict[int, _Reply] = {}
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, name=f"pipeline-cluster-link-{self.name}", daemon=True)
         self._reader.start()
-        self.info = self.ask("hello", self.name, timeout=connect_timeout)
+        self.info = self.ask("hello", self.name, heartbeat, dead_after, timeout=connect_timeout)
+        threading.Thread(target=self._beat, name=f"pipeline-cluster-heartbeat-{self.name}", daemon=True).start()
 
     def tell(self, name: str, *args: Any) -> None:
         """Send a message to the node; a lost node is handled by the reader, not here."""
@@ -104,7 +112,10 @@ class RemoteLink:
         try:
             while True:
                 message = self.channel.recv()
+                self.last_heard = time.monotonic()
                 kind = message[0]
+                if kind == "ping":
+                    continue
                 if kind == "reply":
                     with self._lock:
                         reply = self._replies.pop(message[1], None)
@@ -121,6 +132,18 @@ class RemoteLink:
             reason = f"unreadable message: {exc!r}"
         self._lost(reason)
 
+    def _beat(self) -> None:
+        """Ping the node; declare it lost after `dead_after` seconds without hearing from it."""
+        while not self._closing.wait(self.heartbeat):
+            silent = time.monotonic() - self.last_heard
+            if silent > self.dead_after:
+                self._lost(f"no heartbeat for {silent:.1f} s (dead after {self.dead_after} s)")
+                return
+            try:
+                self.channel.send(("ping",))
+            except OSError:
+                return
+
     def _lost(self, reason: str) -> None:
         with self._lock:
             was_alive, self.alive = self.alive, False
@@ -128,6 +151,8 @@ class RemoteLink:
         for reply in replies.values():
             reply.ok, reply.value = False, ClusterError(f"node {self.name} is lost: {reason}")
             reply.event.set()
+        self._closing.set()
+        self.channel.close()
         if was_alive:
             tell(self.root, "node_lost", self.name, reason)
 
@@ -135,5 +160,6 @@ class RemoteLink:
         """Close the connection; the node server stops this session's workers."""
         with self._lock:
             self.alive = False
+        self._closing.set()
         self.channel.close()
         self._reader.join(timeout=10)
