@@ -250,31 +250,30 @@ class StageSupervisor(Actor):
                 (r, c - 1) for i, (r, c) in enumerate(zip(rids, counts)) if c != 1 and i not in failed]
         dead: list[DeadLetter] = []
         for index, (etype, message, tb, retryable) in failed.items():
-            letter = self._charge(rids[index], items[index], attempts[index] if attempts else 0, "exception",
-                                  retryable, error_type=etype, message=message, traceback=tb, pid=slot.proc.pid)
-            if letter is not None:
-                dead.append(letter)
-                finished.append(rids[index])
+            self._charge(rids[index], items[index], attempts[index] if attempts else 0, finished, dead, "exception",
+                         retryable, error_type=etype, message=message, traceback=tb, pid=slot.proc.pid)
         self._report(adjust, finished, (out_rids, outs) if self.last and outs else None, dead)
         if outs and not self.last:
             tell(self.next_stage, "push", (out_rids, outs, None))
         self._dispatch()
 
-    def _charge(self, rid: int, item: Any, attempts: int, cause: str, retryable: bool, **detail: Any
-                ) -> DeadLetter | None:
-        """Count one failed attempt: re-queue the item if it has tries left, else return its dead letter."""
+    def _charge(self, rid: int, item: Any, attempts: int, finished: list, dead: list[DeadLetter], cause: str,
+                retryable: bool, **detail: Any) -> None:
+        """Count one failed attempt: re-queue the item if it has tries left, else finish it as a failure
+        (appended to `finished`, and to `dead` unless the stage drops failures)."""
         attempts += 1
         if retryable and attempts < self.sup.max_attempts:
             self.stats.retried += 1
             self._requeue(([rid], [item], [attempts]))
-            return None
+            return
         self.stats.failed += 1
+        finished.append(rid)
         letter = DeadLetter(item, self.stage.name, self.index, attempts, cause, node=self.node_name, rid=rid,
                             **detail)
         if self.sup.on_failure == "drop":
             tell(self.node, "log_failure", letter)
-            return None
-        return letter
+        else:
+            dead.append(letter)
 
     def _report(self, adjust: list, finished: list, outputs: tuple | None, dead: list[DeadLetter]) -> None:
         """Tell the node how root items' trees changed; sent before outputs move on, so counts never dip early."""
@@ -296,12 +295,9 @@ class StageSupervisor(Actor):
         for position, (rids, items, attempts) in enumerate(batches):
             blamed = death.index if position == 0 and death.cause != "init_failed" else -1
             if 0 <= blamed < len(rids):
-                letter = self._charge(rids[blamed], items[blamed], attempts[blamed] if attempts else 0,
-                                      death.cause, True, message=death.message, traceback=death.traceback,
-                                      pid=death.pid, exit_code=death.exit_code, signal=death.signal)
-                if letter is not None:
-                    dead.append(letter)
-                    finished.append(rids[blamed])
+                self._charge(rids[blamed], items[blamed], attempts[blamed] if attempts else 0, finished, dead,
+                             death.cause, True, message=death.message, traceback=death.traceback,
+                             pid=death.pid, exit_code=death.exit_code, signal=death.signal)
                 keep = [i for i in range(len(rids)) if i != blamed]
                 rids, items = [rids[i] for i in keep], [items[i] for i in keep]
                 attempts = [attempts[i] for i in keep] if attempts else None

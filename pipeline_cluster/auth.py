@@ -255,7 +255,7 @@ class _Handshake:
                                   f"expected {_KIND_NAMES[expected]!r}")
 
     def _recv_exact(self, size: int, check_magic: bool = False) -> bytes:
-        """Read exactly `size` bytes before the deadline; with `check_magic`, reject a wrong prefix at its first byte."""
+        """Read exactly `size` bytes before the deadline; `check_magic` rejects a wrong prefix at its first byte."""
         buf = bytearray()
         while len(buf) < size:
             try:

@@ -6,8 +6,8 @@ interface (`setup`, `boot`, `feed`, `wait_input`, `wait_empty`, `sleep`, `wakeup
 from __future__ import annotations
 
 import atexit
-import itertools
 import logging
+import os
 import threading
 import time
 import weakref
@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from pipeline_cluster.actors.base import ask
 from pipeline_cluster.auth import resolve_authkey
+from pipeline_cluster.config import load_toml, stage_overrides
 from pipeline_cluster.actors.log import LogActor
 from pipeline_cluster.actors.node import NodeActor
 from pipeline_cluster.actors.root import NodeLink, RootActor
@@ -44,9 +45,11 @@ class Cluster:
     """A root (RootActor, LogActor) driving a set of nodes; subclasses decide where the nodes are."""
 
     def __init__(self, *, credit: int = 1024, run_dir: str | None = None, log_file: str | None = None,
-                 log_stderr: bool = False, start_timeout: float = 60.0, log_level: int = logging.INFO) -> None:
+                 log_stderr: bool = False, start_timeout: float = 60.0, log_level: int = logging.INFO,
+                 config: str | os.PathLike | dict | None = None) -> None:
         if isinstance(credit, bool) or not isinstance(credit, int) or credit < 1:
             raise ValueError(f"credit must be a positive int, got {credit!r}")
+        self.stage_config = {} if config is None else stage_overrides(load_toml(config))
         self.rundir = RunDir(run_dir)
         self.credit = credit
         self.start_timeout = start_timeout
@@ -97,6 +100,8 @@ class Cluster:
         if self._phase == "running":
             raise ClusterError("a pipeline is running: call reset() (or let run() finish) before setup()")
         self.pipeline = as_pipeline(pipeline, None if name is None else str(name), version)
+        if self.stage_config:
+            self.pipeline.with_overrides(self.stage_config)
         for link in self.links:
             link.ask("setup", self.pipeline, timeout=60)
         self._phase = "setup"

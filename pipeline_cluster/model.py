@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import cloudpickle
@@ -119,7 +120,9 @@ class Stage:
         supervision: Supervision | Mapping[str, Any] | None = None,
     ) -> None:
         self.task = task
-        self.is_class = inspect.isclass(task)
+        # a class is built once per worker and then called per item; builtin types (str, int, ...) are plain
+        # functions of the item
+        self.is_class = inspect.isclass(task) and getattr(task, "__module__", None) != "builtins"
         self.name = name if name is not None else _default_name(task)
         self.generator = generator
         self.args = tuple(args) if isinstance(args, (list, tuple)) else args
@@ -230,6 +233,12 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, version={self.version!r}, stages={[s.name for s in self.stages]})"
+
+    def configure(self, config: "str | os.PathLike | Mapping[str, Any]") -> "Pipeline":
+        """Apply the `[stages.NAME]` tables of a TOML file (or an already parsed dict) to this pipeline."""
+        from pipeline_cluster.config import load_toml, stage_overrides
+
+        return self.with_overrides(stage_overrides(load_toml(config)))
 
     def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> "Pipeline":
         """Apply `[stages.NAME]` tables (workers, supervision) from a TOML config; unknown names are errors."""

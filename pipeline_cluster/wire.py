@@ -48,8 +48,10 @@ class FrameTooLargeError(ConnectionError):
 class Channel:
     """A framed, bidirectional message channel over an authenticated socket.
 
-    `send` may be called from several threads at once; `recv` is meant for one reader thread. The socket has no
-    user-space read buffer, so `select` on `fileno()` tells truthfully whether `recv` has data to read.
+    Get one from `connect` or `Listener.accept`: wrapping a socket that did not pass the handshake would unpickle
+    unauthenticated bytes. `send` may be called from several threads at once; `recv` is meant for one reader thread.
+    The socket has no user-space read buffer, so `select` on `fileno()` tells truthfully whether `recv` has data to
+    read. `peer` is the remote address.
     """
 
     def __init__(self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> None:
@@ -116,7 +118,7 @@ class Channel:
         for buffer in buffers:
             self._check_size(buffer.nbytes)
         if not buffers and len(payload) <= _CONCAT_MAX:
-            self._send_pieces((_HEADER.pack(_PICKLE << _KIND_SHIFT | len(payload)) + payload,))
+            self._send_frame(_HEADER.pack(_PICKLE << _KIND_SHIFT | len(payload)) + payload)
             return
         pieces: list[bytes | memoryview] = []
         for buffer in buffers:
@@ -130,9 +132,9 @@ class Channel:
         self._check_size(view.nbytes)
         header = _HEADER.pack(_BYTES << _KIND_SHIFT | view.nbytes)
         if view.nbytes <= _CONCAT_MAX:
-            self._send_pieces((header + view,))
+            self._send_frame(header + view)
         else:
-            self._send_pieces((header, view))
+            self._send_pieces([header, view])
 
     def recv(self) -> Any:
         """Receive the next message: the unpickled object, or `bytes` for a raw frame.
@@ -182,24 +184,35 @@ class Channel:
         if size > self.max_frame:
             raise ValueError(f"message part of {size} bytes exceeds max_frame of {self.max_frame} bytes")
 
+    def _send_frame(self, frame: bytes) -> None:
+        """Write one small, already joined frame under the send lock."""
+        if self._closed:
+            raise OSError("channel closed")
+        with self._send_lock:
+            try:
+                self._sock.sendall(frame)
+            except BaseException:
+                self.close()  # a partly written frame would desynchronise the stream for good
+                raise
+
     def _send_pieces(self, pieces: Iterable[bytes | memoryview]) -> None:
         """Write all pieces as one unit under the send lock, with vectored writes and no concatenation."""
         if self._closed:
             raise OSError("channel closed")
+        views = [memoryview(piece) for piece in pieces]
         with self._send_lock:
-            sock = self._sock
-            views = [memoryview(piece) for piece in pieces]
-            if len(views) == 1:
-                sock.sendall(views[0])
-                return
-            while views:
-                sent = sock.sendmsg(views[:_IOV_MAX])
-                while sent:
-                    if sent >= views[0].nbytes:
-                        sent -= views.pop(0).nbytes
-                    else:
-                        views[0] = views[0][sent:]
-                        sent = 0
+            try:
+                while views:
+                    sent = self._sock.sendmsg(views[:_IOV_MAX])
+                    while sent:
+                        if sent >= views[0].nbytes:
+                            sent -= views.pop(0).nbytes
+                        else:
+                            views[0] = views[0][sent:]
+                            sent = 0
+            except BaseException:
+                self.close()  # a partly written message would desynchronise the stream for good
+                raise
 
     def _recv_header(self) -> tuple[int, int]:
         """Read the next frame header, returning (kind, length) after checking both."""

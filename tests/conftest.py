@@ -7,6 +7,8 @@ import time
 import psutil
 import pytest
 
+from tests.nodeproc import KEY, NodeProcess
+
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02):
     """Poll `predicate` until it is truthy or `timeout` passes; returns its last value."""
@@ -49,3 +51,19 @@ def no_leftover_processes():
         for proc in stray:
             proc.kill()
         pytest.fail(f"processes left behind: {[(p.pid, p.cmdline()[:3]) for p in stray]}")
+
+
+@pytest.fixture
+def nodes(tmp_path, monkeypatch):
+    """Start node servers with `nodes(host, **options)`; all are stopped after the test."""
+    monkeypatch.setenv("PIPELINE_CLUSTER_AUTHKEY", KEY)
+    started: list[NodeProcess] = []
+
+    def start(host: str, **kwargs) -> NodeProcess:
+        node = NodeProcess(host, tmp_path, **kwargs)
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.stop()

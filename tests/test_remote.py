@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import collections
-import json
 import os
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -17,50 +14,7 @@ import pipeline_cluster.root
 from pipeline_cluster import multiprocess_logging as mpl
 from tests.conftest import wait_until
 
-KEY = "test-shared-key"
-
-
-class NodeProcess:
-    """A `pipeline-cluster node` subprocess; its address comes from the PCREADY line, its log goes to a file."""
-
-    def __init__(self, host: str, tmp_path, workers: int = 2, env: dict | None = None, log_addr: tuple | None = None):
-        self.log = tmp_path / f"node-{host}.log"
-        args = [sys.executable, "-m", "pipeline_cluster.cli", "node", "--host", host, "--port", "0",
-                "--workers", str(workers)]
-        if log_addr:
-            args += ["--log-host", log_addr[0], "--log-port", str(log_addr[1])]
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True,
-                                         env={**os.environ, **(env or {})}, cwd=os.path.dirname(os.path.dirname(__file__)))
-        line = self.proc.stdout.readline()
-        assert line.startswith("PCREADY "), (line, self.log.read_text())
-        ready = json.loads(line.split(" ", 1)[1])
-        self.address = (ready["host"], ready["port"])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-@pytest.fixture
-def nodes(tmp_path, monkeypatch):
-    monkeypatch.setenv("PIPELINE_CLUSTER_AUTHKEY", KEY)
-    started: list[NodeProcess] = []
-
-    def start(host: str, **kwargs) -> NodeProcess:
-        node = NodeProcess(host, tmp_path, **kwargs)
-        started.append(node)
-        return node
-
-    yield start
-    for node in started:
-        node.stop()
-
+from tests.nodeproc import KEY, NodeProcess
 
 def wait(item):
     mpl.log(f"wait {item}")

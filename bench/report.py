@@ -1,0 +1,118 @@
+"""The report: per workload and system, the medians over rounds, ratios to Pool (tuned) and to the loop, as a table.
+
+Each row's figure is the workload's headline: outputs/s (W1), efficiency (W2, W6), MB/s (W3), p50 ms (W4, with
+p99 beside it), peak RSS of 1M inputs over 10k (W5). A ratio is this row's figure divided by the reference
+system's figure for the same workload: above 1 is better for W1, W2, W3; below 1 is better for W4 and W5.
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from bench.measure import medians
+from bench.workloads import ALL_SYSTEMS, WORKLOADS
+
+REFERENCES = {"vs_pooltuned": "pooltuned", "vs_loop": "loop"}
+
+
+def _row(workload: str, system: str, trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from the trials of one workload on one system (all rounds, all variants)."""
+    row: dict[str, Any] = {"workload": workload, "system": system, "metric": WORKLOADS[workload].metric}
+    errors = [t["error"] for t in trials if "error" in t]
+    good = [t for t in trials if "error" not in t]
+    if errors:
+        row["errors"] = errors
+    main = [t for t in good if t.get("variant") != "small"]
+    if not main:
+        row["value"] = None
+        return row
+    row["rounds"] = len(main)
+    row["median"] = medians(main)
+    if workload == "W5":
+        small = {t["round"]: t for t in good if t.get("variant") == "small"}
+        pairs = [(t, small[t["round"]]) for t in main if t["round"] in small]
+        if not pairs:
+            row["value"] = None
+            return row
+        row["value"] = statistics.median(big["peak_rss_mb"] / little["peak_rss_mb"] for big, little in pairs)
+        row["small"] = medians([little for _, little in pairs])
+    else:
+        row["value"] = row["median"]["figure"]
+    row["inputs"] = main[0]["inputs"]
+    row["peak_rss_mb"] = row["median"]["peak_rss_mb"]
+    row["startup_s"] = row["median"]["startup_s"]
+    return row
+
+
+def summarise(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows in workload then system order, with ratios to Pool (tuned) and to the loop where both ran."""
+    rows = []
+    for workload in WORKLOADS:
+        for system in ALL_SYSTEMS:
+            mine = [t for t in trials if t["workload"] == workload and t["system"] == system]
+            if mine:
+                rows.append(_row(workload, system, mine))
+    by_key = {(r["workload"], r["system"]): r for r in rows}
+    for row in rows:
+        for column, system in REFERENCES.items():
+            ref = by_key.get((row["workload"], system))
+            ok = ref is not None and row["value"] is not None and ref["value"]
+            row[column] = row["value"] / ref["value"] if ok else None
+    return rows
+
+
+def _figure(row: dict[str, Any]) -> str:
+    value, med = row["value"], row.get("median", {})
+    if value is None:
+        return "FAILED"
+    if row["workload"] == "W1":
+        return f"{value:,.0f} outputs/s"
+    if row["workload"] == "W3":
+        return f"{value:,.0f} MB/s"
+    if row["workload"] == "W4":
+        return f"p50 {med['p50_ms']:.3f} / p99 {med['p99_ms']:.3f} ms"
+    if row["workload"] == "W5":
+        return f"RSS ratio {value:.2f}"
+    return f"efficiency {value:.2f}"
+
+
+def _notes(row: dict[str, Any]) -> str:
+    med = row.get("median", {})
+    notes = []
+    if row["value"] is not None:
+        workload = row["workload"]
+        if workload == "W2":
+            notes.append(f"{med['time_per_item_s'] * 1e3:.1f} ms/item, {med['items_per_s']:,.0f} items/s")
+        elif workload == "W3":
+            notes.append(f"{med['items_per_s']:,.0f} items/s")
+        elif workload == "W5":
+            notes.append(f"{row['inputs']:,} inputs: {med['peak_rss_mb']:,.0f} MB at {med['items_per_s']:,.0f} "
+                         f"outputs/s; {row['small']['inputs']:,.0f} inputs: {row['small']['peak_rss_mb']:,.0f} MB")
+        elif workload == "W6":
+            notes.append(f"{med['items_per_s']:,.0f} items/s of 1,600 ideal; 1 node: efficiency "
+                         f"{med['efficiency_1node']:.2f}; root CPU/item 8 nodes {med['root_cpu_us_per_item_8']:,.0f}"
+                         f" us vs 1 node {med['root_cpu_us_per_item_1']:,.0f} us "
+                         f"({med['root_cpu_ratio_8_to_1']:.2f}x)")
+        if row["rounds"] > 1 or row.get("errors"):
+            notes.append(f"{row['rounds']} round(s)")
+    if row.get("errors"):
+        notes.append(f"{len(row['errors'])} failed: {row['errors'][0].splitlines()[0][:120]}")
+    return "; ".join(notes)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table: workload, system, figure, ratios, peak RSS (MB), start-up (s), notes."""
+    header = ["workload", "system", "figure (median)", "vs Pool tuned", "vs loop", "peak RSS MB", "start-up s",
+              "notes"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        failed = row["value"] is None
+        cells = [row["workload"], row["system"], _figure(row), _ratio(row["vs_pooltuned"]), _ratio(row["vs_loop"]),
+                 "-" if failed else f"{row['peak_rss_mb']:,.0f}", "-" if failed else f"{row['startup_s']:.3f}",
+                 _notes(row)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

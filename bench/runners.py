@@ -1,0 +1,277 @@
+"""One runner per system: LocalCluster, one node server over loopback TCP, multiprocessing.Pool, a plain loop.
+
+Every runner offers the same two measurements, so the trial code treats systems alike:
+`stream(workload, inputs)` pushes a lazy input iterator through the workload and times it, and
+`latency(workload, count)` sends one item at a time and times each round trip.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import multiprocessing
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pipeline_cluster as pc
+from bench.workloads import Workload
+
+REPO = Path(__file__).resolve().parent.parent
+OUTPUT_TIMEOUT = 60.0  # seconds one W4 item may take before the run is declared stuck
+READY_TIMEOUT = 60.0  # seconds a node server may take to print its PCREADY line
+STOP_TIMEOUT = 15.0  # seconds a node server gets to stop after SIGTERM before SIGKILL
+
+
+@dataclass
+class StreamTiming:
+    """perf_counter() marks of one streaming run, and how many outputs came back."""
+
+    created: float  # just before the cluster or pool was created
+    first_input: float = 0.0  # when the system pulled its first input (its workers are up by then)
+    first_output: float = 0.0
+    last_output: float = 0.0
+    outputs: int = 0
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds from the first input pulled to the last output: throughput time, start-up excluded."""
+        return self.last_output - self.first_input
+
+    @property
+    def startup(self) -> float:
+        """Seconds from creating the cluster (or pool) to its first output."""
+        return self.first_output - self.created
+
+
+@dataclass
+class LatencyTiming:
+    """Round-trip seconds of each item sent one at a time, and the start-up to the first output."""
+
+    created: float
+    first_output: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+
+    @property
+    def startup(self) -> float:
+        """Seconds from creating the cluster (or pool) to the first item's output."""
+        return self.first_output - self.created
+
+
+def _tapped(inputs: Iterable[Any], timing: StreamTiming) -> Iterator[Any]:
+    """Yield `inputs` unchanged, stamping when the first one is pulled."""
+    it = iter(inputs)
+    for item in it:
+        timing.first_input = time.perf_counter()
+        yield item
+        break
+    yield from it
+
+
+def _drain(outputs: Iterable[Any], timing: StreamTiming) -> None:
+    """Consume every output, stamping the first and the last and counting them."""
+    it = iter(outputs)
+    count = 0
+    for _ in it:
+        timing.first_output = time.perf_counter()
+        count = 1
+        break
+    for _ in it:
+        count += 1
+    timing.last_output = time.perf_counter()
+    timing.outputs = count
+
+
+def pipeline_of(workload: Workload) -> pc.Pipeline:
+    """The workload's stages as a pipeline_cluster Pipeline."""
+    return pc.Pipeline([pc.Stage(fn, generator=gen) for fn, gen in workload.stages], name=f"bench-{workload.name}")
+
+
+class ClusterRunner:
+    """Runs workloads on a pipeline_cluster cluster made by `make_cluster()` (LocalCluster or connected nodes)."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+        self._runs = itertools.count()
+
+    def make_cluster(self) -> pc.Cluster:
+        """A fresh cluster for one run; subclasses say where its nodes are."""
+        raise NotImplementedError
+
+    def _next_run_dir(self) -> str:
+        return os.path.join(self.run_dir, f"run-{next(self._runs)}")
+
+    def stream(self, workload: Workload, inputs: Iterable[Any]) -> StreamTiming:
+        """`cluster.run(pipeline, inputs)`, consumed to the end."""
+        timing = StreamTiming(time.perf_counter())
+        with self.make_cluster() as cluster:
+            _drain(cluster.run(pipeline_of(workload), _tapped(inputs, timing)), timing)
+        return timing
+
+    def latency(self, workload: Workload, count: int) -> LatencyTiming:
+        """The step-by-step API: setup, boot with an output handler, then feed one item and wait for it, `count` times."""
+        arrived = threading.Event()
+        got: list[Any] = []
+
+        def on_output(output: Any) -> None:
+            got.append(output)
+            arrived.set()
+
+        timing = LatencyTiming(time.perf_counter())
+        with self.make_cluster() as cluster:
+            cluster.setup(f"bench-{workload.name}", "1", pipeline_of(workload))
+            cluster.boot(output_handler=on_output)
+            for item in range(count):
+                arrived.clear()
+                sent = time.perf_counter()
+                cluster.feed(item)
+                if not arrived.wait(OUTPUT_TIMEOUT):
+                    raise TimeoutError(f"{workload.name}: no output for item {item} after {OUTPUT_TIMEOUT} s")
+                done = time.perf_counter()
+                if item == 0:
+                    timing.first_output = done
+                timing.latencies.append(done - sent)
+            if got != list(range(count)):
+                raise AssertionError(f"{workload.name}: outputs differ from inputs")
+        return timing
+
+
+class LocalRunner(ClusterRunner):
+    """`pc.LocalCluster()` with its default workers per stage (one per CPU)."""
+
+    def make_cluster(self) -> pc.Cluster:
+        """A LocalCluster whose run directory sits under this trial's temp dir."""
+        return pc.LocalCluster(run_dir=self._next_run_dir())
+
+
+class NodeRunner(ClusterRunner):
+    """`pc.Cluster.connect(addresses)` to node servers that are already running."""
+
+    def __init__(self, run_dir: str, addresses: list[tuple[str, int]]) -> None:
+        super().__init__(run_dir)
+        self.addresses = addresses
+
+    def make_cluster(self) -> pc.Cluster:
+        """A root connected to every node address (the authkey comes from PIPELINE_CLUSTER_AUTHKEY)."""
+        return pc.Cluster.connect(self.addresses, run_dir=self._next_run_dir())
+
+
+class PoolRunner:
+    """`multiprocessing.Pool(os.cpu_count())` (the platform's default start method) with a fixed chunksize.
+
+    Pool runs one function per input: for W1 and W5 that is `pair_identity`, both stages in one call, with the
+    outputs flattened in the parent (the cheapest way to write it with Pool: one pass, one round trip per chunk).
+    """
+
+    def __init__(self, chunksize: int) -> None:
+        self.chunksize = chunksize
+
+    def stream(self, workload: Workload, inputs: Iterable[Any]) -> StreamTiming:
+        """`pool.imap_unordered(function, inputs, chunksize)`, consumed to the end."""
+        timing = StreamTiming(time.perf_counter())
+        with multiprocessing.Pool(os.cpu_count()) as pool:
+            results = pool.imap_unordered(workload.pool_function, _tapped(inputs, timing), self.chunksize)
+            _drain(itertools.chain.from_iterable(results) if workload.pool_returns_many else results, timing)
+            pool.close()
+            pool.join()
+        return timing
+
+    def latency(self, workload: Workload, count: int) -> LatencyTiming:
+        """Two `pool.apply` calls per item, one per stage (chunksize has no say here)."""
+        timing = LatencyTiming(time.perf_counter())
+        with multiprocessing.Pool(os.cpu_count()) as pool:
+            for item in range(count):
+                sent = time.perf_counter()
+                output = item
+                for fn, _ in workload.stages:
+                    output = pool.apply(fn, (output,))
+                done = time.perf_counter()
+                if output != item:
+                    raise AssertionError(f"{workload.name}: output {output!r} for input {item!r}")
+                if item == 0:
+                    timing.first_output = done
+                timing.latencies.append(done - sent)
+            pool.close()
+            pool.join()
+        return timing
+
+
+class LoopRunner:
+    """The floor: the stages chained lazily in this one process, no pickling, no other process."""
+
+    def stream(self, workload: Workload, inputs: Iterable[Any]) -> StreamTiming:
+        """Chain the stages with map (and chain.from_iterable for generator stages) and consume the result."""
+        timing = StreamTiming(time.perf_counter())
+        outputs: Iterable[Any] = _tapped(inputs, timing)
+        for fn, generator in workload.stages:
+            outputs = itertools.chain.from_iterable(map(fn, outputs)) if generator else map(fn, outputs)
+        _drain(outputs, timing)
+        return timing
+
+    def latency(self, workload: Workload, count: int) -> LatencyTiming:
+        """Call the stages in turn on each item."""
+        timing = LatencyTiming(time.perf_counter())
+        for item in range(count):
+            sent = time.perf_counter()
+            output = item
+            for fn, _ in workload.stages:
+                output = fn(output)
+            done = time.perf_counter()
+            if item == 0:
+                timing.first_output = done
+            timing.latencies.append(done - sent)
+        return timing
+
+
+def _read_ready(proc: subprocess.Popen, log_path: Path) -> tuple[str, int]:
+    """The (host, port) from a node server's `PCREADY {json}` line, or an error with its log's tail."""
+    ready, _, _ = select.select([proc.stdout], [], [], READY_TIMEOUT)
+    line = proc.stdout.readline() if ready else ""
+    if not line.startswith("PCREADY "):
+        tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+        raise RuntimeError(f"node server gave no PCREADY line (got {line!r}); its log ends:\n{tail}")
+    info = json.loads(line.split(" ", 1)[1])
+    return info["host"], int(info["port"])
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM a node server, then SIGKILL it if it has not exited in time."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+@contextlib.contextmanager
+def node_servers(hosts: list[str], workers: int, log_dir: str) -> Iterator[list[tuple[str, int]]]:
+    """Start `python -m pipeline_cluster.cli node` on each loopback host (port 0); yield their addresses; stop them.
+
+    The servers inherit PIPELINE_CLUSTER_AUTHKEY from this process and run with the repo as working directory,
+    so they import the task functions from `bench.workloads`. They are stopped even when the run fails.
+    """
+    procs: list[subprocess.Popen] = []
+    try:
+        logs = []
+        for host in hosts:
+            log_path = Path(log_dir) / f"node-{host}.log"
+            with open(log_path, "w") as log:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "pipeline_cluster.cli", "node", "--host", host, "--port", "0",
+                     "--workers", str(workers)],
+                    stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True, cwd=REPO))
+            logs.append(log_path)
+        yield [_read_ready(proc, log) for proc, log in zip(procs, logs)]
+    finally:
+        for proc in procs:
+            _stop(proc)

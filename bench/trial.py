@@ -1,0 +1,140 @@
+"""One measured trial: one workload on one system, in a fresh process (`python -m bench.trial SPEC_JSON`).
+
+A fresh process per trial keeps one run's memory high-water mark and threads out of the next run's figures; the
+harness samples this process tree's RSS from outside. The result is printed as the last stdout line,
+`BENCHRESULT {json}`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Iterator
+
+from bench import runners
+from bench.workloads import (NAP_SECONDS, PAYLOAD_BYTES, W6_NODES, W6_WORKERS_PER_NODE, WORKLOADS, Workload,
+                             burn_inputs, ints, payloads, time_burn)
+
+RESULT_PREFIX = "BENCHRESULT "
+NODE_HOST = "127.0.0.2"
+
+
+@contextlib.contextmanager
+def runner_for(system: str, workload: Workload, tmp: str) -> Iterator[Any]:
+    """The runner of `system`; for "node", one node server on loopback that is stopped afterwards."""
+    cores = os.cpu_count() or 1
+    if system == "local":
+        yield runners.LocalRunner(tmp)
+    elif system == "node":
+        with runners.node_servers([NODE_HOST], cores, tmp) as addresses:
+            yield runners.NodeRunner(tmp, addresses)
+    elif system == "pool1":
+        yield runners.PoolRunner(1)
+    elif system == "pooltuned":
+        yield runners.PoolRunner(workload.tuned_chunksize)
+    elif system == "loop":
+        yield runners.LoopRunner()
+    else:
+        raise ValueError(f"unknown system {system!r}")
+
+
+def _inputs(workload: Workload, count: int, iterations: int) -> Iterator[Any]:
+    if workload.name == "W2":
+        return burn_inputs(count, iterations)
+    if workload.name == "W3":
+        return payloads(count)
+    return ints(count)
+
+
+def _expected_outputs(workload: Workload, count: int) -> int:
+    return count * 2 if workload.stages[0][1] else count
+
+
+def _stream_result(workload: Workload, timing: runners.StreamTiming, count: int) -> dict[str, Any]:
+    expected = _expected_outputs(workload, count)
+    if timing.outputs != expected:
+        raise AssertionError(f"{workload.name}: {timing.outputs} outputs, expected {expected}")
+    return {"outputs": timing.outputs, "elapsed_s": timing.elapsed, "startup_s": timing.startup,
+            "items_per_s": timing.outputs / timing.elapsed}
+
+
+def stream_trial(workload: Workload, system: str, count: int, iterations: int, tmp: str) -> dict[str, Any]:
+    """W1, W2, W3, W5: stream `count` lazily generated inputs through the workload and compute its figure."""
+    cores = os.cpu_count() or 1
+    time_per_item = time_burn(iterations) if workload.name == "W2" else None
+    with runner_for(system, workload, tmp) as runner:
+        timing = runner.stream(workload, _inputs(workload, count, iterations))
+    result = _stream_result(workload, timing, count)
+    if workload.name == "W2":
+        result["time_per_item_s"] = time_per_item
+        result["efficiency"] = count * time_per_item / cores / timing.elapsed
+        result["figure"] = result["efficiency"]
+    elif workload.name == "W3":
+        result["mb_per_s"] = timing.outputs * PAYLOAD_BYTES / 1e6 / timing.elapsed
+        result["figure"] = result["mb_per_s"]
+    else:
+        result["figure"] = result["items_per_s"]
+    return result
+
+
+def latency_trial(workload: Workload, system: str, count: int, tmp: str) -> dict[str, Any]:
+    """W4: one item at a time through the two stages; p50 and p99 of the round trips."""
+    with runner_for(system, workload, tmp) as runner:
+        timing = runner.latency(workload, count)
+    cuts = statistics.quantiles(timing.latencies, n=100, method="inclusive")
+    p50, p99 = statistics.median(timing.latencies) * 1e3, cuts[98] * 1e3
+    return {"outputs": len(timing.latencies), "startup_s": timing.startup, "p50_ms": p50, "p99_ms": p99,
+            "figure": p50}
+
+
+def scale_out_trial(workload: Workload, count: int, tmp: str) -> dict[str, Any]:
+    """W6: 8 node servers x 4 workers on 127.0.0.2..9, a 20 ms sleep per item; then 1 of them for the root's CPU.
+
+    The 1-node comparison runs count/8 inputs so it lasts as long as the 8-node run; root CPU is this process's
+    CPU seconds from connect to close, per input.
+    """
+    hosts = [f"127.0.0.{2 + i}" for i in range(W6_NODES)]
+    ideal = W6_NODES * W6_WORKERS_PER_NODE / NAP_SECONDS
+    small = max(2, count // W6_NODES)
+    with runners.node_servers(hosts, W6_WORKERS_PER_NODE, tmp) as addresses:
+        cpu = time.process_time()
+        many = runners.NodeRunner(os.path.join(tmp, "nodes8"), addresses).stream(workload, ints(count))
+        cpu_many = (time.process_time() - cpu) / count
+        cpu = time.process_time()
+        one = runners.NodeRunner(os.path.join(tmp, "nodes1"), addresses[:1]).stream(workload, ints(small))
+        cpu_one = (time.process_time() - cpu) / small
+    result = _stream_result(workload, many, count)
+    _stream_result(workload, one, small)
+    result.update(efficiency=result["items_per_s"] / ideal,
+                  efficiency_1node=one.outputs / one.elapsed / (W6_WORKERS_PER_NODE / NAP_SECONDS),
+                  root_cpu_us_per_item_8=cpu_many * 1e6, root_cpu_us_per_item_1=cpu_one * 1e6,
+                  root_cpu_ratio_8_to_1=cpu_many / cpu_one, figure=result["items_per_s"] / ideal)
+    return result
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run the trial that `spec` names (workload, system, inputs, iterations) with a private temp run dir."""
+    workload = WORKLOADS[spec["workload"]]
+    system = spec["system"]
+    count = int(spec["inputs"])
+    with tempfile.TemporaryDirectory(prefix="pcbench-") as tmp:
+        if workload.name == "W6":
+            return scale_out_trial(workload, count, tmp)
+        if workload.name == "W4":
+            return latency_trial(workload, system, count, tmp)
+        return stream_trial(workload, system, count, int(spec.get("iterations", 0)), tmp)
+
+
+def main(argv: list[str]) -> int:
+    """Entry point: run the trial described by the JSON in argv[0] and print its result line."""
+    result = run(json.loads(argv[0]))
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,126 @@
+"""The benchmark's workloads (issue 6): task functions, lazy input generators and each workload's fixed facts.
+
+Task functions live here, in an importable module, so worker processes and node servers started with the repo as
+their working directory import them by name instead of receiving pickled code.
+"""
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+PAYLOAD_BYTES = 100_000
+BURN_SECONDS = 0.010
+NAP_SECONDS = 0.020
+W6_NODES = 8
+W6_WORKERS_PER_NODE = 4
+
+
+def pair(x: Any) -> tuple[Any, Any]:
+    """W1 stage 1 (a generator stage): one input becomes two outputs."""
+    return (x, x)
+
+
+def identity(x: Any) -> Any:
+    """W1 stage 2, W3 and W4: return the item unchanged, so only the framework's cost is measured."""
+    return x
+
+
+def pair_identity(x: Any) -> list[Any]:
+    """W1 for multiprocessing.Pool: both stages in one call per input, so Pool pays one round trip, not two."""
+    return [identity(y) for y in pair(x)]
+
+
+def burn(iterations: int) -> int:
+    """W2: spin a pure-Python loop `iterations` times (the item is the count) to cost a fixed CPU time."""
+    total = 0
+    for i in range(iterations):
+        total += i
+    return total
+
+
+def nap(x: Any) -> Any:
+    """W6: sleep 20 ms and return the item, so the root's scheduling, not CPU, limits throughput."""
+    time.sleep(NAP_SECONDS)
+    return x
+
+
+def calibrate_burn(target: float = BURN_SECONDS) -> int:
+    """How many `burn` iterations cost `target` seconds of CPU in this process, found by doubling then scaling."""
+    iterations = 1000
+    while True:
+        started = time.process_time()
+        burn(iterations)
+        spent = time.process_time() - started
+        if spent >= 0.05:
+            return max(1, round(iterations * target / spent))
+        iterations *= 2
+
+
+def time_burn(iterations: int, repeats: int = 15) -> float:
+    """Median wall seconds of one `burn(iterations)` call here and now (the machine's speed drifts)."""
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        burn(iterations)
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def ints(count: int) -> Iterator[int]:
+    """Lazily generated integer inputs 0..count-1 (W1, W4, W5, W6)."""
+    return iter(range(count))
+
+
+def payloads(count: int, size: int = PAYLOAD_BYTES) -> Iterator[bytes]:
+    """Lazily generated, distinct `bytes` items of `size` bytes (W3); distinct so pickle cannot share one copy."""
+    base = bytes(range(256)) * (size // 256 + 1)
+    for i in range(count):
+        yield i.to_bytes(8, "little") + base[:size - 8]
+
+
+def burn_inputs(count: int, iterations: int) -> Iterator[int]:
+    """W2 inputs: each item is the burn iteration count."""
+    return itertools.repeat(iterations, count)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One workload's fixed facts: default input count, its stages, Pool's combined function and tuned chunksize."""
+
+    name: str
+    title: str
+    inputs: int
+    stages: tuple[tuple[Callable[[Any], Any], bool], ...]  # (function, is_generator) per stage
+    pool_function: Callable[[Any], Any] | None  # one call per input for Pool; None where Pool does not apply
+    pool_returns_many: bool  # pool_function returns a list of outputs
+    tuned_chunksize: int
+    systems: tuple[str, ...]
+    metric: str  # what the table shows: items/s, MB/s, efficiency, p50/p99 ms, RSS ratio
+
+
+ALL_SYSTEMS = ("local", "node", "pool1", "pooltuned", "loop")
+
+WORKLOADS: dict[str, Workload] = {w.name: w for w in (
+    Workload("W1", "tiny: generator x -> (x, x), then identity", 200_000,
+             ((pair, True), (identity, False)), pair_identity, True, 500, ALL_SYSTEMS, "outputs/s"),
+    Workload("W2", "cpu: ~10 ms pure-Python CPU per item", 400,
+             ((burn, False),), burn, False, 10, ALL_SYSTEMS, "efficiency"),
+    Workload("W3", "payload: identity on 100 KB bytes", 2_000,
+             ((identity, False),), identity, False, 4, ALL_SYSTEMS, "MB/s"),
+    Workload("W4", "latency: one item at a time through 2 identity stages", 2_000,
+             ((identity, False), (identity, False)), identity, False, 1, ALL_SYSTEMS, "p50/p99 ms"),
+    Workload("W5", "memory: W1's pipeline on 1,000,000 lazy inputs vs 10,000", 1_000_000,
+             ((pair, True), (identity, False)), pair_identity, True, 500, ALL_SYSTEMS, "RSS ratio"),
+    Workload("W6", "scale-out: 8 nodes x 4 workers, 20 ms sleep per item", 4_000,
+             ((nap, False),), None, False, 1, ("node",), "efficiency"),
+)}
+
+W5_SMALL_INPUTS = 10_000
+
+
+def scaled(count: int, scale: float) -> int:
+    """An input count shrunk by `scale` for smoke runs, never below 2 (so a rate has an interval)."""
+    return max(2, round(count * scale))

@@ -1,0 +1,51 @@
+"""Losing nodes mid-run: a SIGKILLed node and a SIGSTOPped one; every output still arrives exactly once."""
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+import pipeline_cluster as pc
+
+
+def tagged(x):
+    time.sleep(0.002)
+    return (x, os.environ.get("NODE_TAG"))
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_one_node_and_sigstop_another_mid_run(nodes):
+    servers = {tag: nodes(f"127.0.0.{20 + i}", env={"NODE_TAG": tag}) for i, tag in enumerate(["a", "b", "c"])}
+    seen = collections.Counter()
+    with pc.Cluster.connect([s.address for s in servers.values()], credit=64, heartbeat=0.2,
+                            dead_after=2.0) as cluster:
+        outputs = []
+        for x, tag in cluster.run([tagged], range(3000)):
+            outputs.append(x)
+            seen[tag] += 1
+            if len(outputs) == 300:
+                servers["a"].proc.send_signal(signal.SIGKILL)
+                servers["b"].proc.send_signal(signal.SIGSTOP)
+        status = cluster.status()
+    assert collections.Counter(outputs) == collections.Counter(range(3000))
+    assert seen["c"] > 2000  # the survivor did most of the work
+    assert len(status["nodes"]) == 3 and status["ready_nodes"] == [servers["c"].address[0] + ":" +
+                                                                   str(servers["c"].address[1])]
+
+
+@pytest.mark.timeout(60)
+def test_no_node_left_fails_clearly(nodes):
+    server = nodes("127.0.0.30")
+    with pc.Cluster.connect([server.address], heartbeat=0.2, dead_after=2.0) as cluster:
+        results = cluster.run([tagged], iter(int, 1))  # endless
+        next(results)
+        threading.Timer(0.2, server.proc.send_signal, (signal.SIGKILL,)).start()
+        started = time.monotonic()
+        with pytest.raises(pc.ClusterError, match="no node left"):
+            for _ in results:
+                pass
+        assert time.monotonic() - started < 10

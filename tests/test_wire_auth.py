@@ -1,0 +1,580 @@
+"""Tests of the authenticated transport: pipeline_cluster.auth (keys, handshake) and pipeline_cluster.wire."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from pipeline_cluster import auth, wire
+from pipeline_cluster.auth import AuthenticationError, ProtocolVersionError, resolve_authkey
+from pipeline_cluster.wire import Channel, FrameTooLargeError, Listener, connect
+
+KEY = b"test-key-0123456789"
+WIRE_LOGGER = "pipeline_cluster.wire"
+
+
+class Blob:
+    """A picklable object exposing its memory as a PickleBuffer, like a numpy array, to exercise out-of-band frames."""
+
+    def __init__(self, data: bytearray) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        return Blob, (pickle.PickleBuffer(self.data),)
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    """Poll `predicate` until it holds, failing the test after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.005)
+
+
+def wait_for_log(caplog: pytest.LogCaptureFixture, *needles: str, timeout: float = 5.0) -> str:
+    """Wait for a WARNING record of pipeline_cluster.wire containing all `needles`; return its message."""
+    found: list[str] = []
+
+    def seen() -> bool:
+        for record in caplog.records:
+            message = record.getMessage()
+            if record.name == WIRE_LOGGER and record.levelno == logging.WARNING and all(n in message for n in needles):
+                found.append(message)
+                return True
+        return False
+
+    wait_until(seen, timeout, f"a log record containing {needles}")
+    return found[0]
+
+
+def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
+    """Return whether the peer closed `sock` (EOF or reset) within `timeout` s."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def still_open(sock: socket.socket) -> bool:
+    """Return whether `sock` is still connected with nothing to read, without waiting."""
+    sock.setblocking(False)
+    try:
+        sock.recv(1)
+    except BlockingIOError:
+        return True
+    except ConnectionResetError:
+        return False
+    finally:
+        sock.setblocking(True)
+    return False
+
+
+def raw_client(address: tuple[str, int], source: str | None = None) -> socket.socket:
+    """Open a plain TCP connection (no handshake), optionally from a chosen 127.0.0.N source address."""
+    return socket.create_connection(address, timeout=5, source_address=(source, 0) if source else None)
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Return two raw connected TCP sockets on loopback: (server side, client side)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        conn, _ = server.accept()
+    return conn, client
+
+
+def run_both(server: Callable[[], object], client: Callable[[], object]) -> tuple[object, object]:
+    """Run `server` in a thread and `client` here; return what each returned or raised."""
+    results: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            results["server"] = server()
+        except Exception as e:
+            results["server"] = e
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    try:
+        results["client"] = client()
+    except Exception as e:
+        results["client"] = e
+    thread.join(10)
+    assert not thread.is_alive()
+    return results["server"], results["client"]
+
+
+def assert_good_client_works(listener: Listener) -> None:
+    """A correctly keyed client is accepted and can talk both ways."""
+    with connect(listener.address, KEY, timeout=5) as client, listener.accept(timeout=5) as server:
+        client.send(("ping", 1))
+        assert server.recv() == ("ping", 1)
+        server.send("pong")
+        assert client.recv() == "pong"
+
+
+@pytest.fixture
+def listener() -> Iterator[Listener]:
+    with Listener(("127.0.0.1", 0), KEY, handshake_timeout=5.0) as lst:
+        yield lst
+
+
+@pytest.fixture
+def channels(listener: Listener) -> Iterator[tuple[Channel, Channel]]:
+    """A connected (client, server) pair of channels."""
+    client = connect(listener.address, KEY, timeout=5)
+    server = listener.accept(timeout=5)
+    yield client, server
+    client.close()
+    server.close()
+
+
+@pytest.fixture
+def wire_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.WARNING, logger=WIRE_LOGGER)
+    return caplog
+
+
+# ------------------------------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.timeout(10)
+def test_round_trip_objects_including_lambda_and_closure(channels: tuple[Channel, Channel]) -> None:
+    client, server = channels
+    factor = 3
+    objects = [None, 0, -7, 3.5, "text é", {"a": [1, 2, (3, 4)]}, {1, 2}, ValueError("boom"), list(range(1000))]
+    for obj in objects:
+        client.send(obj)
+        received = server.recv()
+        if isinstance(obj, Exception):
+            assert type(received) is ValueError and received.args == obj.args
+        else:
+            assert received == obj
+    client.send(lambda x: x + 1)  # plain pickle fails on lambdas: cloudpickle fallback
+    assert server.recv()(41) == 42
+    server.send(lambda x: x * factor)  # closures too, in the other direction
+    assert client.recv()(5) == 15
+
+
+@pytest.mark.timeout(20)
+def test_large_payloads_round_trip(channels: tuple[Channel, Channel]) -> None:
+    client, server = channels
+    ten_mb = os.urandom(10 * 1024 * 1024)
+    payloads = [
+        ten_mb,                                              # raw frame, no copy on either side
+        bytearray(ten_mb),                                   # out-of-band pickle buffer
+        Blob(bytearray(ten_mb[:3_000_000])),                 # out-of-band buffer of a custom type
+        [bytes([i]) * 100_000 for i in range(20)],           # a batch of 100 KB items
+        {"header": "x", "body": memoryview(ten_mb)[:1000].tobytes()},
+    ]
+    sender = threading.Thread(target=lambda: [client.send(p) for p in payloads])
+    sender.start()
+    received = [server.recv() for _ in payloads]
+    sender.join(10)
+    assert type(received[0]) is bytes and received[0] == ten_mb
+    assert type(received[1]) is bytearray and received[1] == ten_mb
+    assert type(received[2]) is Blob and bytes(received[2].data) == ten_mb[:3_000_000]
+    assert received[3] == payloads[3]
+    assert received[4] == payloads[4]
+
+
+@pytest.mark.timeout(10)
+def test_send_bytes_and_recv_bytes(channels: tuple[Channel, Channel]) -> None:
+    client, server = channels
+    big = os.urandom(5_000_000)
+    sender = threading.Thread(target=lambda: [client.send_bytes(b) for b in
+                                              (b"raw", b"", bytearray(b"ba"), memoryview(big), big)])
+    sender.start()
+    assert server.recv_bytes() == b"raw"
+    assert server.recv_bytes() == b""
+    assert server.recv_bytes() == b"ba"
+    assert server.recv_bytes() == big
+    assert server.recv() == big  # recv() hands raw frames back as bytes
+    sender.join(10)
+    client.send(memoryview(b"view"))  # send() of a memoryview goes as a raw frame
+    assert server.recv_bytes() == b"view"
+    client.send({"not": "bytes"})
+    with pytest.raises(TypeError, match="pickled message"):
+        server.recv_bytes()
+    client.send("still in step")
+    assert server.recv() == "still in step"
+
+
+@pytest.mark.timeout(10)
+def test_eof_after_peer_closes(channels: tuple[Channel, Channel]) -> None:
+    client, server = channels
+    client.send("last words")
+    client.close()
+    client.close()  # idempotent
+    assert client.closed
+    assert server.recv() == "last words"
+    with pytest.raises(EOFError):
+        server.recv()
+    with pytest.raises(OSError):
+        client.send("after close")
+
+
+@pytest.mark.timeout(10)
+def test_local_close_wakes_a_blocked_reader(channels: tuple[Channel, Channel]) -> None:
+    _, server = channels
+    errors: list[BaseException] = []
+    started = threading.Event()
+
+    def reader() -> None:
+        started.set()
+        try:
+            server.recv()
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    started.wait(5)
+    server.close()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], EOFError)
+
+
+@pytest.mark.timeout(10)
+def test_concurrent_senders_do_not_interleave_frames(channels: tuple[Channel, Channel]) -> None:
+    client, server = channels
+    n_threads, per_thread = 4, 2000
+    threads = [threading.Thread(target=lambda t=t: [client.send((t, i, b"x" * (i % 300)))
+                                                    for i in range(per_thread)])
+               for t in range(n_threads)]
+    for thread in threads:
+        thread.start()
+    next_index = [0] * n_threads
+    for _ in range(n_threads * per_thread):
+        t, i, pad = server.recv()
+        assert i == next_index[t] and pad == b"x" * (i % 300)
+        next_index[t] += 1
+    for thread in threads:
+        thread.join(5)
+    assert next_index == [per_thread] * n_threads
+
+
+@pytest.mark.timeout(10)
+def test_frame_size_limits(listener: Listener) -> None:
+    with connect(listener.address, KEY, timeout=5, max_frame=1000) as client, listener.accept(timeout=5) as server:
+        with pytest.raises(ValueError, match="max_frame"):
+            client.send_bytes(b"x" * 1001)  # refused before anything is written...
+        client.send("fine")  # ...so the channel is still usable
+        assert server.recv() == "fine"
+        server.max_frame = 1000
+        client.max_frame = wire.DEFAULT_MAX_FRAME
+        client.send_bytes(b"y" * 5000)
+        with pytest.raises(FrameTooLargeError, match="5000 bytes"):
+            server.recv()
+        assert server.closed
+
+
+# ------------------------------------------------------------------------------------------------ authentication
+
+
+@pytest.mark.timeout(10)
+def test_wrong_key_refused_on_both_sides() -> None:
+    server_sock, client_sock = tcp_pair()
+    with server_sock, client_sock:
+        server_error, client_error = run_both(lambda: auth.server_handshake(server_sock, KEY),
+                                              lambda: auth.client_handshake(client_sock, b"not the key"))
+    assert isinstance(server_error, AuthenticationError) and "wrong authkey" in str(server_error)
+    assert isinstance(client_error, AuthenticationError) and "wrong authkey" in str(client_error)
+    assert not isinstance(client_error, ProtocolVersionError)
+
+
+@pytest.mark.timeout(10)
+def test_wrong_key_refused_and_logged_by_listener(listener: Listener, wire_log: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(AuthenticationError, match="wrong authkey"):
+        connect(listener.address, b"not the key", timeout=5)
+    message = wait_for_log(wire_log, "wrong authkey", "127.0.0.1:")
+    assert message.startswith("refused connection from 127.0.0.1:")
+    assert_good_client_works(listener)
+
+
+@pytest.mark.timeout(10)
+def test_garbage_refused_quickly(wire_log: pytest.LogCaptureFixture) -> None:
+    # handshake_timeout is far longer than the test may run: only recognising the garbage can end it in time
+    with Listener(("127.0.0.2", 0), KEY, handshake_timeout=60.0) as lst:
+        assert lst.address[0] == "127.0.0.2" and lst.address[1] > 0
+        for garbage in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x80\x05\x95", b"P"):
+            with raw_client(lst.address, source="127.0.0.5") as sock:
+                sock.sendall(garbage)
+                if garbage == b"P":  # a plausible first byte, then silence: decided by the timeout, not by us
+                    assert still_open(sock)
+                    continue
+                assert closed_by_peer(sock, timeout=5)
+        wait_for_log(wire_log, "bad magic (garbage bytes?)", "127.0.0.5:")
+        assert_good_client_works(lst)
+
+
+@pytest.mark.timeout(10)
+def test_silent_client_dropped_without_blocking_others(wire_log: pytest.LogCaptureFixture) -> None:
+    with Listener(("127.0.0.1", 0), KEY, handshake_timeout=0.5) as lst:
+        silent = raw_client(lst.address, source="127.0.0.7")
+        with silent:
+            # a good client connecting meanwhile is accepted while the silent one still holds its handshake
+            with connect(lst.address, KEY, timeout=5) as client, lst.accept(timeout=5) as server:
+                assert still_open(silent), "the good client was only accepted after the silent one was dropped"
+                client.send("hello")
+                assert server.recv() == "hello"
+            assert closed_by_peer(silent, timeout=5)
+        wait_for_log(wire_log, "peer silent for 0.5 s", "127.0.0.7:")
+        assert_good_client_works(lst)
+
+
+@pytest.mark.timeout(10)
+def test_whole_handshake_is_bounded_even_for_a_trickling_peer() -> None:
+    server_sock, client_sock = tcp_pair()
+    stop = threading.Event()
+
+    def trickle() -> None:  # one valid byte every 0.1 s: every single recv succeeds, the handshake never ends
+        for byte in auth.MAGIC * 100:
+            if stop.wait(0.1):
+                return
+            client_sock.sendall(bytes([byte]))
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    started = time.monotonic()
+    with server_sock, client_sock:
+        with pytest.raises(AuthenticationError, match=r"peer silent for 0\.5 s"):
+            auth.server_handshake(server_sock, KEY, timeout=0.5)
+        elapsed = time.monotonic() - started
+        stop.set()
+        thread.join(5)
+    assert elapsed < 3.0
+
+
+@pytest.mark.timeout(10)
+def test_version_mismatch_named_on_client_side(listener: Listener, wire_log: pytest.LogCaptureFixture) -> None:
+    with raw_client(listener.address) as sock:
+        with pytest.raises(ProtocolVersionError, match="protocol version mismatch: ours 2, theirs 1") as info:
+            auth.client_handshake(sock, KEY, version=2)
+    assert (info.value.ours, info.value.theirs) == (2, 1)
+    wait_for_log(wire_log, "protocol version mismatch: ours 1, theirs 2")
+    assert_good_client_works(listener)
+
+
+@pytest.mark.timeout(10)
+def test_version_mismatch_with_a_newer_server() -> None:
+    server_sock, client_sock = tcp_pair()
+    with server_sock, client_sock:
+        server_error, client_error = run_both(lambda: auth.server_handshake(server_sock, KEY, version=2),
+                                              lambda: auth.client_handshake(client_sock, KEY))
+    assert isinstance(server_error, ProtocolVersionError)
+    assert str(server_error) == "protocol version mismatch: ours 2, theirs 1"
+    assert isinstance(client_error, ProtocolVersionError)
+    assert str(client_error) == f"protocol version mismatch: ours {auth.PROTOCOL_VERSION}, theirs 2"
+
+
+@pytest.mark.timeout(10)
+def test_connection_closed_during_handshake(listener: Listener, wire_log: pytest.LogCaptureFixture) -> None:
+    with raw_client(listener.address, source="127.0.0.9") as sock:
+        sock.sendall(auth.MAGIC)
+    wait_for_log(wire_log, "connection closed during handshake", "127.0.0.9:")
+    assert_good_client_works(listener)
+
+
+@pytest.mark.timeout(10)
+def test_too_many_concurrent_handshakes_refused(wire_log: pytest.LogCaptureFixture) -> None:
+    with Listener(("127.0.0.1", 0), KEY, handshake_timeout=1.0, max_handshakes=1) as lst:
+        with raw_client(lst.address) as silent:
+            # the silent client holds the only handshake slot, so the next connection is turned away
+            with raw_client(lst.address) as extra:
+                assert closed_by_peer(extra, timeout=5)
+            assert still_open(silent)
+        wait_for_log(wire_log, "1 handshakes already in progress")
+        wait_until(lambda: not lst._handshaking, what="the silent client's handshake to end")
+        assert_good_client_works(lst)
+
+
+@pytest.mark.timeout(10)
+def test_handshake_errors_survive_pickling() -> None:
+    for error in (AuthenticationError("wrong authkey"), ProtocolVersionError(1, 2)):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error)
+        assert isinstance(copy, ConnectionError)
+    assert pickle.loads(pickle.dumps(ProtocolVersionError(1, 2))).theirs == 2
+
+
+# ---------------------------------------------------------------------------------------------------- listener
+
+
+@pytest.mark.timeout(10)
+def test_accept_timeout_and_close_unblocks_accept() -> None:
+    lst = Listener(("127.0.0.1", 0), KEY)
+    with pytest.raises(TimeoutError):
+        lst.accept(timeout=0.05)
+    errors: list[BaseException] = []
+    waiting = threading.Event()
+
+    def acceptor() -> None:
+        waiting.set()
+        try:
+            lst.accept()
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=acceptor)
+    thread.start()
+    waiting.wait(5)
+    lst.close()
+    lst.close()  # idempotent
+    thread.join(5)
+    assert not thread.is_alive()
+    assert len(errors) == 1 and type(errors[0]) is OSError and "listener closed" in str(errors[0])
+    with pytest.raises(OSError, match="listener closed"):
+        lst.accept(timeout=1)
+    with pytest.raises(ConnectionRefusedError):
+        connect(lst.address, KEY, timeout=5)
+
+
+@pytest.mark.timeout(10)
+def test_close_releases_unaccepted_channels() -> None:
+    lst = Listener(("127.0.0.1", 0), KEY)
+    client = connect(lst.address, KEY, timeout=5)
+    wait_until(lambda: not lst._handshaking, what="the handshake to finish")
+    lst.close()
+    with pytest.raises(EOFError):
+        client.recv()
+    client.close()
+
+
+# --------------------------------------------------------------------------------------------------------- keys
+
+
+@pytest.fixture
+def key_env(monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike) -> pytest.MonkeyPatch:
+    """No key in the environment, HOME and XDG_CONFIG_HOME pointing into tmp_path."""
+    monkeypatch.delenv(auth.AUTHKEY_ENV, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    return monkeypatch
+
+
+@pytest.mark.timeout(10)
+def test_resolve_authkey_explicit_beats_env_beats_file(key_env: pytest.MonkeyPatch, tmp_path) -> None:
+    key_env.setenv(auth.AUTHKEY_ENV, "from-env")
+    assert resolve_authkey(b"explicit") == b"explicit"
+    assert resolve_authkey("explicit é") == "explicit é".encode()
+    assert resolve_authkey() == b"from-env"
+    assert not (tmp_path / "home").exists()  # the key file is not created while the environment has a key
+    key_env.delenv(auth.AUTHKEY_ENV)
+    from_file = resolve_authkey()
+    assert from_file != b"from-env" and len(from_file) == 64
+    assert resolve_authkey(b"explicit") == b"explicit"
+
+
+@pytest.mark.timeout(10)
+def test_resolve_authkey_creates_private_key_file_once(key_env: pytest.MonkeyPatch, tmp_path) -> None:
+    old_umask = os.umask(0)  # the 0600 must come from the code, not from a restrictive umask
+    try:
+        key = resolve_authkey()
+    finally:
+        os.umask(old_umask)
+    path = tmp_path / "home" / ".config" / "pipeline_cluster" / "authkey"
+    assert auth.default_authkey_path() == path
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert len(key) == 64 and bytes.fromhex(key.decode())
+    assert path.read_bytes().strip() == key
+    assert resolve_authkey() == key  # reused, not regenerated
+    assert [p.name for p in path.parent.iterdir()] == ["authkey"]  # no temporary file left behind
+
+
+@pytest.mark.timeout(10)
+def test_resolve_authkey_respects_xdg_config_home(key_env: pytest.MonkeyPatch, tmp_path) -> None:
+    key_env.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    key = resolve_authkey()
+    path = tmp_path / "xdg" / "pipeline_cluster" / "authkey"
+    assert path.read_bytes().strip() == key
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert not (tmp_path / "home").exists()
+    assert resolve_authkey() == key
+
+
+@pytest.mark.timeout(10)
+def test_resolve_authkey_rejects_empty_keys(key_env: pytest.MonkeyPatch, tmp_path) -> None:
+    with pytest.raises(ValueError):
+        resolve_authkey("")
+    with pytest.raises(ValueError):
+        resolve_authkey(b"")
+    key_env.setenv(auth.AUTHKEY_ENV, "")
+    with pytest.raises(ValueError, match=auth.AUTHKEY_ENV):
+        resolve_authkey()
+    key_env.delenv(auth.AUTHKEY_ENV)
+    path = auth.default_authkey_path()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\n")
+    path.chmod(0o600)
+    with pytest.raises(ValueError, match="key file"):
+        resolve_authkey()
+
+
+@pytest.mark.timeout(10)
+def test_resolve_authkey_warns_about_a_readable_key_file(key_env: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    key = resolve_authkey()
+    auth.default_authkey_path().chmod(0o644)
+    caplog.set_level(logging.WARNING, logger="pipeline_cluster.auth")
+    assert resolve_authkey() == key
+    assert any("readable by other users" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(10)
+def test_handshake_requires_a_bytes_key() -> None:
+    server_sock, client_sock = tcp_pair()
+    with server_sock, client_sock:
+        with pytest.raises(TypeError, match="bytes"):
+            auth.client_handshake(client_sock, "a str key")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Listener(("127.0.0.1", 0), b"")
+
+
+# --------------------------------------------------------------------------------------------------- throughput
+
+
+@pytest.mark.timeout(60)
+def test_throughput_smoke(channels: tuple[Channel, Channel], capsys: pytest.CaptureFixture) -> None:
+    client, server = channels
+    n = 20_000
+    received: list[int] = []
+    reader = threading.Thread(target=lambda: received.extend(server.recv() for _ in range(n)))
+    started = time.perf_counter()
+    reader.start()
+    for i in range(n):
+        client.send(i)
+    reader.join(50)
+    elapsed = time.perf_counter() - started
+    assert received == list(range(n))
+
+    payload = os.urandom(10 * 1024 * 1024)
+    rounds = 20
+    reader = threading.Thread(target=lambda: [server.recv() for _ in range(rounds)])
+    mb_started = time.perf_counter()
+    reader.start()
+    for _ in range(rounds):
+        client.send(payload)
+    reader.join(50)
+    mb_elapsed = time.perf_counter() - mb_started
+    with capsys.disabled():
+        print(f"\nwire throughput (sender and reader threads in one process): {n / elapsed:,.0f} small msgs/s, "
+              f"{rounds * len(payload) / mb_elapsed / 1e6:,.0f} MB/s in 10 MB messages")
