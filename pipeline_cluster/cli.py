@@ -101,7 +101,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from pipeline_cluster import node
 
     log_addr = (args.log_host, args.log_port) if args.log_port else None
-    return node.main(args.host, args.port, log_addr, args.authkey_file, args.workers)
+    return node.main(args.host, args.port, log_addr, args.authkey_file, args.workers, args.stdin_config)
 
 
 def cmd_log(args: argparse.Namespace) -> int:
@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--log-port", type=int, default=None, help="log server port (default: logs go to the root)")
     node.add_argument("--authkey-file", default=None, help="file holding the shared authkey")
     node.add_argument("--workers", type=int, default=None, help="worker processes per stage (default: CPU count)")
+    node.add_argument("--stdin-config", action="store_true",
+                      help='read {"authkey": HEX, "run_dir": PATH} as one JSON line from stdin; serve one root and '
+                           "exit when it is gone or stdin closes (how `deploy` starts nodes)")
     node.set_defaults(func=cmd_node)
 
     logp = sub.add_parser("log", help="run a log server writing every process's records to a file",

@@ -8,6 +8,7 @@ Every connection is authenticated before a byte is unpickled. When the server li
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -109,10 +110,11 @@ class Server:
     """A node server on `addr`; worker logs go to the log server at `log_addr`, or back to each root."""
 
     def __init__(self, addr: tuple[str, int], log_addr: tuple[str, int] | None = None, *,
-                 authkey: bytes | str | None = None, workers: int | None = None) -> None:
+                 authkey: bytes | str | None = None, workers: int | None = None, single_root: bool = False) -> None:
         self.authkey = resolve_authkey(authkey)
         self.log_addr = log_addr
         self.workers = workers
+        self.single_root = single_root  # a deployed node serves one root and exits when that root is gone
         self.listener = wire.Listener((addr[0], int(addr[1])), self.authkey)
         self.address = self.listener.address
         self.sessions: list[Session] = []
@@ -133,18 +135,23 @@ class Server:
         try:
             while not self._stopping.is_set():
                 try:
-                    channel = self.listener.accept(timeout=0.5)
-                except TimeoutError:
-                    continue
-                except OSError:
+                    channel = self.listener.accept()
+                except OSError:  # stop() closed the listener
                     break
                 session = Session(channel, log_sink, self.workers)
-                self.sessions.append(session)
-                threading.Thread(target=session.serve, daemon=True, name="pipeline-cluster-session").start()
+                self.sessions = [s for s in self.sessions if not s.ended.is_set()] + [session]
+                threading.Thread(target=self._serve_session, args=(session,), daemon=True,
+                                 name="pipeline-cluster-session").start()
         finally:
             self.listener.close()
             for session in self.sessions:
                 session.close()
+
+    def _serve_session(self, session: Session) -> None:
+        session.serve()
+        if self.single_root:
+            logger.info("root gone: stopping (this node serves a single root)")
+            self.stop()
 
     def stop(self) -> None:
         """Stop accepting, end every session and its workers."""
@@ -152,15 +159,48 @@ class Server:
         self.listener.close()
 
 
+def _exit_on_stdin_eof(server: Server, grace: float) -> None:
+    """A deployed node's lifeline: when the root's SSH channel closes, stdin ends, and so does this node."""
+    sys.stdin.read()
+    logger.warning("stdin closed: the root is gone, stopping")
+    server.stop()
+    time.sleep(grace)  # the main thread normally exits well within the grace period
+    os._exit(1)
+
+
 def main(host: str, port: int, log_addr: tuple[str, int] | None, authkey_file: str | None,
-         workers: int | None) -> int:
-    """`pipeline-cluster node`: serve until SIGINT/SIGTERM."""
+         workers: int | None, stdin_config: bool = False) -> int:
+    """`pipeline-cluster node`: serve until SIGINT/SIGTERM (or, with `stdin_config`, until the root is gone).
+
+    With `stdin_config` the first stdin line is JSON with the run's secrets and settings, `{"authkey": HEX,
+    "run_dir": PATH}`, so they never appear on a command line; the node writes `node.pid` into run_dir, serves a
+    single root, and exits when that root disconnects, falls silent, or closes the node's stdin.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     authkey = None
-    if authkey_file:
+    run_dir = None
+    if stdin_config:
+        config = json.loads(sys.stdin.readline() or "{}")
+        authkey = bytes.fromhex(config["authkey"])
+        run_dir = config.get("run_dir")
+    elif authkey_file:
         with open(authkey_file, "rb") as f:
             authkey = f.read().strip()
+    server = Server((host, port), log_addr, authkey=authkey, workers=workers, single_root=stdin_config)
+    pidfile = None
+    if run_dir:
+        os.makedirs(run_dir, mode=0o700, exist_ok=True)
+        pidfile = os.path.join(run_dir, f"node-{server.address[1]}.pid")
+        with open(pidfile, "w") as f:
+            f.write(str(os.getpid()))
+    if stdin_config:
+        threading.Thread(target=_exit_on_stdin_eof, args=(server, 10.0), daemon=True).start()
     started = time.monotonic()
-    Server((host, port), log_addr, authkey=authkey, workers=workers).serve()
+    try:
+        server.serve()
+    finally:
+        if pidfile:
+            with contextlib.suppress(OSError):
+                os.unlink(pidfile)
     logger.info("node server stopped after %.1f s", time.monotonic() - started)
     return 0
