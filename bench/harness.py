@@ -91,6 +91,6 @@ def main(argv: list[str] | None = None) -> int:
     print(report.format_table(rows))
     if args.json:
         measure.write_json(args.json, {"machine": machine, "argv": sys.argv if argv is None else argv,
-                                       "args": {k: v for k, v in vars(args).items()},
+                                       "args": vars(args),
                                        "burn_iterations": iterations, "rows": rows, "trials": trials})
     return 1 if any("error" in t for t in trials) else 0

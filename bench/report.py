@@ -80,7 +80,11 @@ def _notes(row: dict[str, Any]) -> str:
     med = row.get("median", {})
     notes = []
     if row["value"] is not None:
-        workload = row["workload"]
+        workload, system = row["workload"], row["system"]
+        if system.startswith("pool") and workload in ("W1", "W5"):
+            notes.append("both stages in one call per input")
+        elif system.startswith("pool") and workload == "W4":
+            notes.append("two pool.apply calls per item; chunksize does not apply")
         if workload == "W2":
             notes.append(f"{med['time_per_item_s'] * 1e3:.1f} ms/item, {med['items_per_s']:,.0f} items/s")
         elif workload == "W3":
