@@ -69,7 +69,7 @@ class StageSupervisor(Actor):
         self.paused = False
         self.state = "running"  # running | failed | stopping
         self.ewma: float | None = None
-        self.last_death: Death | None = None
+        self.last_item: Any = None  # the item the latest worker death was blamed on, for StageFailed
         self.escalate = lambda text: tell(node, "stage_failed", StageFailed(stage.name, "internal error", None, text))
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -287,7 +287,6 @@ class StageSupervisor(Actor):
         if slot is None or self.state != "running":
             return
         slot.ref.stop(block=False)
-        self.last_death = death
         self.stats.workers = sum(s.ready for s in self.slots.values())
         batches = list(slot.inflight.values())
         finished: list = []
@@ -295,6 +294,7 @@ class StageSupervisor(Actor):
         for position, (rids, items, attempts) in enumerate(batches):
             blamed = death.index if position == 0 and death.cause != "init_failed" else -1
             if 0 <= blamed < len(rids):
+                self.last_item = items[blamed]
                 self._charge(rids[blamed], items[blamed], attempts[blamed] if attempts else 0, finished, dead,
                              death.cause, True, message=death.message, traceback=death.traceback,
                              pid=death.pid, exit_code=death.exit_code, signal=death.signal)
@@ -336,9 +336,6 @@ class StageSupervisor(Actor):
 
     def _fail(self, cause: str, detail: str) -> None:
         self.state = "failed"
-        item = None
         for slot in self.slots.values():
             slot.proc.kill()
-        if self.queue:
-            item = self.queue[0][1][0]
-        tell(self.node, "stage_failed", StageFailed(self.stage.name, cause, item, detail))
+        tell(self.node, "stage_failed", StageFailed(self.stage.name, cause, self.last_item, detail))

@@ -1,0 +1,53 @@
+"""The command line as a user runs it: demo, run over a file, stats of the latest run, help."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(*args: str, cwd: str = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline_cluster.cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+
+
+@pytest.mark.timeout(120)
+def test_demo_prints_per_stage_stats_and_stats_reads_the_run():
+    result = cli("demo", "--count", "300", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "demo: 300 sentences" in out
+    for stage in ("split_words", "Normalize", "drop_stop_words"):
+        assert stage in out
+    stats = cli("benchmark")  # the seed's name for the stats summary of the latest run
+    assert stats.returncode == 0, stats.stderr
+    assert "pipeline wordcount" in stats.stdout and "drop_stop_words" in stats.stdout
+    raw = json.loads(cli("stats", "--json").stdout)
+    assert raw["stages"]["split_words"]["items_in"] == 300
+
+
+@pytest.mark.timeout(120)
+def test_run_module_attr_over_a_file_writes_json_lines(tmp_path):
+    (tmp_path / "mypipe.py").write_text(
+        "import pipeline_cluster as pc\n"
+        "def words(line):\n    return line.split()\n"
+        "pipeline = pc.Pipeline([pc.Stage(words, generator=True), str.upper])\n")
+    (tmp_path / "in.txt").write_text("a b\nc\n\nd\n")
+    result = cli("run", "mypipe:pipeline", "--input", str(tmp_path / "in.txt"), "--output",
+                 str(tmp_path / "out.jsonl"), "--workers", "1", cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line) for line in lines) == ["A", "B", "C", "D"]
+    assert "words" in result.stderr  # the stats table
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", ["demo", "run", "node", "log", "stats"])
+def test_every_command_has_help(command):
+    result = cli(command, "--help")
+    assert result.returncode == 0 and "usage:" in result.stdout and len(result.stdout) > 200
