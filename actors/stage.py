@@ -309,7 +309,8 @@ class StageSupervisor(Actor):
 
     def _restart_after(self, death: Death) -> None:
         """Restart a dead worker with backoff, unless the restart budget or the startup rule says stop."""
-        if death.cause == "init_failed" and not self.ever_ready:
+        killed_from_outside = death.signal in ("SIGKILL", "SIGTERM")  # says nothing about the stage's code
+        if death.cause == "init_failed" and not self.ever_ready and not killed_from_outside:
             self.startup_failures += 1
             if self.startup_failures >= min(3, self.sup.max_restarts + 1):
                 self._fail(f"its workers cannot start: {death.message}", death.traceback)
