@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from bench import measure, report
-from bench.workloads import ALL_SYSTEMS, W5_SMALL_INPUTS, WORKLOADS, calibrate_burn, scaled
+from bench.workloads import ALL_SYSTEMS, W5_SMALL_INPUTS, WORKLOADS, scaled
 
 
 def _names(text: str, known: list[str] | tuple[str, ...], what: str) -> list[str]:
@@ -42,8 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plan(workloads: list[str], systems: list[str], round_no: int, scale: float,
-         iterations: int) -> list[dict[str, Any]]:
+def plan(workloads: list[str], systems: list[str], round_no: int, scale: float) -> list[dict[str, Any]]:
     """The trial specs of one round: each workload on each applicable system, systems rotated by the round."""
     specs = []
     for name in workloads:
@@ -51,7 +50,7 @@ def plan(workloads: list[str], systems: list[str], round_no: int, scale: float,
         mine = [s for s in systems if s in workload.systems]
         shift = round_no % len(mine) if mine else 0
         for system in mine[shift:] + mine[:shift]:
-            base = {"workload": name, "system": system, "round": round_no, "iterations": iterations}
+            base = {"workload": name, "system": system, "round": round_no}
             specs.append({**base, "variant": "main", "inputs": scaled(workload.inputs, scale)})
             if name == "W5":
                 specs.append({**base, "variant": "small", "inputs": scaled(W5_SMALL_INPUTS, scale)})
@@ -71,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.rounds < 1 or args.scale <= 0:
         raise SystemExit("--rounds must be >= 1 and --scale > 0")
-    iterations = calibrate_burn() if "W2" in args.workloads else 0
     env = {**os.environ, "PIPELINE_CLUSTER_AUTHKEY": secrets.token_hex(16)}
+    machine = measure.machine_facts()
     started = time.monotonic()
     trials: list[dict[str, Any]] = []
     for round_no in range(args.rounds):
-        for spec in plan(args.workloads, args.systems, round_no, args.scale, iterations):
+        for spec in plan(args.workloads, args.systems, round_no, args.scale):
             try:
                 result = measure.run_trial(spec, env)
             except RuntimeError as exc:
@@ -84,13 +83,13 @@ def main(argv: list[str] | None = None) -> int:
             trials.append({**spec, **result})
             print(_progress(trials[-1]), file=sys.stderr, flush=True)
     rows = report.summarise(trials)
-    machine = measure.machine_facts()
-    print(f"{machine['nproc']} CPUs ({machine['cpu']}), Python {machine['python']}, {machine['date']}; "
-          f"{args.rounds} round(s), scale {args.scale}, burn {iterations} iterations; "
+    machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"{machine['nproc']} CPUs ({machine['cpu']}), Python {machine['python']}, source {machine['source']}, "
+          f"{machine['date']}; load average {machine['load_average'][0]} at start, "
+          f"{machine['load_average_at_end'][0]} at end; {args.rounds} round(s), scale {args.scale}, "
           f"{time.monotonic() - started:.0f} s")
     print(report.format_table(rows))
     if args.json:
         measure.write_json(args.json, {"machine": machine, "argv": sys.argv if argv is None else argv,
-                                       "args": vars(args),
-                                       "burn_iterations": iterations, "rows": rows, "trials": trials})
+                                       "args": vars(args), "rows": rows, "trials": trials})
     return 1 if any("error" in t for t in trials) else 0

@@ -119,7 +119,7 @@ def medians(results: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def machine_facts() -> dict[str, Any]:
-    """What the figures depend on: CPUs, Python, OS, load, memory, date."""
+    """What the figures depend on: CPUs, Python, OS, load, memory, date, source version."""
     return {
         "nproc": os.cpu_count(),
         "python": platform.python_version(),
@@ -129,7 +129,17 @@ def machine_facts() -> dict[str, Any]:
         "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "source": source_version(),
     }
+
+
+def source_version() -> str:
+    """The repo's commit as `git describe --always --dirty` (others may be editing the tree), or "unknown"."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def _cpu_model() -> str:

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 OUTPUT_TIMEOUT = 60.0  # seconds one W4 item may take before the run is declared stuck
 READY_TIMEOUT = 60.0  # seconds a node server may take to print its PCREADY line
 STOP_TIMEOUT = 15.0  # seconds a node server gets to stop after SIGTERM before SIGKILL
+SETTLE_SECONDS = 0.25  # Pool's workers stay up this long after a run, longer than the harness's RSS sampling gap
 
 
 @dataclass
@@ -178,6 +179,7 @@ class PoolRunner:
         with multiprocessing.Pool(os.cpu_count()) as pool:
             results = pool.imap_unordered(workload.pool_function, _tapped(inputs, timing), self.chunksize)
             _drain(itertools.chain.from_iterable(results) if workload.pool_returns_many else results, timing)
+            time.sleep(SETTLE_SECONDS)  # untimed: lets the RSS sampler see the workers of a run of a few ms
             pool.close()
             pool.join()
         return timing

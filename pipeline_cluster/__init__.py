@@ -22,6 +22,7 @@ _EXPORTS = {
     "Pipeline": "pipeline_cluster.model",
     "Stage": "pipeline_cluster.model",
     "Supervision": "pipeline_cluster.model",
+    "SSHCluster": "pipeline_cluster.deploy.cluster",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -11,6 +11,8 @@ from typing import Any, Iterable, Iterator
 
 from tqdm import tqdm
 
+from pipeline_cluster.deploy import commands as deploy_commands
+
 
 def _progress(iterable: Iterable[Any], total: int | None, desc: str) -> Iterable[Any]:
     """A tqdm bar on a terminal; nothing when output is piped."""
@@ -65,9 +67,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     pipeline = _load_attr(args.pipeline)
     if callable(pipeline) and not isinstance(pipeline, (list, pc.Pipeline)):
         pipeline = pipeline()
+    if args.cluster and args.workers is not None:
+        raise SystemExit("--workers is for the local cluster: with --cluster, set workers in the cluster file")
     out = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8")
     try:
-        with pc.LocalCluster(workers=args.workers) as cluster:
+        with (pc.SSHCluster.from_config(args.cluster) if args.cluster else
+              pc.LocalCluster(workers=args.workers)) as cluster:
             for output in _progress(cluster.run(pipeline, _lines(args.input)), None, "outputs"):
                 out.write(json.dumps(output, default=repr) + "\n")
             stats = cluster.stats()
@@ -138,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--input", required=True, help="input file, one item per line ('-' for stdin)")
     run.add_argument("--output", default=None, help="output file for JSON lines (default stdout)")
     run.add_argument("--workers", type=int, default=None, help="worker processes per stage (default: CPU count)")
+    run.add_argument("--cluster", default=None, metavar="FILE",
+                     help="run on the nodes of this cluster.toml, started over SSH (default: this machine)")
     run.set_defaults(func=cmd_run)
 
     node = sub.add_parser("node", help="run a node server that roots connect to",
@@ -163,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     logp.add_argument("--outfile", required=True, help="file to append log lines to")
     logp.add_argument("--authkey-file", default=None, help="file holding the shared authkey")
     logp.set_defaults(func=cmd_log)
+
+    deploy_commands.add_parser(sub)
 
     for name in ("stats", "benchmark"):
         stats = sub.add_parser(name, help="per-stage stats of a run (the latest by default)",

@@ -65,6 +65,7 @@ class Cluster:
         self.outputs: list = []
         self._phase = "idle"  # idle | setup | running | closed
         self._paused = False
+        self._handler_mode = False  # outputs go to a handler thread (boot) rather than a Results iterator (run)
         self._threads: list[threading.Thread] = []
         self._last_stats: dict[str, dict[str, Any]] = {}
         self._stop = threading.Event()
@@ -114,6 +115,7 @@ class Cluster:
         """
         self._start_run()
         handler = output_handler if output_handler is not None else self.outputs.append
+        self._handler_mode = True
         self._spawn_thread(self._deliver, handler, self.state, name="pipeline-cluster-output")
 
     def feed(self, *items: Any) -> None:
@@ -182,11 +184,14 @@ class Cluster:
         return {"unfinished": unfinished}
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Finish queued and in-flight items (unless `drain=False`), stop every worker and actor."""
+        """Finish queued and in-flight items (unless `drain=False`), stop every worker and actor.
+
+        A `run()` whose results nobody reads any more is stopped at once instead: its outputs have no taker.
+        """
         if self._phase == "closed":
             return
         try:
-            if drain and self._phase == "running" and self.state.error is None:
+            if drain and self._phase == "running" and self.state.error is None and self._handler_mode:
                 self.wait_empty(timeout)
         finally:
             if self._phase == "running":
@@ -238,6 +243,7 @@ class Cluster:
             raise TypeError(f"inputs must be an iterable of items, got {type(inputs).__name__}")
         self.setup(pipeline=pipeline)
         self._start_run()
+        self._handler_mode = False
         self._spawn_thread(self._feed_from, iter(inputs), self.state, name="pipeline-cluster-feeder")
         return Results(self, self.state)
 
@@ -336,6 +342,8 @@ class Cluster:
         unfinished = ask(self.root, "unfinished")
         if graceful is None:
             graceful = unfinished == 0
+        if unfinished:  # anyone still waiting on this run (a Results iterator, wait_empty) gets an error, not a hang
+            self.state.fail(ClusterError(f"the run was stopped with {unfinished} item(s) unfinished"))
         if graceful:
             for link in self._live_links():
                 link.ask("shutdown", 5.0, timeout=60)
@@ -417,8 +425,8 @@ class Results:
         self._state = state
         self._gen = self._iterate()
 
-    def __iter__(self) -> "Results":
-        return self
+    def __iter__(self) -> Iterator[Any]:
+        return self._gen  # a for loop drives the generator itself: no wrapper call per output
 
     def __next__(self) -> Any:
         return next(self._gen)

@@ -54,20 +54,27 @@ class _Reply:
 
 
 class RemoteLink:
-    """A node server reached over one authenticated TCP connection; a reader thread routes what it sends."""
+    """A node server reached over one authenticated connection; a reader thread routes what it sends.
+
+    The link connects to `address` itself, or takes an already authenticated `channel` (a deployment's SSH tunnel);
+    `name` (default `host:port`) must be unique among the cluster's nodes.
+    """
 
     def __init__(self, address: tuple[str, int], authkey: bytes, root: pykka.ActorRef,
                  log_sink: Callable[[Record], None], connect_timeout: float = 10.0, heartbeat: float = 1.0,
-                 dead_after: float = 10.0) -> None:
+                 dead_after: float = 10.0, *, channel: wire.Channel | None = None, name: str | None = None) -> None:
         self.address = (address[0], int(address[1]))
-        self.name = f"{self.address[0]}:{self.address[1]}"
+        self.name = name or f"{self.address[0]}:{self.address[1]}"
         self.root = root
         self.log_sink = log_sink
-        try:
-            self.channel = wire.connect(self.address, authkey, timeout=connect_timeout)
-        except (OSError, EOFError) as exc:
-            raise ClusterError(f"cannot connect to node {self.name}: {exc}") from exc
+        if channel is None:
+            try:
+                channel = wire.connect(self.address, authkey, timeout=connect_timeout)
+            except (OSError, EOFError) as exc:
+                raise ClusterError(f"cannot connect to node {self.name}: {exc}") from exc
+        self.channel = channel
         self.alive = True
+        self.lost_reason: str | None = None
         self.heartbeat, self.dead_after = heartbeat, dead_after
         self.last_heard = time.monotonic()
         self._closing = threading.Event()
@@ -148,6 +155,8 @@ class RemoteLink:
         with self._lock:
             was_alive, self.alive = self.alive, False
             replies, self._replies = self._replies, {}
+            if was_alive:
+                self.lost_reason = reason
         for reply in replies.values():
             reply.ok, reply.value = False, ClusterError(f"node {self.name} is lost: {reason}")
             reply.event.set()

@@ -275,6 +275,17 @@ def test_reset_stops_at_once_and_reports_unfinished(cluster):
 
 
 @pytest.mark.timeout(60)
+def test_close_with_an_unread_run_stops_it_at_once(tmp_path):
+    cluster = pc.LocalCluster(workers=1, run_dir=str(tmp_path / "run"))
+    results = cluster.run([slow], range(100))
+    started = time.monotonic()
+    cluster.close()
+    assert time.monotonic() - started < 10
+    with pytest.raises(pc.ClusterError):
+        next(results)
+
+
+@pytest.mark.timeout(60)
 def test_no_child_process_after_close(tmp_path):
     cluster = pc.LocalCluster(workers=2, run_dir=str(tmp_path / "run"))
     cluster.setup("x", 1, [square, square])

@@ -1,0 +1,333 @@
+"""Bringing nodes up over SSH, each in its own thread, and down again, with a result per host.
+
+Per host: connect (jump hosts, host key, auth), ship (probe the host's python; use its pipeline_cluster, a venv
+cached by the wheel's sha256, or SFTP the wheel and install it), start (`exec_command`, no pty, the run's authkey
+and run dir as one JSON line on stdin), ready (the node's `PCREADY {json}` line) and handshake (an authenticated
+channel, direct TCP or through the SSH connection, and the node's answer to "hello").
+
+The node's stdin stays open for its whole life: when this process goes away (close, crash, kill -9), sshd closes
+it and the node exits; a partition is caught by heartbeats on both sides. Nodes write `node-PORT.pid` and their
+stderr (`node.log`) into their run dir `WORKDIR/runs/CLUSTER/RUN_ID/NODE`, where `deploy down` finds them.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import secrets
+import socket
+import threading
+import time
+from typing import Any, Callable, TypeVar
+
+import paramiko
+
+from pipeline_cluster import __version__, wire
+from pipeline_cluster.auth import client_handshake
+from pipeline_cluster.deploy.channelsock import ChannelSocket
+from pipeline_cluster.deploy.config import DeployConfig, NodeSpec
+from pipeline_cluster.deploy.errors import DeployError, HostError
+from pipeline_cluster.deploy.remote import Connector, remote_argv, run_hostscript, tail
+from pipeline_cluster.deploy.wheel import Wheel, build_wheel
+from pipeline_cluster.nodelink import RemoteLink
+
+logger = logging.getLogger("pipeline_cluster.deploy")
+
+COMMAND_TIMEOUT = 120.0  # probe, install (pip), stop
+STOP_GRACE = 10.0
+KILL_GRACE = 3.0
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class HostResult:
+    """How one node's bring-up went: `ship` is "existing", "cached" or "shipped"; `error` is set when it failed."""
+
+    node: str
+    address: str
+    ok: bool = False
+    ship: str | None = None
+    pid: int | None = None
+    port: int | None = None
+    seconds: float = 0.0
+    error: HostError | None = None
+
+
+def runs_dir(workdir: str, cluster: str) -> str:
+    """Where a cluster's run dirs live on a host."""
+    return f"{workdir.rstrip('/')}/runs/{cluster}"
+
+
+class RemoteNode:
+    """One node on one host: its SSH connection, the node's exec channel (its stdin is the lifeline), pid, port."""
+
+    def __init__(self, spec: NodeSpec, config: DeployConfig, run_id: str) -> None:
+        self.spec = spec
+        self.config = config
+        self.run_id = run_id
+        self.phase = "connect"
+        self.client: paramiko.SSHClient | None = None
+        self.process: paramiko.Channel | None = None
+        self.run_dir: str | None = None
+        self.link: RemoteLink | None = None
+        self.result = HostResult(spec.name, spec.address)
+
+    def fail(self, detail: str, exit_status: int | None = None, stderr: str = "") -> HostError:
+        """A HostError for this node in its current phase."""
+        return HostError(self.spec.name, self.spec.address, self.phase, detail, exit_status, tail(stderr))
+
+    def up(self, connector: Connector, wheel: Callable[[], Wheel], authkey: bytes, root: Any,
+           log_sink: Callable) -> RemoteLink:
+        """Every phase in order; raises HostError naming the phase that failed."""
+        started = time.monotonic()
+        self.client = connector.open(self.spec)
+        self.phase = "ship"
+        python = self._ship(wheel)
+        self.phase = "start"
+        port = self._start(python, authkey)
+        self.phase = "handshake"
+        self.link = self._handshake(port, authkey, root, log_sink)
+        self.result.ok, self.result.seconds = True, round(time.monotonic() - started, 3)
+        return self.link
+
+    # -- ship ----------------------------------------------------------------------------------------------------
+
+    def _hostscript(self, *args: str, python: str | None = None) -> Any:
+        """Run a hostscript command; HostError with its exit status and stderr when it fails."""
+        python = python or self.spec.python
+        try:
+            status, answer, err = run_hostscript(self.client, python, *args, timeout=COMMAND_TIMEOUT)
+        except (TimeoutError, paramiko.SSHException, OSError) as exc:
+            raise self.fail(f"{args[0]} on the host: {exc}") from None
+        if status != 0 or answer is None:
+            reason = "not found" if status == 127 else "cannot run" if status == 126 else "failed"
+            raise self.fail(f"python {python!r} {reason} ({args[0]})", status, err)
+        return answer
+
+    def _ship(self, wheel: Callable[[], Wheel]) -> str:
+        """Decide and do what the host needs; returns the python to start the node with."""
+        spec = self.spec
+        built = wheel() if spec.ship != "never" else None
+        venv_id = built.sha256[:16] if built else "none"
+        probe = self._hostscript("probe", spec.workdir, venv_id)
+        if tuple(probe["python"]) < (3, 10):
+            raise self.fail(f"python {spec.python!r} is {'.'.join(map(str, probe['python']))}; "
+                            "pipeline_cluster needs 3.10 or newer")
+        self.run_dir = f"{runs_dir(probe['workdir'], self.config.name)}/{self.run_id}/{spec.name}"
+        if spec.ship == "never" or (spec.ship == "auto" and probe["installed"] == __version__):
+            if probe["installed"] is None:
+                raise self.fail(f"python {spec.python!r} has no pipeline_cluster and ship = \"never\"")
+            self.result.ship = "existing"
+            return spec.python
+        python = f"{probe['venv']}/bin/python"
+        if probe["cached"]:
+            self.result.ship = "cached"
+            return python
+        target = f"{probe['workdir']}/wheels/{built.filename}"
+        try:
+            with self.client.open_sftp() as sftp:
+                with sftp.open(target + ".part", "wb") as f:
+                    f.set_pipelined(True)
+                    f.write(built.data)
+                sftp.posix_rename(target + ".part", target)
+        except (OSError, paramiko.SSHException) as exc:
+            raise self.fail(f"cannot upload the wheel to {target} over SFTP: {exc}") from None
+        self._hostscript("install", target, probe["venv"])
+        self.result.ship = "shipped"
+        return python
+
+    # -- start and ready -----------------------------------------------------------------------------------------
+
+    def _start(self, python: str, authkey: bytes) -> int:
+        """Start the node with no pty, hand it its secrets on stdin, wait for PCREADY; returns its port."""
+        spec, tunnel = self.spec, self.config.connect == "tunnel"
+        listen = "127.0.0.1" if tunnel else spec.listen or spec.host
+        node = remote_argv(*[f"{k}={v}" for k, v in spec.env.items()], python, "-m", "pipeline_cluster.cli", "node",
+                           "--host", listen, "--port", str(spec.node_port), "--stdin-config",
+                           *(["--workers", str(spec.workers)] if spec.workers else []))
+        run_dir = remote_argv(self.run_dir)
+        command = f"umask 077 && mkdir -p {run_dir} && cd {run_dir} && exec env {node} 2>>node.log"
+        try:
+            self.process = self.client.get_transport().open_session(timeout=spec.ssh.connect_timeout)
+            self.process.exec_command(command)
+            self.process.sendall(json.dumps({"authkey": authkey.hex(), "run_dir": self.run_dir}).encode() + b"\n")
+        except (paramiko.SSHException, OSError) as exc:
+            raise self.fail(f"cannot run the node command: {exc}") from None
+        ready = self._ready_line()
+        self.result.pid, self.result.port = ready["pid"], ready["port"]
+        threading.Thread(target=self._drain, daemon=True, name=f"pipeline-cluster-deploy-{spec.name}").start()
+        return ready["port"]
+
+    def _ready_line(self) -> dict[str, Any]:
+        """Read stdout until the `PCREADY {json}` line, within the start timeout."""
+        deadline = time.monotonic() + self.config.start_timeout
+        buffer = b""
+        while True:
+            line, newline, rest = buffer.partition(b"\n")
+            if newline:
+                buffer = rest
+                if line.startswith(b"PCREADY "):
+                    return json.loads(line[len(b"PCREADY "):])
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.phase = "ready"
+                self._stop_process(kill=True)
+                raise self.fail(f"no PCREADY line within {self.config.start_timeout} s", None, self._log_tail())
+            self.process.settimeout(remaining)
+            try:
+                chunk = self.process.recv(4096)
+            except socket.timeout:
+                continue
+            if not chunk:
+                status = self.process.recv_exit_status() if self.process.status_event.wait(5) else None
+                early = self.process.recv_stderr(65536) if self.process.recv_stderr_ready() else b""
+                raise self.fail("the node exited before it was ready", status,
+                                early.decode(errors="replace") + self._log_tail())
+            buffer += chunk
+
+    def _log_tail(self) -> str:
+        """The tail of the node's node.log (its stderr), fetched with a fresh command; empty if that fails."""
+        try:
+            status, answer, _ = run_hostscript(self.client, self.spec.python, "logs",
+                                               self.run_dir.rsplit("/", 2)[0], self.spec.name, "40",
+                                               self.run_id, timeout=self.spec.ssh.connect_timeout)
+        except (TimeoutError, paramiko.SSHException, OSError):
+            return ""
+        return answer["text"] if status == 0 and answer else ""
+
+    def _drain(self) -> None:
+        """Keep reading the node's stdout so its channel window never fills; ends when the node does."""
+        try:
+            self.process.settimeout(None)
+            while self.process.recv(65536):
+                pass
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+
+    # -- handshake -----------------------------------------------------------------------------------------------
+
+    def _handshake(self, port: int, authkey: bytes, root: Any, log_sink: Callable) -> RemoteLink:
+        """An authenticated channel to the node, then the RemoteLink's "hello"."""
+        spec, timeout = self.spec, self.spec.ssh.connect_timeout
+        if self.config.connect == "tunnel":
+            address = ("127.0.0.1", port)
+        else:
+            address = (spec.listen if spec.listen not in (None, "", "0.0.0.0", "::") else spec.host, port)
+        try:
+            channel = self._open_channel(address, authkey, timeout)
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise self.fail(f"cannot reach the node at {address[0]}:{port} ({self.config.connect}): "
+                            f"{exc or type(exc).__name__}") from None
+        try:
+            return RemoteLink(address, authkey, root, log_sink, timeout, self.config.heartbeat,
+                              self.config.dead_after, channel=channel, name=spec.name)
+        except Exception as exc:
+            channel.close()
+            raise self.fail(f"the node did not answer hello: {exc}") from None
+
+    def _open_channel(self, address: tuple[str, int], authkey: bytes, timeout: float) -> wire.Channel:
+        if self.config.connect == "direct":
+            return wire.connect(address, authkey, timeout=timeout)
+        tunnel = self.client.get_transport().open_channel("direct-tcpip", address, ("127.0.0.1", 0), timeout=timeout)
+        sock = ChannelSocket(tunnel, address)
+        try:
+            client_handshake(sock, authkey, timeout=timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return wire.Channel(sock)
+
+    # -- stop ----------------------------------------------------------------------------------------------------
+
+    def down(self) -> None:
+        """Stop the node within bounded time: stdin EOF, then SIGTERM/SIGKILL by its pidfile; close the connection."""
+        try:
+            lost = self.link is not None and not self.link.alive and self.link.lost_reason is not None
+            self._stop_process(kill=False, grace=1.0 if lost else STOP_GRACE)
+        finally:
+            if self.client is not None:
+                self.client.close()
+
+    def _stop_process(self, kill: bool, grace: float = 0.0) -> None:
+        """Close the node's stdin and wait `grace` s for it to exit; then kill it by pidfile if it still runs."""
+        process, transport = self.process, self.client.get_transport() if self.client else None
+        if process is None or transport is None or not transport.is_active():
+            return
+        try:
+            process.shutdown_write()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+        if not kill and process.status_event.wait(grace):
+            return
+        try:
+            run_hostscript(self.client, self.spec.python, "stop", self.run_dir, str(KILL_GRACE),
+                           timeout=KILL_GRACE + self.spec.ssh.connect_timeout)
+        except (TimeoutError, paramiko.SSHException, OSError) as exc:
+            logger.warning("node %s (%s): could not stop it by pidfile: %s", self.spec.name, self.spec.address, exc)
+
+
+def in_parallel(nodes: list[T], work: Callable[[T], Any]) -> list[Any]:
+    """Run `work` on every item in its own thread; returns results (or the exception raised) in order."""
+    if not nodes:
+        return []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, len(nodes))) as pool:
+        futures = [pool.submit(work, node) for node in nodes]
+        concurrent.futures.wait(futures)
+    return [f.exception() or f.result() for f in futures]
+
+
+class Deployment:
+    """The nodes of one cluster run: `up` starts them all in parallel, `down` stops them all; both are bounded."""
+
+    def __init__(self, config: DeployConfig, run_id: str) -> None:
+        self.config = config
+        self.run_id = run_id
+        self.authkey = secrets.token_bytes(32)  # per run, never on a command line or in a file
+        self.connector = Connector()
+        self.nodes = [RemoteNode(spec, config, run_id) for spec in config.nodes]
+        self._wheel: Wheel | None = None
+        self._wheel_lock = threading.Lock()
+        self._down = False
+
+    @property
+    def results(self) -> list[HostResult]:
+        """One result per node, in config order."""
+        return [node.result for node in self.nodes]
+
+    def wheel(self) -> Wheel:
+        """The package's wheel, built once for all hosts."""
+        with self._wheel_lock:
+            if self._wheel is None:
+                self._wheel = build_wheel()
+            return self._wheel
+
+    def up(self, root: Any, log_sink: Callable) -> list[RemoteLink]:
+        """Bring every node up; on any failure stop them all and raise DeployError with one HostError per failure."""
+        outcomes = in_parallel(self.nodes, lambda node: node.up(self.connector, self.wheel, self.authkey, root,
+                                                                log_sink))
+        errors = []
+        for node, outcome in zip(self.nodes, outcomes):
+            if isinstance(outcome, BaseException):
+                error = outcome if isinstance(outcome, HostError) else node.fail(f"{type(outcome).__name__}: "
+                                                                                 f"{outcome}")
+                node.result.error = error
+                errors.append(error)
+        if errors:
+            for node in self.nodes:
+                if node.link is not None:
+                    node.link.close()
+            self.down()
+            raise DeployError(errors, len(self.nodes))
+        return [node.link for node in self.nodes]
+
+    def down(self) -> None:
+        """Stop every node and close every SSH connection; idempotent."""
+        if self._down:
+            return
+        self._down = True
+        try:
+            in_parallel(self.nodes, RemoteNode.down)
+        finally:
+            self.connector.close()

@@ -1,0 +1,48 @@
+"""`SSHCluster`: a cluster whose nodes are started over SSH from a cluster.toml, and stopped when it closes.
+
+    with pc.SSHCluster.from_config("cluster.toml") as cluster:
+        for out in cluster.run(pipeline, inputs):
+            ...
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from pipeline_cluster.cluster import Cluster
+from pipeline_cluster.deploy.bootstrap import Deployment, HostResult
+from pipeline_cluster.deploy.config import DeployConfig, load_config
+
+
+class SSHCluster(Cluster):
+    """The nodes of a cluster.toml, bootstrapped in parallel over SSH; they live exactly as long as this object."""
+
+    def __init__(self, config: DeployConfig | str | os.PathLike | Mapping[str, Any], **options: Any) -> None:
+        self.deploy_config = config if isinstance(config, DeployConfig) else load_config(config)
+        options.setdefault("credit", self.deploy_config.credit)
+        options.setdefault("start_timeout", self.deploy_config.start_timeout)
+        super().__init__(config={"stages": dict(self.deploy_config.stages)}, **options)
+        self.deployment = Deployment(self.deploy_config, self.rundir.run_id)
+        try:
+            for link in self.deployment.up(self.root, self.log_sink):
+                self._add_link(link)
+        except BaseException:
+            self.close(drain=False)
+            raise
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike | Mapping[str, Any], **options: Any) -> "SSHCluster":
+        """Read `path` (a cluster.toml), start its nodes; `options` are Cluster's (credit, run_dir, log_file...)."""
+        return cls(path, **options)
+
+    @property
+    def hosts(self) -> list[HostResult]:
+        """One result per node: ship mode, pid, port, seconds to come up (or the error)."""
+        return self.deployment.results
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Finish (unless `drain=False`), stop every node on every host, close the SSH connections."""
+        try:
+            super().close(drain, timeout)
+        finally:
+            self.deployment.down()

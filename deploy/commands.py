@@ -1,0 +1,151 @@
+"""`pipeline-cluster deploy check|up|down|status|logs FILE`.
+
+Importing this module is cheap (no paramiko): the CLI builds its parser in every node process too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+
+
+def _config(path: str):
+    """The validated config (ConfigError lists every problem)."""
+    from pipeline_cluster.deploy.config import load_config
+
+    return load_config(path)
+
+
+def run_action(args: argparse.Namespace) -> int:
+    """Run a deploy subcommand; a bad file exits 2, a failed deployment 1, each with its message on stderr."""
+    from pipeline_cluster.deploy.errors import ConfigError, DeployError
+
+    try:
+        return args.action_func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except DeployError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate a cluster.toml without connecting anywhere."""
+    config = _config(args.file)
+    print(f"{args.file}: ok: cluster {config.name!r}, connect = {config.connect!r}, {len(config.nodes)} node(s)")
+    for spec in config.nodes:
+        jump = f" via {', '.join(map(str, spec.ssh.jump))}" if spec.ssh.jump else ""
+        print(f"  {spec.name}: {spec.address}{jump}, python {spec.python}, ship {spec.ship}, "
+              f"host keys {spec.ssh.host_key_policy} ({spec.ssh.known_hosts})")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Start every node, print a line per host, and keep them up until Ctrl-C, SIGTERM or a node is lost."""
+    from pipeline_cluster.deploy.cluster import SSHCluster
+
+    config = _config(args.file)
+    started = time.monotonic()
+    cluster = SSHCluster(config)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    lost: list = []
+    try:
+        if args.json:
+            print(json.dumps([{k: v for k, v in vars(r).items() if k != "error"} for r in cluster.hosts]))
+        else:
+            for r in cluster.hosts:
+                print(f"{r.node}: up on {r.address}, pid {r.pid}, port {r.port}, code {r.ship}, {r.seconds:.2f} s")
+        print(f"{len(cluster.hosts)} node(s) up in {time.monotonic() - started:.2f} s (run {cluster.rundir.run_id}, "
+              f"connect = {config.connect}); they stop when this command does: Ctrl-C, SIGTERM, or "
+              f"`pipeline-cluster deploy down {args.file}`", flush=True)
+        while not stop.wait(0.5):
+            lost = [link for link in cluster.links if not link.alive]
+            if lost:
+                break
+    finally:
+        cluster.close(drain=False)
+    for link in lost:
+        print(f"node {link.name} lost: {link.lost_reason}", file=sys.stderr)
+    return 1 if lost else 0
+
+
+def _print_errors(replies: list) -> int:
+    for reply in replies:
+        if reply.error:
+            print(f"error: {reply.error}", file=sys.stderr)
+    return 1 if any(reply.error for reply in replies) else 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    """Stop every node of the cluster on every host, by pidfile; running it again is harmless."""
+    from pipeline_cluster.deploy import hostops
+
+    replies = hostops.stop(_config(args.file), grace=args.grace)
+    for reply in replies:
+        for entry in reply.answer or []:
+            print(f"{reply.node.name}: pid {entry['pid']} {entry['result']} ({entry['pidfile']})")
+    stopped = sum(1 for r in replies for e in r.answer or [] if e["result"] != "not running")
+    print(f"{stopped} node process(es) stopped" if stopped else "no node was running")
+    return _print_errors(replies)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show which nodes of the cluster run on which host."""
+    from pipeline_cluster.deploy import hostops
+
+    replies = hostops.status(_config(args.file))
+    for reply in replies:
+        entries = [e for e in reply.answer or [] if e["node"] == reply.node.name]
+        if reply.answer is not None and not entries:
+            print(f"{reply.node.name}: not running ({reply.node.address})")
+        for entry in entries:
+            state = "running" if entry["alive"] else "gone (stale pidfile)"
+            print(f"{reply.node.name}: {state}, pid {entry['pid']}, run {entry['run']} ({reply.node.address})")
+    return _print_errors(replies)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """Print the tail of each node's log (its stderr) from the latest run, or from --run."""
+    from pipeline_cluster.deploy import hostops
+
+    config = _config(args.file)
+    try:
+        replies = hostops.logs(config, args.node, args.lines, args.run)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    for reply in replies:
+        if reply.answer is not None:
+            where = f"run {reply.answer['run']}" if reply.answer["run"] else "no log yet"
+            print(f"==> {reply.node.name} ({reply.node.address}), {where} <==")
+            print(reply.answer["text"], end="" if reply.answer["text"].endswith("\n") else "\n")
+    return _print_errors(replies)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add `deploy` and its subcommands to the CLI."""
+    deploy = sub.add_parser("deploy", help="start nodes over SSH from a cluster.toml, stop them, inspect them",
+                            description="Bring up, stop and inspect the nodes listed in a cluster.toml over SSH. "
+                                        "Programs use pc.SSHCluster.from_config(FILE) or `pipeline-cluster run "
+                                        "--cluster FILE`; nodes never outlive the process that started them.")
+    actions = deploy.add_subparsers(dest="action", required=True)
+    check = actions.add_parser("check", help="validate the file without connecting; names every bad key")
+    up = actions.add_parser("up", help="start every node and keep them up until Ctrl-C or SIGTERM")
+    up.add_argument("--json", action="store_true", help="print the per-host results as one JSON line")
+    down = actions.add_parser("down", help="stop the cluster's nodes on every host, by pidfile (idempotent)")
+    down.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL (default 10)")
+    status = actions.add_parser("status", help="which nodes run on which host")
+    logs = actions.add_parser("logs", help="the tail of each node's log from the latest run")
+    logs.add_argument("--node", default=None, help="only this node")
+    logs.add_argument("--lines", type=int, default=50, help="lines per node (default 50)")
+    logs.add_argument("--run", default=None, help="a run id (default: the latest run)")
+    for parser, func in ((check, cmd_check), (up, cmd_up), (down, cmd_down), (status, cmd_status),
+                         (logs, cmd_logs)):
+        parser.add_argument("file", metavar="FILE", help="the cluster.toml")
+        parser.set_defaults(func=run_action, action_func=func)

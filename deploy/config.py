@@ -1,0 +1,310 @@
+"""`cluster.toml`: the nodes to deploy to and how to reach them, validated as a whole so every bad key is named.
+
+    [cluster]                     # name, connect, heartbeat, dead_after, start_timeout, credit, node defaults
+    [ssh]                         # user, port, identity_file, known_hosts, host_key_policy, jump, ...
+    [[node]]                      # name, host, python, workdir, env, workers, ship, listen, node_port + any [ssh] key
+    [stages.NAME]                 # workers / supervision overrides, as for any cluster
+
+Relative paths (identity_file, known_hosts) are relative to the file's directory; `~` is expanded locally.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import getpass
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from pipeline_cluster.config import load_toml, stage_overrides
+from pipeline_cluster.deploy.errors import ConfigError
+from pipeline_cluster.model import Supervision
+
+POLICIES = ("strict", "accept-new", "insecure")
+CONNECT_MODES = ("tunnel", "direct")
+SHIP_MODES = ("auto", "always", "never")
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_JUMP = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]\s]+\]|[^:@\s\[\]]+)(?::(?P<port>\d{1,5}))?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Jump:
+    """One jump host (`user@host:port`); unset parts come from the [ssh] settings."""
+
+    host: str
+    user: str | None = None
+    port: int | None = None
+
+    def __str__(self) -> str:
+        return (f"{self.user}@" if self.user else "") + self.host + (f":{self.port}" if self.port else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class SSHSettings:
+    """How to open an SSH connection: the [ssh] table merged with a node's own overrides."""
+
+    user: str = dataclasses.field(default_factory=getpass.getuser)
+    port: int = 22
+    identity_file: str | None = None
+    known_hosts: str = dataclasses.field(default_factory=lambda: os.path.expanduser("~/.ssh/known_hosts"))
+    host_key_policy: str = "strict"
+    jump: tuple[Jump, ...] = ()
+    connect_timeout: float = 10.0
+    keepalive: float = 15.0
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeSpec:
+    """One [[node]]: where it runs, with which python, work dir, environment and worker count."""
+
+    name: str
+    host: str
+    ssh: SSHSettings
+    python: str = "python3"
+    workdir: str = "~/.cache/pipeline-cluster"
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    workers: int | None = None
+    ship: str = "auto"
+    listen: str | None = None
+    node_port: int = 0
+
+    @property
+    def address(self) -> str:
+        """`user@host:port`, as errors and reports show it."""
+        return f"{self.ssh.user}@{self.host}:{self.ssh.port}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeployConfig:
+    """A whole cluster.toml."""
+
+    source: str
+    name: str
+    nodes: tuple[NodeSpec, ...]
+    connect: str = "tunnel"
+    heartbeat: float = 1.0
+    dead_after: float = 10.0
+    start_timeout: float = 60.0
+    credit: int = 1024
+    stages: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def node(self, name: str) -> NodeSpec:
+        """The node called `name`; KeyError naming the known ones otherwise."""
+        for spec in self.nodes:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"no node {name!r} in {self.source}; nodes: {[n.name for n in self.nodes]}")
+
+
+# -- value checkers: each returns a problem text, or None when the value is fine --------------------------------
+
+Check = Callable[[Any], "str | None"]
+
+
+def _text(value: Any) -> str | None:
+    return None if isinstance(value, str) and value.strip() else f"must be a non-empty string, got {value!r}"
+
+
+def _name(value: Any) -> str | None:
+    if not isinstance(value, str) or not _NAME.match(value):
+        return f"must be letters, digits, '.', '_' or '-' (it names directories), got {value!r}"
+    return None
+
+
+def _seconds(value: Any) -> str | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    return None if ok else f"must be a positive number of seconds, got {value!r}"
+
+
+def _positive_int(value: Any) -> str | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return None if ok else f"must be a positive integer, got {value!r}"
+
+
+def _port(lowest: int) -> Check:
+    def check(value: Any) -> str | None:
+        ok = isinstance(value, int) and not isinstance(value, bool) and lowest <= value <= 65535
+        return None if ok else f"must be a port number ({lowest}-65535), got {value!r}"
+    return check
+
+
+def _choice(*options: str) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value in options else f"must be one of {', '.join(map(repr, options))}; got {value!r}"
+    return check
+
+
+def _env(value: Any) -> str | None:
+    if not isinstance(value, Mapping):
+        return f"must be a table of NAME = \"value\", got {value!r}"
+    bad = [k for k, v in value.items() if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k) or not isinstance(v, str)]
+    return f"has bad entries {bad} (names like PATH, string values)" if bad else None
+
+
+def _jump(value: Any) -> str | None:
+    hops = [value] if isinstance(value, str) else value
+    if not isinstance(hops, list) or not all(isinstance(h, str) and _JUMP.match(h) for h in hops):
+        return f"must be \"[user@]host[:port]\" or a list of them ([] for none), got {value!r}"
+    return None
+
+
+_SSH_KEYS: dict[str, Check] = {
+    "user": _text, "port": _port(1), "identity_file": _text, "known_hosts": _text,
+    "host_key_policy": _choice(*POLICIES), "jump": _jump, "connect_timeout": _seconds, "keepalive": _seconds,
+}
+_NODE_DEFAULT_KEYS: dict[str, Check] = {
+    "python": _text, "workdir": _text, "env": _env, "workers": _positive_int, "ship": _choice(*SHIP_MODES),
+    "node_port": _port(0),
+}
+_NODE_KEYS: dict[str, Check] = {"name": _name, "host": _text, "listen": _text, **_NODE_DEFAULT_KEYS, **_SSH_KEYS}
+_CLUSTER_KEYS: dict[str, Check] = {
+    "name": _name, "connect": _choice(*CONNECT_MODES), "heartbeat": _seconds, "dead_after": _seconds,
+    "start_timeout": _seconds, "credit": _positive_int, **_NODE_DEFAULT_KEYS,
+}
+_TABLES = ("cluster", "ssh", "node", "stages")
+
+
+class _Problems:
+    """Collects every problem of a file instead of stopping at the first."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, where: str, text: str) -> None:
+        self.items.append(f"{where}: {text}")
+
+    def table(self, where: str, table: Any, keys: Mapping[str, Check]) -> dict[str, Any]:
+        """Check a table against its known keys; return its good entries."""
+        if not isinstance(table, Mapping):
+            self.add(where, f"must be a table, got {type(table).__name__}")
+            return {}
+        good = {}
+        for key, value in table.items():
+            if key not in keys:
+                self.add(f"{where}.{key}", "unknown key" + _did_you_mean(key, keys))
+                continue
+            problem = keys[key](value)
+            if problem:
+                self.add(f"{where}.{key}", problem)
+            else:
+                good[key] = value
+        return good
+
+
+def _did_you_mean(key: str, known: Any) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(sorted(known))}"
+
+
+def _local_path(value: str, base: Path) -> str:
+    path = Path(os.path.expanduser(value))
+    return str(path if path.is_absolute() else base / path)
+
+
+def _ssh_settings(values: Mapping[str, Any], base: Path) -> SSHSettings:
+    fields = dict(values)
+    for key in ("identity_file", "known_hosts"):
+        if key in fields:
+            fields[key] = _local_path(fields[key], base)
+    if "jump" in fields:
+        hops = [fields["jump"]] if isinstance(fields["jump"], str) else fields["jump"]
+        fields["jump"] = tuple(_parse_jump(hop) for hop in hops)
+    return SSHSettings(**fields)
+
+
+def _parse_jump(text: str) -> Jump:
+    match = _JUMP.match(text)
+    assert match is not None  # checked by _jump
+    port = match["port"]
+    return Jump(host=match["host"].strip("[]"), user=match["user"], port=int(port) if port else None)
+
+
+def _check_stages(config: Mapping[str, Any], problems: _Problems) -> dict[str, Any]:
+    """`[stages.NAME]` tables: the keys `Pipeline.with_overrides` takes, with valid values."""
+    try:
+        stages = stage_overrides(config)
+    except ValueError as exc:
+        problems.add("[stages]", str(exc))
+        return {}
+    for name, table in stages.items():
+        where = f"[stages.{name}]"
+        for key in sorted(set(table) - {"workers", "supervision"}):
+            problems.add(f"{where}.{key}", "unknown key" + _did_you_mean(key, ("workers", "supervision")))
+        if "workers" in table and _positive_int(table["workers"]):
+            problems.add(f"{where}.workers", _positive_int(table["workers"]) or "")
+        if "supervision" in table:
+            try:
+                if not isinstance(table["supervision"], Mapping):
+                    raise TypeError("must be a table")
+                Supervision.from_dict(table["supervision"])
+            except (TypeError, ValueError) as exc:
+                problems.add(f"{where}.supervision", str(exc))
+    return stages
+
+
+def load_config(source: str | os.PathLike | Mapping[str, Any]) -> DeployConfig:
+    """Read and validate a cluster.toml (or an equivalent dict); ConfigError lists every problem at once."""
+    label = "<dict>" if isinstance(source, Mapping) else str(source)
+    base = Path.cwd() if isinstance(source, Mapping) else Path(source).resolve().parent
+    try:
+        raw = load_toml(source)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(label, [str(exc)]) from None
+    problems = _Problems()
+    for key in raw:
+        if key not in _TABLES:
+            problems.add(key, "unknown table" + _did_you_mean(key, _TABLES))
+    cluster = problems.table("[cluster]", raw.get("cluster", {}), _CLUSTER_KEYS)
+    ssh = problems.table("[ssh]", raw.get("ssh", {}), _SSH_KEYS)
+    _check_file("[ssh].identity_file", ssh.get("identity_file"), base, problems)
+    stages = _check_stages(raw, problems)
+    node_defaults = {k: v for k, v in cluster.items() if k in _NODE_DEFAULT_KEYS}
+    nodes = _nodes(raw.get("node"), ssh, node_defaults, base, problems)
+    if "heartbeat" in cluster and "dead_after" in cluster and cluster["dead_after"] <= cluster["heartbeat"]:
+        problems.add("[cluster].dead_after", f"must be longer than heartbeat ({cluster['heartbeat']} s)")
+    default_name = Path(label).stem if not isinstance(source, Mapping) else "cluster"
+    name = cluster.get("name", default_name if _NAME.match(default_name) else "cluster")
+    if problems.items:
+        raise ConfigError(label, problems.items)
+    options = {k: v for k, v in cluster.items() if k not in _NODE_DEFAULT_KEYS and k != "name"}
+    return DeployConfig(source=label, name=name, nodes=tuple(nodes), stages=stages, **options)
+
+
+def _nodes(tables: Any, ssh: Mapping[str, Any], defaults: Mapping[str, Any], base: Path,
+           problems: _Problems) -> list[NodeSpec]:
+    """Every [[node]], with [ssh] and [cluster] defaults applied and names made unique."""
+    if tables is None:
+        problems.add("[[node]]", "no nodes: add at least one [[node]] table with a host")
+        return []
+    if not isinstance(tables, list):
+        problems.add("node", "must be an array of tables: write [[node]], not [node]")
+        return []
+    nodes: list[NodeSpec] = []
+    for index, table in enumerate(tables, 1):
+        label = (table.get("name") or table.get("host")) if isinstance(table, Mapping) else None
+        where = f"[[node]] #{index}" + (f" ({label})" if label else "")
+        good = problems.table(where, table, _NODE_KEYS)
+        if isinstance(table, Mapping) and "host" not in table:
+            problems.add(where, "missing 'host'")
+        if "host" not in good:
+            continue
+        own_ssh = {k: v for k, v in good.items() if k in _SSH_KEYS}
+        own = {k: v for k, v in good.items() if k not in _SSH_KEYS and k != "name"}
+        name = good.get("name", good["host"])
+        if "name" not in good and _name(name):
+            problems.add(where, f"needs a 'name': its host {name!r} cannot name a directory")
+            continue
+        _check_file(f"{where}.identity_file", own_ssh.get("identity_file"), base, problems)
+        nodes.append(NodeSpec(name=name, ssh=_ssh_settings({**ssh, **own_ssh}, base), **{**defaults, **own}))
+    names = [node.name for node in nodes]
+    for name in sorted({name for name in names if names.count(name) > 1}):
+        problems.add(f"[[node]] {name!r}", "duplicate name: give each [[node]] a distinct 'name'")
+    return nodes
+
+
+def _check_file(where: str, value: str | None, base: Path, problems: _Problems) -> None:
+    """An identity file must exist (checked without connecting anywhere)."""
+    if value is not None and not os.path.isfile(_local_path(value, base)):
+        problems.add(where, f"no such file: {_local_path(value, base)}")

@@ -1,0 +1,157 @@
+"""The helper a deployment runs on each host as `python - COMMAND ARGS...`, its source sent on stdin.
+
+Standard library only (the host may not have pipeline_cluster yet), and nothing newer than Python 3.6 syntax, so an
+old interpreter gets a clear version error instead of a SyntaxError. Each command prints one JSON value on stdout:
+
+    probe WORKDIR VENV          python version, installed pipeline_cluster version, absolute work dir, cached venv
+    install WHEEL VENV          create VENV (--system-site-packages) and pip install WHEEL into it, unless done
+    stop DIR GRACE              SIGTERM (then SIGKILL after GRACE s) every node whose pidfile is under DIR
+    status DIR                  the nodes whose pidfiles are under DIR, and whether each still runs
+    logs DIR NODE LINES [RUN]   the last LINES lines of NODE's node.log in run RUN (default: the latest run)
+
+A pidfile counts only while its process runs in the pidfile's own directory (deployed nodes are started there),
+so a recycled pid is never signalled; nothing is ever looked up or killed by name.
+"""
+import collections
+import fcntl
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+READY_MARK = ".pipeline-cluster-ready"
+
+
+def _emit(value):
+    sys.stdout.write(json.dumps(value) + "\n")
+
+
+def probe(workdir, venv):
+    """Report what the deployment needs to decide whether to ship, creating the work dir's layout."""
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    for sub in ("wheels", "venvs", "runs"):
+        os.makedirs(os.path.join(workdir, sub), mode=0o700, exist_ok=True)
+    try:
+        import pipeline_cluster
+        installed = pipeline_cluster.__version__
+    except Exception:
+        installed = None
+    venv_dir = os.path.join(workdir, "venvs", venv)
+    _emit({"python": list(sys.version_info[:3]), "executable": sys.executable, "installed": installed,
+           "workdir": workdir, "venv": venv_dir, "cached": os.path.exists(os.path.join(venv_dir, READY_MARK))})
+
+
+def _run(args):
+    done = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout)
+        sys.stderr.write("command failed (exit status %d): %s\n" % (done.returncode, " ".join(args)))
+        sys.exit(done.returncode)
+
+
+def install(wheel, venv):
+    """Make VENV hold WHEEL, once: dependencies come from the host's site-packages, else from its package index."""
+    with open(venv + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # several nodes (or roots) shipping to one host install once
+        if os.path.exists(os.path.join(venv, READY_MARK)):
+            _emit({"cached": True})
+            return
+        subprocess.run(["rm", "-rf", venv], check=True)
+        try:
+            import pip  # noqa: F401  the host's pip serves the venv too, which makes creating it instant
+            venv_args = ["--without-pip"]
+        except ImportError:
+            venv_args = []
+        _run([sys.executable, "-m", "venv", "--system-site-packages"] + venv_args + [venv])
+        _run([os.path.join(venv, "bin", "python"), "-m", "pip", "install", "--disable-pip-version-check",
+              "--no-input", "--quiet", wheel])
+        with open(os.path.join(venv, READY_MARK), "w") as mark:
+            mark.write(os.path.basename(wheel) + "\n")
+    _emit({"cached": False})
+
+
+def _running_in(pid, directory):
+    """Whether `pid` is a live (not zombie) process whose working directory is `directory`."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state != "Z" and os.path.realpath(os.readlink("/proc/%d/cwd" % pid)) == os.path.realpath(directory)
+    except (OSError, IndexError):
+        return False
+
+
+def _pidfiles(directory):
+    found = []
+    for path in sorted(glob.glob(os.path.join(os.path.expanduser(directory), "**", "node-*.pid"), recursive=True)):
+        try:
+            with open(path) as f:
+                found.append((path, int(f.read().strip())))
+        except (OSError, ValueError):
+            found.append((path, None))
+    return found
+
+
+def stop(directory, grace):
+    """Stop every node with a pidfile under `directory`: SIGTERM, SIGKILL after `grace` s; drop stale pidfiles."""
+    deadline = time.monotonic() + float(grace)
+    report = []
+    for path, pid in _pidfiles(directory):
+        running = pid is not None and _running_in(pid, os.path.dirname(path))
+        if running:
+            os.kill(pid, signal.SIGTERM)
+        report.append({"pidfile": path, "pid": pid, "result": "terminated" if running else "not running"})
+    live = [r for r in report if r["result"] == "terminated"]
+    while live and time.monotonic() < deadline:
+        time.sleep(0.05)
+        live = [r for r in live if _running_in(r["pid"], os.path.dirname(r["pidfile"]))]
+    for entry in live:
+        try:
+            os.kill(entry["pid"], signal.SIGKILL)  # its workers die with it (PR_SET_PDEATHSIG)
+            entry["result"] = "killed"
+        except OSError:
+            pass  # it exited at the last moment
+    for entry in report:
+        try:
+            os.unlink(entry["pidfile"])
+        except OSError:
+            pass  # the node removed its own pidfile on the way out
+    _emit(report)
+
+
+def status(directory):
+    """List the nodes with pidfiles under `directory`: run, node, pid, alive."""
+    report = []
+    for path, pid in _pidfiles(directory):
+        node_dir = os.path.dirname(path)
+        report.append({"run": os.path.basename(os.path.dirname(node_dir)), "node": os.path.basename(node_dir),
+                       "pid": pid, "alive": pid is not None and _running_in(pid, node_dir)})
+    _emit(report)
+
+
+def logs(directory, node, lines, run=None):
+    """Print the tail of a node's log, from run `run` or else the latest run that has one."""
+    directory = os.path.expanduser(directory)
+    runs = [run] if run else sorted(os.listdir(directory), reverse=True) if os.path.isdir(directory) else []
+    for name in runs:
+        path = os.path.join(directory, name, node, "node.log")
+        if os.path.exists(path):
+            with open(path, errors="replace") as f:
+                tail = collections.deque(f, maxlen=int(lines))
+            _emit({"run": name, "path": path, "text": "".join(tail)})
+            return
+    _emit({"run": None, "path": None, "text": ""})
+
+
+def main(argv):
+    """Dispatch one command."""
+    commands = {"probe": probe, "install": install, "stop": stop, "status": status, "logs": logs}
+    if not argv or argv[0] not in commands:
+        sys.exit("usage: python - {%s} ARGS..." % "|".join(commands))
+    commands[argv[0]](*argv[1:])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,102 @@
+"""The package as a wheel, built in memory from the code this process runs, byte-for-byte reproducible.
+
+No build backend runs: the wheel holds the `.py` files of the imported `pipeline_cluster` packages plus metadata
+copied from the installed distribution, with fixed timestamps, so the same code always gives the same sha256 and a
+host that already has it is skipped. Its version carries a hash of the code (`0.2.0+g1a2b3c4d5e6f`), so pip never
+mistakes it for another build of the same release.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import importlib
+import importlib.metadata
+import io
+import zipfile
+from pathlib import Path
+
+import pipeline_cluster
+
+DIST = "pipeline_cluster"
+# The packages of setup.cfg's `packages` (a test checks the two agree).
+PACKAGES = ("pipeline_cluster", "pipeline_cluster.actors", "pipeline_cluster.deploy", "pipeline_cluster.examples")
+_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Wheel:
+    """A built wheel: its file name, bytes and sha256 (hex)."""
+
+    filename: str
+    data: bytes
+    sha256: str
+
+    @property
+    def version(self) -> str:
+        """The wheel's version, local label included."""
+        return self.filename.split("-")[1]
+
+
+def _sources() -> dict[str, bytes]:
+    """Archive path -> bytes of every module of the packages, read from where they are imported from."""
+    files = {}
+    for package in PACKAGES:
+        directory = Path(importlib.import_module(package).__file__).parent
+        prefix = package.replace(".", "/")
+        for path in sorted(directory.glob("*.py")):
+            files[f"{prefix}/{path.name}"] = path.read_bytes()
+    return files
+
+
+def _record_line(name: str, data: bytes) -> str:
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"{name},sha256={digest},{len(data)}"
+
+
+def _metadata(version: str) -> dict[str, bytes]:
+    """dist-info files: METADATA (name, version, requirements of the installed distribution), WHEEL, entry points."""
+    installed = importlib.metadata.distribution(DIST)
+    requires = [r for r in installed.metadata.get_all("Requires-Dist") or [] if "extra ==" not in r]
+    lines = ["Metadata-Version: 2.1", f"Name: {DIST}", f"Version: {version}",
+             f"Requires-Python: {installed.metadata.get('Requires-Python') or '>=3.10'}"]
+    lines += [f"Requires-Dist: {r}" for r in requires]
+    info = f"{DIST}-{version}.dist-info"
+    return {
+        f"{info}/METADATA": ("\n".join(lines) + "\n").encode(),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: pipeline_cluster.deploy\nRoot-Is-Purelib: true\n"
+                         b"Tag: py3-none-any\n",
+        f"{info}/entry_points.txt": (installed.read_text("entry_points.txt") or "").encode(),
+    }
+
+
+_built: dict[str, Wheel] = {}
+
+
+def _build(files: dict[str, bytes], code_hash: str) -> Wheel:
+    version = f"{pipeline_cluster.__version__}+g{code_hash[:12]}"
+    files.update(_metadata(version))
+    record = f"{DIST}-{version}.dist-info/RECORD"
+    files[record] = ("\n".join([_record_line(n, d) for n, d in files.items()] + [f"{record},,"]) + "\n").encode()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():  # dist-info last, RECORD last of all, as the wheel spec recommends
+            entry = zipfile.ZipInfo(name, _EPOCH)
+            entry.external_attr = 0o644 << 16
+            entry.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(entry, data)
+    data = buffer.getvalue()
+    return Wheel(f"{DIST}-{version}-py3-none-any.whl", data, hashlib.sha256(data).hexdigest())
+
+
+def build_wheel() -> Wheel:
+    """Build (or reuse, while the code is unchanged) the wheel of the running pipeline_cluster."""
+    files = _sources()
+    digest = hashlib.sha256()
+    for name, data in files.items():
+        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    code_hash = digest.hexdigest()
+    if code_hash not in _built:
+        _built.clear()
+        _built[code_hash] = _build(files, code_hash)
+    return _built[code_hash]

@@ -1,0 +1,278 @@
+"""Real OpenSSH servers for deploy tests: sshd on 127.0.0.N with generated keys, and network namespaces as hosts.
+
+Needs root, Debian's openssh-server (/usr/sbin/sshd) and ssh-keygen; namespaces also need `ip` and CAP_NET_ADMIN.
+Everything started here is stopped by pid (sshd) or deleted by name (the namespaces and veths this run created).
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SSHD = "/usr/sbin/sshd"
+
+
+def require_sshd() -> None:
+    """Skip unless an OpenSSH server and ssh-keygen are installed (.ci/run installs openssh-server)."""
+    if not os.path.exists(SSHD) or not shutil.which("ssh-keygen"):
+        pytest.skip("needs Debian's openssh-server (/usr/sbin/sshd) and ssh-keygen")
+    if os.geteuid() != 0:
+        pytest.skip("sshd tests run as root (sshd needs it to switch users)")
+
+
+def keygen(path: Path) -> Path:
+    """An ed25519 key pair at `path` / `path`.pub, without passphrase."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pipeline-cluster-test", "-f", str(path)],
+                   check=True)
+    return path
+
+
+def free_port(address: str) -> int:
+    """A port that was free on `address` a moment ago."""
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+class Sshd:
+    """One sshd on address:port (inside namespace `netns` if given), accepting `user_keys`; stop() kills it by pid."""
+
+    def __init__(self, directory: Path, address: str, user_keys: list[Path], port: int | None = None,
+                 netns: str | None = None) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.address = address
+        self.netns = netns
+        self.host_key = keygen(directory / "host_key")
+        authorized = directory / "authorized_keys"
+        authorized.write_text("".join(Path(f"{k}.pub").read_text() for k in user_keys))
+        os.makedirs("/run/sshd", exist_ok=True)
+        self.log = directory / "sshd.log"
+        self.proc: subprocess.Popen | None = None
+        for _ in range(3):  # a port picked by free_port can be taken before sshd binds it
+            self.port = port or free_port(address)
+            if self._start(authorized):
+                return
+        raise RuntimeError(f"sshd did not start on {address}:\n{self.log.read_text()}")
+
+    def _start(self, authorized: Path) -> bool:
+        config = self.directory / "sshd_config"
+        config.write_text(f"""\
+ListenAddress {self.address}:{self.port}
+HostKey {self.host_key}
+PidFile none
+AuthorizedKeysFile {authorized}
+UsePAM no
+StrictModes no
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+AllowTcpForwarding yes
+MaxStartups 100
+MaxSessions 100
+Subsystem sftp internal-sftp
+""")
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(prefix + [SSHD, "-D", "-e", "-f", str(config)], stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if "Server listening on" in self.log.read_text():
+                return True
+            if self.proc.poll() is not None:
+                return False
+            time.sleep(0.02)
+        self.stop()
+        return False
+
+    def known_hosts_line(self, key: Path | None = None) -> str:
+        """This server's known_hosts line (or one claiming `key` as its host key)."""
+        kind, blob = Path(f"{key or self.host_key}.pub").read_text().split()[:2]
+        name = self.address if self.port == 22 else f"[{self.address}]:{self.port}"
+        return f"{name} {kind} {blob}\n"
+
+    def sessions(self) -> list:
+        """Processes this sshd is running for clients (sessions and what they started), via psutil."""
+        import psutil
+        try:
+            return [p for p in psutil.Process(self.proc.pid).children(recursive=True) if p.status() != "zombie"]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> None:
+        """Stop sshd and every session it still runs, by pid."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        import psutil
+        try:
+            sessions = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            sessions = []
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for proc in sessions:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(sessions, timeout=10)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+class NetLab:
+    """Network namespaces as hosts: each has lo up and a veth to the root namespace (or to another namespace)."""
+
+    def __init__(self) -> None:
+        self.tag = f"pc{os.getpid() % 100000}"
+        self.namespaces: list[str] = []
+        self._subnets = self._free_subnets()
+
+    @staticmethod
+    def available() -> str | None:
+        """None if namespaces can be made here, else why not."""
+        if os.geteuid() != 0 or not shutil.which("ip"):
+            return "network namespaces need root and iproute2"
+        name = f"pcprobe{os.getpid() % 100000}"
+        made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+        if made.returncode != 0:
+            return f"cannot create a network namespace: {made.stderr.strip()}"
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        return None
+
+    def _free_subnets(self):
+        """/24s in 10.0.0.0/8 that no interface or route here uses yet (other test runs may hold some)."""
+        used = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+        rng = random.Random(os.getpid())
+        while True:
+            net = ipaddress.ip_network(f"10.{rng.randrange(100, 250)}.{rng.randrange(0, 256)}.0/24")
+            if str(net.network_address)[:-1] not in used:
+                yield net
+
+    def host(self, label: str) -> str:
+        """A new namespace `label` linked to the root namespace; returns its address."""
+        ns = f"{self.tag}{label}"
+        _ip("netns", "add", ns)
+        self.namespaces.append(ns)
+        _ip("-n", ns, "link", "set", "lo", "up")
+        return self._veth(None, ns, f"{self.tag}{label}r")[1]
+
+    def link(self, a: str, b: str) -> tuple[str, str]:
+        """A veth between namespaces `a` and `b` (labels); returns (address in a, address in b)."""
+        return self._veth(f"{self.tag}{a}", f"{self.tag}{b}", f"{self.tag}{a}{b}")
+
+    def _veth(self, left: str | None, right: str, name: str) -> tuple[str, str]:
+        net = next(self._subnets)
+        hosts = list(net.hosts())
+        left_ip, right_ip = str(hosts[0]), str(hosts[1])
+        _ip("link", "add", name, "type", "veth", "peer", "name", name + "p")
+        if left is not None:
+            _ip("link", "set", name, "netns", left)
+        _ip("link", "set", name + "p", "netns", right)
+        for ns, dev, ip in ((left, name, left_ip), (right, name + "p", right_ip)):
+            where = ["-n", ns] if ns else []
+            _ip(*where, "addr", "add", f"{ip}/24", "dev", dev)
+            _ip(*where, "link", "set", dev, "up")
+        return left_ip, right_ip
+
+    def namespace(self, label: str) -> str:
+        """The namespace name of host `label`."""
+        return f"{self.tag}{label}"
+
+    def set_link(self, label: str, up: bool) -> None:
+        """Bring the root-side end of host `label`'s veth up or down (down = a partition: no FIN, no RST)."""
+        _ip("link", "set", f"{self.tag}{label}r", "up" if up else "down")
+
+    def close(self) -> None:
+        """Delete the namespaces (their veths go with them)."""
+        for ns in self.namespaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.namespaces.clear()
+
+
+def toml_value(value) -> str:
+    """A Python value as TOML (strings, numbers, booleans, lists, inline tables)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+
+
+def toml_table(header: str, values: dict) -> str:
+    """One `[header]` (or `[[header]]`) table."""
+    return header + "\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()) + "\n"
+
+
+class SshLab:
+    """sshd servers sharing one user key and one known_hosts file, and cluster.toml files that use them."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.user_key = keygen(tmp / "id_user")
+        self.known_hosts = tmp / "known_hosts"
+        self.known_hosts.touch()
+        self.servers: list[Sshd] = []
+
+    def sshd(self, address: str, netns: str | None = None, port: int | None = None, trust: bool = True) -> Sshd:
+        """Start an sshd; `trust` puts its host key into the lab's known_hosts."""
+        server = Sshd(self.tmp / f"sshd-{len(self.servers)}", address, [self.user_key], port, netns)
+        self.servers.append(server)
+        if trust:
+            with open(self.known_hosts, "a") as f:
+                f.write(server.known_hosts_line())
+        return server
+
+    def node(self, server: Sshd, name: str, **options) -> dict:
+        """A [[node]] table for `server`: this interpreter as its python, its own work dir, NODE_TAG = name."""
+        return {"name": name, "host": server.address, "port": server.port, "python": sys.executable,
+                "workdir": str(self.tmp / f"work-{name}"), "env": {"NODE_TAG": name}, **options}
+
+    def config(self, nodes: list[dict], ssh: dict | None = None, **cluster) -> Path:
+        """Write a cluster.toml for `nodes`; short heartbeats so that losses show fast."""
+        cluster = {"name": "test", "heartbeat": 0.3, "dead_after": 3.0, "start_timeout": 30.0, "workers": 2,
+                   **cluster}
+        ssh = {"user": "root", "identity_file": str(self.user_key), "known_hosts": str(self.known_hosts),
+               "connect_timeout": 5.0, **(ssh or {})}
+        path = self.tmp / f"cluster-{len(list(self.tmp.glob('cluster-*.toml')))}.toml"
+        path.write_text(toml_table("[cluster]", cluster) + toml_table("[ssh]", ssh)
+                        + "".join(toml_table("[[node]]", node) for node in nodes))
+        return path
+
+    def sessions(self) -> list:
+        """Processes any lab sshd still runs for clients (deployed nodes, their workers, shells)."""
+        return [p for server in self.servers for p in server.sessions()]
+
+    def close(self) -> None:
+        """Stop every sshd (and anything still running under it)."""
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture
+def ssh_lab(tmp_path):
+    """An SshLab; skipped without sshd; every server stopped after the test."""
+    require_sshd()
+    lab = SshLab(tmp_path)
+    yield lab
+    lab.close()

@@ -1,0 +1,209 @@
+"""cluster.toml validation, the in-memory wheel, and the host helper's pid safety: no SSH needed."""
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from pipeline_cluster import cli
+from pipeline_cluster.deploy.config import load_config
+from pipeline_cluster.deploy.errors import ConfigError
+from pipeline_cluster.deploy.wheel import PACKAGES, build_wheel
+from tests.conftest import wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+GOOD = """
+[cluster]
+name = "lab"
+connect = "direct"
+heartbeat = 2
+dead_after = 20.0
+python = "/opt/py/bin/python3"
+workers = 3
+
+[ssh]
+user = "deploy"
+port = 2222
+identity_file = "id_test"
+known_hosts = "kh"
+host_key_policy = "accept-new"
+jump = "ops@bastion:2200"
+
+[[node]]
+host = "10.1.0.5"
+
+[[node]]
+name = "big"
+host = "big.example"
+port = 22
+user = "root"
+workers = 8
+env = { OMP_NUM_THREADS = "1" }
+ship = "never"
+jump = []
+
+[stages.split]
+workers = 4
+supervision = { max_attempts = 5 }
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "id_test").write_text("not really a key\n")
+    path = tmp_path / "cluster.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.timeout(30)
+def test_config_defaults_overrides_and_paths(tmp_path):
+    config = load_config(write(tmp_path, GOOD.replace("jump = []\n", "")))
+    assert (config.name, config.connect, config.heartbeat, config.dead_after) == ("lab", "direct", 2, 20.0)
+    first, big = config.nodes
+    assert first.name == "10.1.0.5" and first.python == "/opt/py/bin/python3" and first.workers == 3
+    assert first.ssh.user == "deploy" and first.ssh.port == 2222 and first.ship == "auto"
+    assert first.ssh.identity_file == str(tmp_path / "id_test")  # relative to the file
+    assert first.ssh.known_hosts == str(tmp_path / "kh")
+    assert [str(j) for j in first.ssh.jump] == ["ops@bastion:2200"]
+    assert big.ssh.user == "root" and big.ssh.port == 22 and big.workers == 8 and big.ship == "never"
+    assert big.env == {"OMP_NUM_THREADS": "1"} and big.address == "root@big.example:22"
+    assert config.stages == {"split": {"workers": 4, "supervision": {"max_attempts": 5}}}
+
+
+@pytest.mark.timeout(30)
+def test_check_names_every_bad_key(tmp_path, capsys):
+    bad = """
+[cluster]
+connect = "telepathy"
+heartbeat = 5
+dead_after = 1
+credits = 10
+
+[ssh]
+host_key_policy = "yolo"
+port = "22"
+identity_file = "missing_key"
+
+[[node]]
+host = "a"
+pyhton = "python3"
+workers = 0
+
+[[node]]
+name = "a"
+host = "b"
+env = { PATH = 1 }
+jump = "not a@valid@jump"
+
+[[node]]
+name = "no host here"
+
+[stages.split]
+wrokers = 2
+supervision = { max_attempt = 3 }
+
+[extra]
+x = 1
+"""
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, bad))
+    problems = "\n".join(caught.value.problems)
+    expected = [
+        "[cluster].connect: must be one of 'tunnel', 'direct'",
+        "[cluster].credits: unknown key (did you mean 'credit'?)",
+        "[cluster].dead_after: must be longer than heartbeat",
+        "[ssh].host_key_policy: must be one of 'strict', 'accept-new', 'insecure'",
+        "[ssh].port: must be a port number",
+        "[ssh].identity_file: no such file",
+        "[[node]] #1 (a).pyhton: unknown key (did you mean 'python'?)",
+        "[[node]] #1 (a).workers: must be a positive integer",
+        "[[node]] #2 (a).env: has bad entries ['PATH']",
+        "[[node]] #2 (a).jump: must be",
+        "[[node]] #3 (no host here).name: must be letters",
+        "[[node]] #3 (no host here): missing 'host'",
+        "[[node]] 'a': duplicate name",
+        "[stages.split].wrokers: unknown key (did you mean 'workers'?)",
+        "[stages.split].supervision: unknown supervision key(s) ['max_attempt']",
+        "extra: unknown table",
+    ]
+    for text in expected:
+        assert text in problems, f"{text!r} not reported in:\n{problems}"
+    assert len(caught.value.problems) == len(expected), problems
+
+    assert cli.main(["deploy", "check", str(tmp_path / "cluster.toml")]) == 2
+    err = capsys.readouterr().err
+    assert f"{len(expected)} problem(s)" in err and "pyhton" in err and "wrokers" in err
+
+
+@pytest.mark.timeout(30)
+def test_check_ok_and_syntax_error(tmp_path, capsys):
+    path = write(tmp_path, GOOD)
+    assert cli.main(["deploy", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "ok: cluster 'lab'" in out and "2 node(s)" in out and "via ops@bastion:2200" in out
+    path.write_text("[cluster\nname = 1\n")
+    assert cli.main(["deploy", "check", str(path)]) == 2
+    assert "cluster.toml" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(30)
+def test_wheel_is_reproducible_and_holds_every_module():
+    first, second = build_wheel(), build_wheel()
+    assert first.sha256 == second.sha256 and first.data == second.data
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    assert set(PACKAGES) == set(setup["options"]["packages"].split())
+    names = set(zipfile.ZipFile(__import__("io").BytesIO(first.data)).namelist())
+    for package in PACKAGES:
+        directory = REPO / setup["options"]["package_dir"].split(package + " = ")[1].split()[0]
+        for module in directory.glob("*.py"):
+            assert f"{package.replace('.', '/')}/{module.name}" in names
+    info = f"pipeline_cluster-{first.version}.dist-info"
+    assert {f"{info}/METADATA", f"{info}/RECORD", f"{info}/WHEEL", f"{info}/entry_points.txt"} <= names
+    assert first.filename == f"pipeline_cluster-{first.version}-py3-none-any.whl" and "+g" in first.version
+
+
+@pytest.mark.timeout(30)
+def test_importing_the_package_does_not_import_paramiko():
+    code = "import sys, pipeline_cluster, pipeline_cluster.cli; print('paramiko' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.timeout(30)
+def test_host_stop_signals_only_processes_running_in_their_pidfile_dir(tmp_path):
+    """A recycled pid (a process running elsewhere) is never signalled; the real node is, by pid."""
+    runs = tmp_path / "runs" / "c"
+    node_dir, elsewhere = runs / "r1" / "n1", runs / "r1" / "n2"
+    node_dir.mkdir(parents=True)
+    elsewhere.mkdir(parents=True)
+    ours = subprocess.Popen(["sleep", "60"], cwd=node_dir)
+    stranger = subprocess.Popen(["sleep", "60"], cwd=tmp_path)
+    try:
+        (node_dir / "node-1.pid").write_text(str(ours.pid))
+        (elsewhere / "node-2.pid").write_text(str(stranger.pid))
+        script = (REPO / "deploy" / "hostscript.py").read_text()
+
+        def hostscript(*args: str):
+            done = subprocess.run([sys.executable, "-", *args], input=script, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout)
+
+        status = {e["node"]: e["alive"] for e in hostscript("status", str(runs))}
+        assert status == {"n1": True, "n2": False}
+        report = {Path(e["pidfile"]).parent.name: e["result"] for e in hostscript("stop", str(runs), "5")}
+        assert report == {"n1": "terminated", "n2": "not running"}
+        assert wait_until(lambda: ours.poll() is not None, 5)
+        assert stranger.poll() is None and not list(runs.rglob("*.pid"))
+        assert hostscript("stop", str(runs), "5") == []  # idempotent
+    finally:
+        for proc in (ours, stranger):
+            proc.kill()
+            proc.wait()
+    assert os.path.isdir(node_dir)

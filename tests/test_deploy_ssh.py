@@ -1,0 +1,193 @@
+"""Deployments against real OpenSSH servers on 127.0.0.N: both connect modes, host keys, failures, orphans."""
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+import pipeline_cluster as pc
+from pipeline_cluster import cli
+from pipeline_cluster.deploy.errors import DeployError
+from tests.conftest import wait_until
+from tests.sshd import ssh_lab, keygen  # noqa: F401  (ssh_lab is a fixture)
+
+
+def tagger():
+    """A stage defined in a function, so cloudpickle ships it by value to nodes that cannot import this module."""
+    def tag(x):
+        return (x, os.environ.get("NODE_TAG"))
+    return tag
+
+
+def deploy_error(path) -> DeployError:
+    with pytest.raises(DeployError) as caught:
+        pc.SSHCluster.from_config(path)
+    return caught.value
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("connect", ["tunnel", "direct"])
+def test_two_nodes_carry_a_pipeline_exactly_once_then_nothing_is_left(ssh_lab, connect, capsys):
+    a, b = ssh_lab.sshd("127.0.0.2"), ssh_lab.sshd("127.0.0.3")
+    path = ssh_lab.config([ssh_lab.node(a, "a", listen="127.0.0.2"), ssh_lab.node(b, "b")], connect=connect)
+    started = time.monotonic()
+    with pc.SSHCluster.from_config(path, credit=64) as cluster:
+        up_seconds = time.monotonic() - started
+        assert [(h.node, h.ok, h.ship) for h in cluster.hosts] == [("a", True, "existing"), ("b", True, "existing")]
+        outputs = list(cluster.run([tagger()], range(4000)))
+        assert collections.Counter(x for x, _ in outputs) == collections.Counter(range(4000))
+        assert {node for _, node in outputs} == {"a", "b"}
+        # the seed's step-by-step interface works the same way
+        cluster.setup("steps", 1, [{"function": tagger(), "is_generator": False}])
+        cluster.boot()
+        cluster.feed(*range(100))
+        cluster.wait_empty(timeout=30)
+        assert sorted(x for x, _ in cluster.outputs) == list(range(100))
+        pids = [h.pid for h in cluster.hosts]
+    print(f"deploy up of 2 nodes ({connect}): {up_seconds:.2f} s")
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids)
+    assert cli.main(["deploy", "down", str(path)]) == 0
+    assert "no node was running" in capsys.readouterr().out
+    assert wait_until(lambda: ssh_lab.sessions() == [], 10), ssh_lab.sessions()
+
+
+@pytest.mark.timeout(60)
+def test_host_keys_unknown_pinned_changed_and_wrong_user_key(ssh_lab, capsys):
+    server = ssh_lab.sshd("127.0.0.4", trust=False)
+    name = f"[127.0.0.4]:{server.port}"
+    node = ssh_lab.node(server, "n")
+
+    error = deploy_error(ssh_lab.config([node])).errors[0]  # strict is the default
+    assert (error.phase, error.node) == ("host key", "n") and name in str(error) and "not in" in str(error)
+    assert ssh_lab.known_hosts.read_text() == ""
+
+    assert cli.main(["deploy", "status", str(ssh_lab.config([node], {"host_key_policy": "accept-new"}))]) == 0
+    assert "n: not running" in capsys.readouterr().out
+    assert ssh_lab.known_hosts.read_text() == server.known_hosts_line()  # pinned
+    assert cli.main(["deploy", "status", str(ssh_lab.config([node]))]) == 0  # now strict accepts it
+
+    other = keygen(ssh_lab.tmp / "other_host_key")
+    ssh_lab.known_hosts.write_text(server.known_hosts_line(other))  # the server's key "changed"
+    for policy in ("strict", "accept-new", "insecure"):
+        error = deploy_error(ssh_lab.config([node], {"host_key_policy": policy})).errors[0]
+        assert error.phase == "host key" and "CHANGED" in str(error) and name in str(error), policy
+    assert ssh_lab.known_hosts.read_text() == server.known_hosts_line(other)  # nothing re-pinned
+
+    ssh_lab.known_hosts.write_text("")
+    with pytest.warns(RuntimeWarning, match="insecure"):
+        assert cli.main(["deploy", "status", str(ssh_lab.config([node], {"host_key_policy": "insecure"}))]) == 0
+    assert ssh_lab.known_hosts.read_text() == ""  # insecure never pins
+
+    ssh_lab.known_hosts.write_text(server.known_hosts_line())
+    stranger = keygen(ssh_lab.tmp / "id_stranger")
+    error = deploy_error(ssh_lab.config([node], {"identity_file": str(stranger)})).errors[0]
+    assert (error.phase, error.node) == ("auth", "n") and "127.0.0.4" in str(error) and "'root'" in str(error)
+
+
+@pytest.mark.timeout(60)
+def test_missing_python_and_a_node_dying_before_ready_are_named(ssh_lab):
+    a, b = ssh_lab.sshd("127.0.0.5"), ssh_lab.sshd("127.0.0.6")
+    error = deploy_error(ssh_lab.config([ssh_lab.node(a, "good"),
+                                         ssh_lab.node(b, "nopy", python="/nonexistent/bin/python3")]))
+    assert len(error.errors) == 1
+    failed = error.errors[0]
+    assert (failed.node, failed.phase, failed.exit_status) == ("nopy", "ship", 127)
+    assert "/nonexistent/bin/python3" in failed.stderr_tail and f"127.0.0.6:{b.port}" in str(failed)
+    assert wait_until(lambda: ssh_lab.sessions() == [], 10)  # the good node was stopped too
+
+    # the node cannot bind its listen address: it exits before PCREADY, and its stderr says why
+    error = deploy_error(ssh_lab.config([ssh_lab.node(a, "nobind", listen="192.0.2.1")], connect="direct"))
+    failed = error.errors[0]
+    assert (failed.node, failed.phase, failed.exit_status) == ("nobind", "start", 1)
+    assert "Cannot assign requested address" in failed.stderr_tail, failed
+
+
+ROOT_SCRIPT = """
+import json, sys, time
+import pipeline_cluster as pc
+
+def slow(x):
+    time.sleep(0.05)
+    return x
+
+cluster = pc.SSHCluster.from_config(sys.argv[1])
+results = cluster.run([slow], range(100000))
+next(results)
+print(json.dumps([h.pid for h in cluster.hosts]), flush=True)
+for _ in results:
+    pass
+"""
+
+
+@pytest.mark.timeout(90)
+def test_kill_9_of_the_root_takes_nodes_and_workers_down(ssh_lab, tmp_path):
+    a, b = ssh_lab.sshd("127.0.0.7"), ssh_lab.sshd("127.0.0.8")
+    path = ssh_lab.config([ssh_lab.node(a, "a"), ssh_lab.node(b, "b")], connect="direct", dead_after=4.0)
+    script = tmp_path / "root.py"
+    script.write_text(ROOT_SCRIPT)
+    root = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        node_pids = [int(p) for p in root.stdout.readline().strip()[1:-1].split(",")]
+        nodes = [psutil.Process(pid) for pid in node_pids]
+        workers = [w for node in nodes for w in node.children(recursive=True)]
+        assert len(workers) >= 4, workers  # 2 workers per node, started when the run began
+        root.send_signal(signal.SIGKILL)
+        started = time.monotonic()
+        gone, alive = psutil.wait_procs(nodes + workers, timeout=4.0)
+        assert not alive, f"still running {time.monotonic() - started:.1f} s after kill -9 of the root: {alive}"
+    finally:
+        root.kill()
+        root.wait()
+    assert wait_until(lambda: ssh_lab.sessions() == [], 10)
+
+
+@pytest.mark.timeout(120)
+def test_wheel_shipped_into_a_venv_then_reused_from_cache(ssh_lab):
+    server = ssh_lab.sshd("127.0.0.9")
+    path = ssh_lab.config([ssh_lab.node(server, "w", ship="always")])
+    for expected in ("shipped", "cached"):
+        with pc.SSHCluster.from_config(path) as cluster:
+            host = cluster.hosts[0]
+            assert host.ship == expected
+            exe = psutil.Process(host.pid).cmdline()[0]
+            assert exe.startswith(str(ssh_lab.tmp / "work-w" / "venvs")), exe
+            assert sorted(x for x, _ in cluster.run([tagger()], range(50))) == list(range(50))
+    wheels = list((ssh_lab.tmp / "work-w" / "wheels").glob("pipeline_cluster-*+g*-py3-none-any.whl"))
+    assert len(wheels) == 1
+
+
+@pytest.mark.timeout(90)
+def test_cli_up_status_logs_down(ssh_lab, capsys):
+    a, b = ssh_lab.sshd("127.0.0.10"), ssh_lab.sshd("127.0.0.11")
+    path = ssh_lab.config([ssh_lab.node(a, "a"), ssh_lab.node(b, "b")])
+    up = subprocess.Popen([sys.executable, "-m", "pipeline_cluster.cli", "deploy", "up", str(path)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    try:
+        lines = [up.stdout.readline() for _ in range(3)]
+        assert "2 node(s) up in" in lines[2], (lines, up.stderr.read() if up.poll() is not None else "")
+        assert cli.main(["deploy", "status", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert "a: running, pid" in out and "b: running, pid" in out
+        assert cli.main(["deploy", "logs", str(path), "--node", "b"]) == 0
+        out = capsys.readouterr().out
+        assert "==> b (" in out and "node server listening on 127.0.0.1" in out and "==> a" not in out
+        started = time.monotonic()
+        assert cli.main(["deploy", "down", str(path), "--grace", "5"]) == 0
+        assert time.monotonic() - started < 10
+        out = capsys.readouterr().out
+        assert out.count(" terminated ") == 2 and "2 node process(es) stopped" in out
+        assert up.wait(20) == 1  # `up` saw its nodes go
+        assert "lost" in up.stderr.read()
+        assert cli.main(["deploy", "down", str(path)]) == 0  # idempotent
+        assert "no node was running" in capsys.readouterr().out
+    finally:
+        up.kill()
+        up.wait()
+    assert wait_until(lambda: ssh_lab.sessions() == [], 10)
