@@ -129,7 +129,8 @@ class WorkerActor(Actor):
 
     def on_start(self) -> None:
         init = {"spec": self.config.spec, "retry_on": self.config.retry_on, "node": self.config.node,
-                "stage": self.config.stage_name, "log_level": self.config.log_level, "sys_path": self.config.sys_path}
+                "stage": self.config.stage_name, "log_level": self.config.log_level, "sys_path": self.config.sys_path,
+                "timed": self.config.timeout is not None}
         try:
             self.proc.conn.send_bytes(pickle.dumps(("init", init), protocol=5))
         except OSError:
