@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -24,6 +25,7 @@ from pipeline_cluster import __version__, multiprocess_logging, wire
 from pipeline_cluster.actors.base import ask, tell
 from pipeline_cluster.actors.node import NodeActor
 from pipeline_cluster.auth import resolve_authkey
+from pipeline_cluster.errors import ClusterError
 from pipeline_cluster.multiprocess_logging import Record
 
 logger = logging.getLogger("pipeline_cluster.node")
@@ -59,8 +61,6 @@ class Session:
                     self._send(("ping",))
                 elif message[0] == "tell":
                     _, name, args = message
-                    if name == "setup":
-                        args = (cloudpickle.loads(args[0]),)
                     tell(self.node, name, *args)
                 elif message[0] == "ask":
                     threading.Thread(target=self._answer, args=message[1:], daemon=True).start()
@@ -79,7 +79,7 @@ class Session:
                               "python": sys.version.split()[0]}
             else:
                 if name == "setup":
-                    args = (cloudpickle.loads(args[0]),)
+                    args = (self._load_pipeline(args[0]),)
                 value = ask(self.node, name, *args, timeout=600)
             self._send(("reply", rid, True, value))
         except BaseException as exc:
@@ -96,6 +96,14 @@ class Session:
                 logger.warning("root silent for more than %s s: ending its session", dead_after)
                 self.channel.close()
                 return
+
+    @staticmethod
+    def _load_pipeline(payload: bytes) -> Any:
+        try:
+            return cloudpickle.loads(payload)
+        except Exception as exc:
+            raise ClusterError(f"node {socket.gethostname()} cannot load the pipeline: {type(exc).__name__}: {exc} "
+                               "(functions from your own modules must be importable on every node)") from None
 
     def close(self) -> None:
         """Stop the node actor (killing its workers) and close the connection."""

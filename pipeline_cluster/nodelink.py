@@ -88,15 +88,16 @@ class RemoteLink:
 
     def tell(self, name: str, *args: Any) -> None:
         """Send a message to the node; a lost node is handled by the reader, not here."""
-        if name == "setup":
-            args = (cloudpickle.dumps(args[0]),)
         try:
             self.channel.send(("tell", name, args))
         except OSError:
             pass
 
     def ask(self, name: str, *args: Any, timeout: float | None = None) -> Any:
-        """Send a message and wait for the node's answer (its exception is re-raised here)."""
+        """Send a message and wait for the node's answer (its exception is re-raised here).
+
+        A pipeline travels cloudpickled inside the message, so the node unpickles it where a failure can be answered.
+        """
         if name == "setup":
             args = (cloudpickle.dumps(args[0]),)
         reply = _Reply()

@@ -179,3 +179,16 @@ def test_seed_node_server_class_in_process(tmp_path, monkeypatch):
         server.stop()
         thread.join(10)
     assert not thread.is_alive()
+
+
+@pytest.mark.timeout(60)
+def test_pipeline_a_node_cannot_import_is_a_clear_error(nodes, tmp_path, monkeypatch):
+    module = tmp_path / "only_on_root.py"
+    module.write_text("def f(x):\n    return x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import only_on_root
+    server = nodes("127.0.0.12")
+    with pc.Cluster.connect([server.address]) as cluster:
+        with pytest.raises(pc.ClusterError, match="cannot load the pipeline: ModuleNotFoundError"):
+            cluster.setup("x", 1, [only_on_root.f])
+        assert sorted(cluster.run([abs], [-3])) == [3]  # the node is still fine
