@@ -122,27 +122,23 @@ class StageSupervisor(Actor):
     def on_kill(self) -> None:
         """Stop at once: SIGKILL every worker process."""
         self.state = "stopping"
-        for slot in self.slots.values():
-            slot.proc.kill()
         self._stop_all()
 
     def _stop_all(self) -> None:
+        """Kill what still runs and stop every worker actor (each reaps its process and frees its resources)."""
         for slot in self.slots.values():
             slot.proc.kill()
-            slot.ref.stop(block=False)
-        for slot in self.slots.values():
+        stopping = [slot.ref.stop(block=False) for slot in self.slots.values()]
+        for future in stopping:
             try:
-                slot.ref.actor_stopped.wait(10)
-            except AttributeError:
+                future.get(timeout=10)
+            except pykka.Timeout:
                 pass
         self.slots.clear()
         self.stats.workers = 0
 
     def on_stats(self) -> StageStats:
         return StageStats(**{**self.stats.__dict__, "samples": list(self.stats.samples)})
-
-    def on_backlog(self) -> int:
-        return self.queued + sum(len(c[0]) for s in self.slots.values() for c in s.inflight.values())
 
     # -- items ---------------------------------------------------------------------------------------------------
 
