@@ -11,7 +11,6 @@ stderr (`node.log`) into their run dir `WORKDIR/runs/CLUSTER/RUN_ID/NODE`, where
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -29,7 +28,7 @@ from pipeline_cluster.deploy.channelsock import ChannelSocket
 from pipeline_cluster.deploy.config import DeployConfig, NodeSpec
 from pipeline_cluster.deploy.errors import DeployError, HostError
 from pipeline_cluster.deploy.remote import Connector, remote_argv, run_hostscript, tail
-from pipeline_cluster.deploy.wheel import Wheel, build_wheel
+from pipeline_cluster.deploy.wheel import build_wheel
 from pipeline_cluster.nodelink import RemoteLink
 
 logger = logging.getLogger("pipeline_cluster.deploy")
@@ -77,13 +76,12 @@ class RemoteNode:
         """A HostError for this node in its current phase."""
         return HostError(self.spec.name, self.spec.address, self.phase, detail, exit_status, tail(stderr))
 
-    def up(self, connector: Connector, wheel: Callable[[], Wheel], authkey: bytes, root: Any,
-           log_sink: Callable) -> RemoteLink:
+    def up(self, connector: Connector, authkey: bytes, root: Any, log_sink: Callable) -> RemoteLink:
         """Every phase in order; raises HostError naming the phase that failed."""
         started = time.monotonic()
         self.client = connector.open(self.spec)
         self.phase = "ship"
-        python = self._ship(wheel)
+        python = self._ship()
         self.phase = "start"
         port = self._start(python, authkey)
         self.phase = "handshake"
@@ -93,22 +91,22 @@ class RemoteNode:
 
     # -- ship ----------------------------------------------------------------------------------------------------
 
-    def _hostscript(self, *args: str, python: str | None = None) -> Any:
-        """Run a hostscript command; HostError with its exit status and stderr when it fails."""
-        python = python or self.spec.python
+    def _hostscript(self, *args: str) -> Any:
+        """Run a hostscript command with the node's python; HostError with exit status and stderr when it fails."""
+        python = self.spec.python
         try:
             status, answer, err = run_hostscript(self.client, python, *args, timeout=COMMAND_TIMEOUT)
         except (TimeoutError, paramiko.SSHException, OSError) as exc:
             raise self.fail(f"{args[0]} on the host: {exc}") from None
         if status != 0 or answer is None:
-            reason = "not found" if status == 127 else "cannot run" if status == 126 else "failed"
-            raise self.fail(f"python {python!r} {reason} ({args[0]})", status, err)
+            problems = {127: f"python {python!r} not found on the host", 126: f"python {python!r} cannot run"}
+            raise self.fail(problems.get(status, f"{args[0]} with python {python!r} failed"), status, err)
         return answer
 
-    def _ship(self, wheel: Callable[[], Wheel]) -> str:
+    def _ship(self) -> str:
         """Decide and do what the host needs; returns the python to start the node with."""
         spec = self.spec
-        built = wheel() if spec.ship != "never" else None
+        built = build_wheel() if spec.ship != "never" else None
         venv_id = built.sha256[:16] if built else "none"
         probe = self._hostscript("probe", spec.workdir, venv_id)
         if tuple(probe["python"]) < (3, 10):
@@ -268,14 +266,27 @@ class RemoteNode:
             logger.warning("node %s (%s): could not stop it by pidfile: %s", self.spec.name, self.spec.address, exc)
 
 
-def in_parallel(nodes: list[T], work: Callable[[T], Any]) -> list[Any]:
-    """Run `work` on every item in its own thread; returns results (or the exception raised) in order."""
-    if not nodes:
-        return []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, len(nodes))) as pool:
-        futures = [pool.submit(work, node) for node in nodes]
-        concurrent.futures.wait(futures)
-    return [f.exception() or f.result() for f in futures]
+def in_parallel(items: list[T], work: Callable[[T], Any]) -> list[Any]:
+    """Run `work` on every item in its own thread; returns results (or the exception raised) in order.
+
+    Plain threads rather than an executor, which refuses work once the interpreter is exiting, when atexit
+    closes a forgotten cluster.
+    """
+    results: list[Any] = [None] * len(items)
+
+    def run(index: int, item: T) -> None:
+        try:
+            results[index] = work(item)
+        except BaseException as exc:
+            results[index] = exc
+
+    threads = [threading.Thread(target=run, args=pair, daemon=True, name="pipeline-cluster-deploy")
+               for pair in enumerate(items)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
 
 
 class Deployment:
@@ -287,8 +298,6 @@ class Deployment:
         self.authkey = secrets.token_bytes(32)  # per run, never on a command line or in a file
         self.connector = Connector()
         self.nodes = [RemoteNode(spec, config, run_id) for spec in config.nodes]
-        self._wheel: Wheel | None = None
-        self._wheel_lock = threading.Lock()
         self._down = False
 
     @property
@@ -296,17 +305,13 @@ class Deployment:
         """One result per node, in config order."""
         return [node.result for node in self.nodes]
 
-    def wheel(self) -> Wheel:
-        """The package's wheel, built once for all hosts."""
-        with self._wheel_lock:
-            if self._wheel is None:
-                self._wheel = build_wheel()
-            return self._wheel
-
     def up(self, root: Any, log_sink: Callable) -> list[RemoteLink]:
         """Bring every node up; on any failure stop them all and raise DeployError with one HostError per failure."""
-        outcomes = in_parallel(self.nodes, lambda node: node.up(self.connector, self.wheel, self.authkey, root,
-                                                                log_sink))
+        try:
+            outcomes = in_parallel(self.nodes, lambda node: node.up(self.connector, self.authkey, root, log_sink))
+        except BaseException:  # Ctrl-C while hosts come up
+            self._abort()
+            raise
         errors = []
         for node, outcome in zip(self.nodes, outcomes):
             if isinstance(outcome, BaseException):
@@ -315,12 +320,16 @@ class Deployment:
                 node.result.error = error
                 errors.append(error)
         if errors:
-            for node in self.nodes:
-                if node.link is not None:
-                    node.link.close()
-            self.down()
+            self._abort()
             raise DeployError(errors, len(self.nodes))
         return [node.link for node in self.nodes]
+
+    def _abort(self) -> None:
+        """Close the links made so far and stop every node."""
+        for node in self.nodes:
+            if node.link is not None:
+                node.link.close()
+        self.down()
 
     def down(self) -> None:
         """Stop every node and close every SSH connection; idempotent."""

@@ -10,9 +10,13 @@ import signal
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline_cluster.deploy.config import DeployConfig
 
 
-def _config(path: str):
+def _config(path: str) -> DeployConfig:
     """The validated config (ConfigError lists every problem)."""
     from pipeline_cluster.deploy.config import load_config
 

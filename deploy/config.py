@@ -31,7 +31,7 @@ _JUMP = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]\s]+\]|[^:@\s\[\]]+)
 
 @dataclasses.dataclass(frozen=True)
 class Jump:
-    """One jump host (`user@host:port`); unset parts come from the [ssh] settings."""
+    """One jump host (`user@host:port`); the user defaults to the node's SSH user, the port to 22."""
 
     host: str
     user: str | None = None
@@ -232,8 +232,9 @@ def _check_stages(config: Mapping[str, Any], problems: _Problems) -> dict[str, A
         where = f"[stages.{name}]"
         for key in sorted(set(table) - {"workers", "supervision"}):
             problems.add(f"{where}.{key}", "unknown key" + _did_you_mean(key, ("workers", "supervision")))
-        if "workers" in table and _positive_int(table["workers"]):
-            problems.add(f"{where}.workers", _positive_int(table["workers"]) or "")
+        problem = _positive_int(table["workers"]) if "workers" in table else None
+        if problem:
+            problems.add(f"{where}.workers", problem)
         if "supervision" in table:
             try:
                 if not isinstance(table["supervision"], Mapping):
@@ -274,7 +275,7 @@ def load_config(source: str | os.PathLike | Mapping[str, Any]) -> DeployConfig:
 
 def _nodes(tables: Any, ssh: Mapping[str, Any], defaults: Mapping[str, Any], base: Path,
            problems: _Problems) -> list[NodeSpec]:
-    """Every [[node]], with [ssh] and [cluster] defaults applied and names made unique."""
+    """Every [[node]], with [ssh] and [cluster] defaults applied; names must be unique."""
     if tables is None:
         problems.add("[[node]]", "no nodes: add at least one [[node]] table with a host")
         return []

@@ -4,7 +4,7 @@ Standard library only (the host may not have pipeline_cluster yet), and nothing 
 old interpreter gets a clear version error instead of a SyntaxError. Each command prints one JSON value on stdout:
 
     probe WORKDIR VENV          python version, installed pipeline_cluster version, absolute work dir, cached venv
-    install WHEEL VENV          create VENV (--system-site-packages) and pip install WHEEL into it, unless done
+    install WHEEL VENV          create VENV (seeing this python's packages) and pip install WHEEL into it, once
     stop DIR GRACE              SIGTERM (then SIGKILL after GRACE s) every node whose pidfile is under DIR
     status DIR                  the nodes whose pidfiles are under DIR, and whether each still runs
     logs DIR NODE LINES [RUN]   the last LINES lines of NODE's node.log in run RUN (default: the latest run)
@@ -18,6 +18,7 @@ import glob
 import json
 import os
 import signal
+import site
 import subprocess
 import sys
 import time
@@ -53,21 +54,25 @@ def _run(args):
 
 
 def install(wheel, venv):
-    """Make VENV hold WHEEL, once: dependencies come from the host's site-packages, else from its package index."""
+    """Make VENV hold WHEEL, once; dependencies this python already has are reused, others come from its index.
+
+    The venv sees this interpreter's site-packages through a .pth file (like --system-site-packages, but also when
+    this python is itself a venv), so pip installs only what is missing; a python without pip gets ensurepip.
+    """
     with open(venv + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # several nodes (or roots) shipping to one host install once
         if os.path.exists(os.path.join(venv, READY_MARK)):
             _emit({"cached": True})
             return
         subprocess.run(["rm", "-rf", venv], check=True)
-        try:
-            import pip  # noqa: F401  the host's pip serves the venv too, which makes creating it instant
-            venv_args = ["--without-pip"]
-        except ImportError:
-            venv_args = []
-        _run([sys.executable, "-m", "venv", "--system-site-packages"] + venv_args + [venv])
-        _run([os.path.join(venv, "bin", "python"), "-m", "pip", "install", "--disable-pip-version-check",
-              "--no-input", "--quiet", wheel])
+        _run([sys.executable, "-m", "venv", "--without-pip", venv])
+        python = os.path.join(venv, "bin", "python")
+        own_site = os.path.join(venv, "lib", "python%d.%d" % sys.version_info[:2], "site-packages")
+        with open(os.path.join(own_site, "_pipeline_cluster_host_site.pth"), "w") as pth:
+            pth.write("".join(path + "\n" for path in site.getsitepackages() if os.path.isdir(path)))
+        if subprocess.run([python, "-c", "import pip"], stderr=subprocess.DEVNULL).returncode != 0:
+            _run([python, "-m", "ensurepip", "--default-pip"])
+        _run([python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--quiet", wheel])
         with open(os.path.join(venv, READY_MARK), "w") as mark:
             mark.write(os.path.basename(wheel) + "\n")
     _emit({"cached": False})

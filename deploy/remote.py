@@ -60,7 +60,7 @@ class Connector:
             client = self._jumps.get(key)
             if client is not None and client.get_transport() is not None and client.get_transport().is_active():
                 return client
-            port = hop.port or settings.port
+            port = hop.port or 22
             sock = self._via(node, chain[:-1], hop.host, port)
             client = _connect(node, hop.host, port, hop.user or settings.user, settings, sock,
                               via=f"jump host {hop}")
@@ -68,6 +68,7 @@ class Connector:
             return client
 
     def _tunnel(self, node: NodeSpec, jump: paramiko.SSHClient, host: str, port: int) -> paramiko.Channel:
+        """A direct-tcpip channel from the jump host to host:port, to carry the next SSH connection."""
         try:
             return jump.get_transport().open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0),
                                                      timeout=node.ssh.connect_timeout)

@@ -2,13 +2,14 @@
 
 No build backend runs: the wheel holds the `.py` files of the imported `pipeline_cluster` packages plus metadata
 copied from the installed distribution, with fixed timestamps, so the same code always gives the same sha256 and a
-host that already has it is skipped. Its version carries a hash of the code (`0.2.0+g1a2b3c4d5e6f`), so pip never
+host that already has it is skipped. It is built once per process, so files edited later do not change what ships. Its version carries a hash of the code (`0.2.0+g1a2b3c4d5e6f`), so pip never
 mistakes it for another build of the same release.
 """
 from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -70,11 +71,14 @@ def _metadata(version: str) -> dict[str, bytes]:
     }
 
 
-_built: dict[str, Wheel] = {}
-
-
-def _build(files: dict[str, bytes], code_hash: str) -> Wheel:
-    version = f"{pipeline_cluster.__version__}+g{code_hash[:12]}"
+@functools.cache
+def build_wheel() -> Wheel:
+    """The wheel of the running pipeline_cluster, built on first use and kept for the life of this process."""
+    files = _sources()
+    digest = hashlib.sha256()
+    for name, data in files.items():
+        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    version = f"{pipeline_cluster.__version__}+g{digest.hexdigest()[:12]}"
     files.update(_metadata(version))
     record = f"{DIST}-{version}.dist-info/RECORD"
     files[record] = ("\n".join([_record_line(n, d) for n, d in files.items()] + [f"{record},,"]) + "\n").encode()
@@ -87,16 +91,3 @@ def _build(files: dict[str, bytes], code_hash: str) -> Wheel:
             archive.writestr(entry, data)
     data = buffer.getvalue()
     return Wheel(f"{DIST}-{version}-py3-none-any.whl", data, hashlib.sha256(data).hexdigest())
-
-
-def build_wheel() -> Wheel:
-    """Build (or reuse, while the code is unchanged) the wheel of the running pipeline_cluster."""
-    files = _sources()
-    digest = hashlib.sha256()
-    for name, data in files.items():
-        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
-    code_hash = digest.hexdigest()
-    if code_hash not in _built:
-        _built.clear()
-        _built[code_hash] = _build(files, code_hash)
-    return _built[code_hash]

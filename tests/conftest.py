@@ -9,6 +9,8 @@ import pytest
 
 from tests.nodeproc import KEY, NodeProcess
 
+pytest_plugins = ["tests.sshd"]  # the ssh_lab fixture: real sshd servers and network namespaces
+
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02):
     """Poll `predicate` until it is truthy or `timeout` passes; returns its last value."""

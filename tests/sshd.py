@@ -1,6 +1,7 @@
 """Real OpenSSH servers for deploy tests: sshd on 127.0.0.N with generated keys, and network namespaces as hosts.
 
-Needs root, Debian's openssh-server (/usr/sbin/sshd) and ssh-keygen; namespaces also need `ip` and CAP_NET_ADMIN.
+Needs root, Debian's openssh-server (/usr/sbin/sshd) and ssh-keygen; namespaces also need `ip` and CAP_NET_ADMIN
+(tests that use them are skipped, with the reason, where namespaces cannot be created).
 Everything started here is stopped by pid (sshd) or deleted by name (the namespaces and veths this run created).
 """
 from __future__ import annotations
@@ -16,17 +17,36 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 SSHD = "/usr/sbin/sshd"
 
 
+def tagger(delay: float = 0.0):
+    """A stage defined in a function, so cloudpickle ships it by value to nodes that cannot import the tests:
+    item -> (item, $NODE_TAG), after `delay` s."""
+    def tag(x):
+        if delay:
+            time.sleep(delay)
+        return (x, os.environ.get("NODE_TAG"))
+    return tag
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def require_sshd() -> None:
-    """Skip unless an OpenSSH server and ssh-keygen are installed (.ci/run installs openssh-server)."""
+    """Fail clearly unless OpenSSH's server and ssh-keygen are installed and this runs as root (as in CI)."""
     if not os.path.exists(SSHD) or not shutil.which("ssh-keygen"):
-        pytest.skip("needs Debian's openssh-server (/usr/sbin/sshd) and ssh-keygen")
+        pytest.fail("the deploy tests need a real sshd: apt-get install -y openssh-server (.ci/run does)")
     if os.geteuid() != 0:
-        pytest.skip("sshd tests run as root (sshd needs it to switch users)")
+        pytest.fail("the deploy tests run sshd for other users' logins, which needs root (as CI runs)")
 
 
 def keygen(path: Path) -> Path:
@@ -101,11 +121,10 @@ Subsystem sftp internal-sftp
         name = self.address if self.port == 22 else f"[{self.address}]:{self.port}"
         return f"{name} {kind} {blob}\n"
 
-    def sessions(self) -> list:
-        """Processes this sshd is running for clients (sessions and what they started), via psutil."""
-        import psutil
+    def sessions(self) -> list[int]:
+        """Pids of the processes this sshd runs for clients (sessions and what they started)."""
         try:
-            return [p for p in psutil.Process(self.proc.pid).children(recursive=True) if p.status() != "zombie"]
+            return [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True) if alive(p.pid)]
         except psutil.NoSuchProcess:
             return []
 
@@ -113,7 +132,6 @@ Subsystem sftp internal-sftp
         """Stop sshd and every session it still runs, by pid."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        import psutil
         try:
             sessions = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
@@ -137,12 +155,23 @@ def _ip(*args: str) -> None:
 
 
 class NetLab:
-    """Network namespaces as hosts: each has lo up and a veth to the root namespace (or to another namespace)."""
+    """Network namespaces as hosts: each has lo up and a veth to the root namespace (or to another namespace).
+
+    Every address lies in one 10.X.0.0/16 that gets a blackhole route in the root namespace, so that a link set
+    down (a partition) or an address only reachable through a jump host drops packets here instead of sending
+    them out through the default route.
+    """
+
+    _instances = 0
 
     def __init__(self) -> None:
-        self.tag = f"pc{os.getpid() % 100000}"
+        NetLab._instances += 1  # names are unique per lab: the kernel frees a deleted namespace's veths lazily
+        self.tag = f"pc{os.getpid() % 10000}n{NetLab._instances % 100}"
         self.namespaces: list[str] = []
-        self._subnets = self._free_subnets()
+        self.root_links: list[str] = []
+        self.block = self._free_block()
+        _ip("route", "add", "blackhole", str(self.block))
+        self._subnets = self.block.subnets(new_prefix=24)
 
     @staticmethod
     def available() -> str | None:
@@ -156,22 +185,24 @@ class NetLab:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
         return None
 
-    def _free_subnets(self):
-        """/24s in 10.0.0.0/8 that no interface or route here uses yet (other test runs may hold some)."""
+    @staticmethod
+    def _free_block() -> ipaddress.IPv4Network:
+        """A 10.X.0.0/16 that no address or route here uses yet (another test run may hold one)."""
         used = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
-        rng = random.Random(os.getpid())
+        used += subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True).stdout
+        rng = random.Random()
         while True:
-            net = ipaddress.ip_network(f"10.{rng.randrange(100, 250)}.{rng.randrange(0, 256)}.0/24")
-            if str(net.network_address)[:-1] not in used:
-                yield net
+            block = ipaddress.ip_network(f"10.{rng.randrange(100, 250)}.0.0/16")
+            if f"10.{block.network_address.packed[1]}." not in used:
+                return block
 
-    def host(self, label: str) -> str:
-        """A new namespace `label` linked to the root namespace; returns its address."""
+    def host(self, label: str, to_root: bool = True) -> str | None:
+        """A new namespace `label`, linked to the root namespace unless not `to_root`; returns that link's address."""
         ns = f"{self.tag}{label}"
         _ip("netns", "add", ns)
         self.namespaces.append(ns)
         _ip("-n", ns, "link", "set", "lo", "up")
-        return self._veth(None, ns, f"{self.tag}{label}r")[1]
+        return self._veth(None, ns, f"{self.tag}{label}r")[1] if to_root else None
 
     def link(self, a: str, b: str) -> tuple[str, str]:
         """A veth between namespaces `a` and `b` (labels); returns (address in a, address in b)."""
@@ -182,7 +213,9 @@ class NetLab:
         hosts = list(net.hosts())
         left_ip, right_ip = str(hosts[0]), str(hosts[1])
         _ip("link", "add", name, "type", "veth", "peer", "name", name + "p")
-        if left is not None:
+        if left is None:
+            self.root_links.append(name)
+        else:
             _ip("link", "set", name, "netns", left)
         _ip("link", "set", name + "p", "netns", right)
         for ns, dev, ip in ((left, name, left_ip), (right, name + "p", right_ip)):
@@ -200,10 +233,13 @@ class NetLab:
         _ip("link", "set", f"{self.tag}{label}r", "up" if up else "down")
 
     def close(self) -> None:
-        """Delete the namespaces (their veths go with them)."""
+        """Delete the veths to the root namespace, the namespaces (and their veths) and the blackhole route."""
+        for link in self.root_links:
+            subprocess.run(["ip", "link", "del", link], capture_output=True)
         for ns in self.namespaces:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self.namespaces.clear()
+        subprocess.run(["ip", "route", "del", "blackhole", str(self.block)], capture_output=True)
 
 
 def toml_value(value) -> str:
@@ -259,8 +295,8 @@ class SshLab:
                         + "".join(toml_table("[[node]]", node) for node in nodes))
         return path
 
-    def sessions(self) -> list:
-        """Processes any lab sshd still runs for clients (deployed nodes, their workers, shells)."""
+    def sessions(self) -> list[int]:
+        """Pids of what any lab sshd still runs for clients (deployed nodes, their workers, shells)."""
         return [p for server in self.servers for p in server.sessions()]
 
     def close(self) -> None:
@@ -271,7 +307,7 @@ class SshLab:
 
 @pytest.fixture
 def ssh_lab(tmp_path):
-    """An SshLab; skipped without sshd; every server stopped after the test."""
+    """An SshLab (fails without sshd); every server stopped after the test."""
     require_sshd()
     lab = SshLab(tmp_path)
     yield lab
