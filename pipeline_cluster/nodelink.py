@@ -9,6 +9,7 @@ so a stopped or partitioned node (no FIN ever arrives) is noticed too.
 from __future__ import annotations
 
 import itertools
+import queue
 import threading
 import time
 from typing import Any, Callable
@@ -57,7 +58,8 @@ class RemoteLink:
     """A node server reached over one authenticated connection; a reader thread routes what it sends.
 
     The link connects to `address` itself, or takes an already authenticated `channel` (a deployment's SSH tunnel);
-    `name` (default `host:port`) must be unique among the cluster's nodes.
+    `name` (default `host:port`) must be unique among the cluster's nodes. Everything sent goes through an outbox
+    and a writer thread, so neither the RootActor nor the heartbeat ever blocks on a node that stopped reading.
     """
 
     def __init__(self, address: tuple[str, int], authkey: bytes, root: pykka.ActorRef,
@@ -81,17 +83,16 @@ class RemoteLink:
         self._ids = itertools.count(1)
         self._replies: dict[int, _Reply] = {}
         self._lock = threading.Lock()
+        self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._reader = threading.Thread(target=self._read, name=f"pipeline-cluster-link-{self.name}", daemon=True)
         self._reader.start()
+        threading.Thread(target=self._write, name=f"pipeline-cluster-writer-{self.name}", daemon=True).start()
         self.info = self.ask("hello", self.name, heartbeat, dead_after, timeout=connect_timeout)
         threading.Thread(target=self._beat, name=f"pipeline-cluster-heartbeat-{self.name}", daemon=True).start()
 
     def tell(self, name: str, *args: Any) -> None:
-        """Send a message to the node; a lost node is handled by the reader, not here."""
-        try:
-            self.channel.send(("tell", name, args))
-        except OSError:
-            pass
+        """Send a message to the node without waiting; a lost node is handled by the reader, not here."""
+        self._outbox.put(("tell", name, args))
 
     def ask(self, name: str, *args: Any, timeout: float | None = None) -> Any:
         """Send a message and wait for the node's answer (its exception is re-raised here).
@@ -106,10 +107,7 @@ class RemoteLink:
                 raise ClusterError(f"node {self.name} is lost")
             rid = next(self._ids)
             self._replies[rid] = reply
-        try:
-            self.channel.send(("ask", rid, name, args))
-        except OSError as exc:
-            raise ClusterError(f"node {self.name} is lost: {exc}") from exc
+        self._outbox.put(("ask", rid, name, args))
         if not reply.event.wait(timeout):
             raise TimeoutError(f"node {self.name} did not answer {name!r} within {timeout} s")
         if not reply.ok:
@@ -140,6 +138,18 @@ class RemoteLink:
             reason = f"unreadable message: {exc!r}"
         self._lost(reason)
 
+    def _write(self) -> None:
+        """Send the outbox in order; a failed send means the connection is gone."""
+        while True:
+            message = self._outbox.get()
+            if message is None:
+                return
+            try:
+                self.channel.send(message)
+            except OSError as exc:
+                self._lost(f"send failed: {exc}")
+                return
+
     def _beat(self) -> None:
         """Ping the node; declare it lost after `dead_after` seconds without hearing from it."""
         while not self._closing.wait(self.heartbeat):
@@ -147,10 +157,7 @@ class RemoteLink:
             if silent > self.dead_after:
                 self._lost(f"no heartbeat for {silent:.1f} s (dead after {self.dead_after} s)")
                 return
-            try:
-                self.channel.send(("ping",))
-            except OSError:
-                return
+            self._outbox.put(("ping",))
 
     def _lost(self, reason: str) -> None:
         with self._lock:
@@ -162,6 +169,7 @@ class RemoteLink:
             reply.ok, reply.value = False, ClusterError(f"node {self.name} is lost: {reason}")
             reply.event.set()
         self._closing.set()
+        self._outbox.put(None)
         self.channel.close()
         if was_alive:
             tell(self.root, "node_lost", self.name, reason)
@@ -171,5 +179,6 @@ class RemoteLink:
         with self._lock:
             self.alive = False
         self._closing.set()
+        self._outbox.put(None)
         self.channel.close()
         self._reader.join(timeout=10)
