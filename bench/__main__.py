@@ -1,6 +1,6 @@
 """`python -m bench`: run the benchmark harness (see bench.harness for the options)."""
 import sys
 
-from bench.harness import main
+from .harness import main
 
 sys.exit(main())

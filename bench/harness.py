@@ -14,8 +14,8 @@ import sys
 import time
 from typing import Any
 
-from bench import measure, report
-from bench.workloads import ALL_SYSTEMS, W5_SMALL_INPUTS, WORKLOADS, scaled
+from . import measure, report
+from .workloads import ALL_SYSTEMS, W5_SMALL_INPUTS, WORKLOADS, scaled
 
 
 def _names(text: str, known: list[str] | tuple[str, ...], what: str) -> list[str]:
@@ -28,8 +28,11 @@ def _names(text: str, known: list[str] | tuple[str, ...], what: str) -> list[str
 
 def build_parser() -> argparse.ArgumentParser:
     """The harness's options."""
+    epilog = "workloads:\n" + "\n".join(f"  {w.name}  {w.title} ({w.inputs:,} inputs; figure: {w.metric})"
+                                        for w in WORKLOADS.values())
     parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmark pipeline_cluster against "
-                                     "multiprocessing.Pool and a single-process loop (issue 6's workloads).")
+                                     "multiprocessing.Pool and a single-process loop (issue 6's workloads).",
+                                     epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default=",".join(WORKLOADS),
                         type=lambda s: _names(s, list(WORKLOADS), "workload"),
                         help="comma-separated workloads (default: all, W1..W6)")

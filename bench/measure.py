@@ -19,8 +19,8 @@ from typing import Any
 
 import psutil
 
-from bench.runners import REPO
-from bench.trial import RESULT_PREFIX
+from .runners import REPO
+from .trial import RESULT_PREFIX
 
 FIRST_SAMPLE = 0.005
 SAMPLE_GROWTH = 1.2
@@ -87,11 +87,11 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 def run_trial(spec: dict[str, Any], env: dict[str, str], timeout: float = TRIAL_TIMEOUT) -> dict[str, Any]:
-    """Run `python -m bench.trial SPEC` from the repo root; return its result with `peak_rss_mb` added.
+    """Run `python -m bench.trial SPEC` (or `pipeline_cluster.bench.trial` when installed) from the repo root; return its result with `peak_rss_mb` added.
 
     A trial that fails or times out raises RuntimeError with the end of its stderr.
     """
-    proc = subprocess.Popen([sys.executable, "-m", "bench.trial", json.dumps(spec)], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", f"{__package__}.trial", json.dumps(spec)], cwd=REPO, env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sampler = TreeSampler(proc.pid)
     sampler.start()

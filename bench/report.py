@@ -9,8 +9,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from bench.measure import medians
-from bench.workloads import ALL_SYSTEMS, WORKLOADS
+from .measure import medians
+from .workloads import ALL_SYSTEMS, WORKLOADS
 
 REFERENCES = {"vs_pooltuned": "pooltuned", "vs_loop": "loop"}
 
@@ -86,7 +86,9 @@ def _notes(row: dict[str, Any]) -> str:
         elif system.startswith("pool") and workload == "W4":
             notes.append("two pool.apply calls per item; chunksize does not apply")
         if workload == "W2":
-            notes.append(f"{med['time_per_item_s'] * 1e3:.1f} ms/item, {med['items_per_s']:,.0f} items/s")
+            notes.append(f"{med['time_per_item_s'] * 1e3:.1f} ms CPU/item in the run, {med['items_per_s']:,.0f} "
+                         f"items/s; with the calibrated {med['calibrated_time_per_item_s'] * 1e3:.1f} ms: "
+                         f"{med['efficiency_calibrated']:.2f}")
         elif workload == "W3":
             notes.append(f"{med['items_per_s']:,.0f} items/s")
         elif workload == "W5":
@@ -97,10 +99,9 @@ def _notes(row: dict[str, Any]) -> str:
                          f"{med['efficiency_1node']:.2f}; root CPU/item 8 nodes {med['root_cpu_us_per_item_8']:,.0f}"
                          f" us vs 1 node {med['root_cpu_us_per_item_1']:,.0f} us "
                          f"({med['root_cpu_ratio_8_to_1']:.2f}x)")
-        if row["rounds"] > 1 or row.get("errors"):
-            notes.append(f"{row['rounds']} round(s)")
     if row.get("errors"):
-        notes.append(f"{len(row['errors'])} failed: {row['errors'][0].splitlines()[0][:120]}")
+        notes.append(f"{row.get('rounds', 0)} good round(s), {len(row['errors'])} failed: "
+                     f"{row['errors'][0].splitlines()[0][:120]}")
     return "; ".join(notes)
 
 

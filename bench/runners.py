@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import pipeline_cluster as pc
-from bench.workloads import Workload
+from .workloads import Workload
 
 REPO = Path(__file__).resolve().parent.parent
 OUTPUT_TIMEOUT = 60.0  # seconds one W4 item may take before the run is declared stuck
@@ -39,6 +39,7 @@ class StreamTiming:
     first_output: float = 0.0
     last_output: float = 0.0
     outputs: int = 0
+    total: float = 0.0  # sum of the outputs, for workloads whose outputs are numbers to add up
 
     @property
     def elapsed(self) -> float:
@@ -75,18 +76,23 @@ def _tapped(inputs: Iterable[Any], timing: StreamTiming) -> Iterator[Any]:
     yield from it
 
 
-def _drain(outputs: Iterable[Any], timing: StreamTiming) -> None:
-    """Consume every output, stamping the first and the last and counting them."""
+def _drain(outputs: Iterable[Any], timing: StreamTiming, tally: bool) -> None:
+    """Consume every output, stamping the first and the last and counting them (and adding them up if `tally`)."""
     it = iter(outputs)
-    count = 0
-    for _ in it:
+    count, total = 0, 0.0
+    for first in it:
         timing.first_output = time.perf_counter()
-        count = 1
+        count, total = 1, (first if tally else 0.0)
         break
-    for _ in it:
-        count += 1
+    if tally:
+        for output in it:
+            count += 1
+            total += output
+    else:
+        for _ in it:
+            count += 1
     timing.last_output = time.perf_counter()
-    timing.outputs = count
+    timing.outputs, timing.total = count, total
 
 
 def pipeline_of(workload: Workload) -> pc.Pipeline:
@@ -112,11 +118,11 @@ class ClusterRunner:
         """`cluster.run(pipeline, inputs)`, consumed to the end."""
         timing = StreamTiming(time.perf_counter())
         with self.make_cluster() as cluster:
-            _drain(cluster.run(pipeline_of(workload), _tapped(inputs, timing)), timing)
+            _drain(cluster.run(pipeline_of(workload), _tapped(inputs, timing)), timing, workload.tally)
         return timing
 
     def latency(self, workload: Workload, count: int) -> LatencyTiming:
-        """The step-by-step API: setup, boot with an output handler, then feed one item and wait for it, `count` times."""
+        """The step-by-step API: setup, boot with an output handler, then feed one item and await it, `count` times."""
         arrived = threading.Event()
         got: list[Any] = []
 
@@ -178,7 +184,8 @@ class PoolRunner:
         timing = StreamTiming(time.perf_counter())
         with multiprocessing.Pool(os.cpu_count()) as pool:
             results = pool.imap_unordered(workload.pool_function, _tapped(inputs, timing), self.chunksize)
-            _drain(itertools.chain.from_iterable(results) if workload.pool_returns_many else results, timing)
+            _drain(itertools.chain.from_iterable(results) if workload.pool_returns_many else results, timing,
+                   workload.tally)
             time.sleep(SETTLE_SECONDS)  # untimed: lets the RSS sampler see the workers of a run of a few ms
             pool.close()
             pool.join()
@@ -213,7 +220,7 @@ class LoopRunner:
         outputs: Iterable[Any] = _tapped(inputs, timing)
         for fn, generator in workload.stages:
             outputs = itertools.chain.from_iterable(map(fn, outputs)) if generator else map(fn, outputs)
-        _drain(outputs, timing)
+        _drain(outputs, timing, workload.tally)
         return timing
 
     def latency(self, workload: Workload, count: int) -> LatencyTiming:

@@ -123,6 +123,13 @@ def cmd_log(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(argv: list[str]) -> int:
+    """Run the benchmark harness (the repo's bench/, installed as pipeline_cluster.bench) with its own options."""
+    from pipeline_cluster.bench.harness import main as bench_main
+
+    return bench_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands and their options."""
     parser = argparse.ArgumentParser(prog="pipeline-cluster",
@@ -173,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     deploy_commands.add_parser(sub)
 
+    bench = sub.add_parser("bench", help="benchmark against multiprocessing.Pool and a plain loop (W1-W6)",
+                           description="Runs bench/ (python -m bench); every argument after 'bench' goes to it, "
+                                       "e.g. pipeline-cluster bench --workloads W1,W4 --rounds 3 --json out.json. "
+                                       "Needs psutil (pip install 'pipeline_cluster[bench]').", add_help=False)
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="options of the harness (see bench --help)")
+
     for name in ("stats", "benchmark"):
         stats = sub.add_parser(name, help="per-stage stats of a run (the latest by default)",
                                description="Read stats.json from a run directory and print the per-stage summary.")
@@ -184,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `pipeline-cluster` and `pcluster`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the harness parses its own options, --help included
+        return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
