@@ -57,6 +57,9 @@ class NodeActor(Actor):
         if len(self.ready) == len(self.stages):
             self.report(("node_ready", self.name))
 
+    def on_size_hint(self, bytes_per_item: float) -> None:
+        self.report(("size_hint", self.name, bytes_per_item))
+
     def on_stage_failed(self, error: StageFailed) -> None:
         self.report(("failed", self.name, error))
 

@@ -1,7 +1,9 @@
 """RootActor: spreads root items over nodes within each node's credit and hands finished items' outputs over.
 
 It keeps the ledger of unfinished root items (which node holds each), so a lost node's items can be sent again,
-and memory stays bounded: a node never holds more than its credit of unfinished root items.
+and memory stays bounded: a node never holds more than its credit of unfinished root items. Credit is fixed when
+the user sets it; otherwise it adapts to item size (a node reports the pickled bytes per item it sees), so tiny items
+get deep queues for big batches and large items stay within a byte budget.
 """
 from __future__ import annotations
 
@@ -28,14 +30,21 @@ class NodeLink(Protocol):
     def close(self) -> None: ...
 
 
+DEFAULT_CREDIT = 1024       # per node, until its first size report (adaptive credit)
+MAX_CREDIT = 8192
+MIN_CREDIT = 16
+BYTE_BUDGET = 32 * 1024 * 1024  # pickled input bytes a node may hold (adaptive credit)
+
+
 class RootActor(Actor):
     """Ledger and router of root items; one per cluster."""
 
-    def __init__(self, credit: int, dead_sink: Callable[[list[DeadLetter]], None]) -> None:
+    def __init__(self, credit: int | None, dead_sink: Callable[[list[DeadLetter]], None]) -> None:
         super().__init__()
-        self.credit = credit
+        self.fixed_credit = credit
         self.dead_sink = dead_sink
         self.links: dict[str, NodeLink] = {}
+        self.credit: dict[str, int] = {}
         self.used: dict[str, int] = {}
         self.backlog: deque[tuple[list[int], list, int]] = deque()  # (rids, items, first stage)
         self.inflight: dict[int, tuple[str, Any, int]] = {}  # rid -> (node, item, first stage)
@@ -47,6 +56,22 @@ class RootActor(Actor):
     def on_add_node(self, link: NodeLink) -> None:
         self.links[link.name] = link
         self.used[link.name] = 0
+        self.credit[link.name] = self.fixed_credit or DEFAULT_CREDIT
+        self._update_capacity()
+
+    def on_size_hint(self, name: str, bytes_per_item: float) -> None:
+        """A node's measure of pickled bytes per input item: resize its credit to the byte budget."""
+        if self.fixed_credit is None and name in self.links:
+            self.credit[name] = max(MIN_CREDIT, min(MAX_CREDIT, int(BYTE_BUDGET / max(bytes_per_item, 1.0))))
+            self._update_capacity()
+            self._dispatch()
+
+    def _update_capacity(self) -> None:
+        """Root items the feeder may hold unfinished: every node's credit, plus the largest as backlog."""
+        credits = [self.credit[name] for name in self.links]
+        with self.state.cond:
+            self.state.capacity = sum(credits) + max(credits, default=0)
+            self.state.cond.notify_all()
 
     def on_begin(self, state: RunState) -> None:
         """Start a new run: forget the previous run's items."""
@@ -54,6 +79,7 @@ class RootActor(Actor):
         self.backlog.clear()
         self.inflight.clear()
         self.used = dict.fromkeys(self.links, 0)
+        self._update_capacity()
 
     def on_feed(self, items: list, stage: int = 0) -> None:
         """Accept root items that enter the pipeline at `stage` (0, or a dead letter's stage when re-fed)."""
@@ -69,15 +95,19 @@ class RootActor(Actor):
         self._dispatch()
 
     def _dispatch(self) -> None:
+        """Hand backlog to the nodes with the most free credit, spread evenly over the nodes that have room."""
         while self.backlog and not self.paused and self.links:
-            name = max(self.used, key=lambda n: self.credit - self.used[n])
-            free = self.credit - self.used[name]
-            if free <= 0:
+            free = {name: self.credit[name] - self.used[name] for name in self.links}
+            name = max(free, key=free.__getitem__)
+            if free[name] <= 0:
                 return
+            with_room = sum(1 for room in free.values() if room > 0)
+            waiting = sum(len(chunk[0]) for chunk in self.backlog)
+            take = min(free[name], -(-waiting // with_room))
             rids, items, stage = self.backlog[0]
-            if len(rids) > free:
-                self.backlog[0] = (rids[free:], items[free:], stage)
-                rids, items = rids[:free], items[:free]
+            if len(rids) > take:
+                self.backlog[0] = (rids[take:], items[take:], stage)
+                rids, items = rids[:take], items[:take]
             else:
                 self.backlog.popleft()
             self.inflight.update(zip(rids, zip(itertools.repeat(name), items, itertools.repeat(stage))))
@@ -109,6 +139,8 @@ class RootActor(Actor):
         if self.links.pop(name, None) is None:
             return
         self.used.pop(name, None)
+        self.credit.pop(name, None)
+        self._update_capacity()
         lost = [(rid, item, stage) for rid, (node, item, stage) in self.inflight.items() if node == name]
         by_stage: dict[int, tuple[list, list]] = {}
         for rid, item, stage in lost:

@@ -69,6 +69,7 @@ class StageSupervisor(Actor):
         self.paused = False
         self.state = "running"  # running | failed | stopping
         self.ewma: float | None = None
+        self.bytes_per_item: float | None = None  # first stage only: what the root sizes this node's credit by
         self.last_item: Any = None  # the item the latest worker death was blamed on, for StageFailed
         self.escalate = lambda text: tell(node, "stage_failed", StageFailed(stage.name, "internal error", None, text))
 
@@ -167,6 +168,15 @@ class StageSupervisor(Actor):
             bid = next(self.bids)
             slot.inflight[bid] = (rids, items, attempts)
             tell(slot.ref, "batch", bid, payload)
+            if self.index == 0:
+                self._measure_size(len(payload) / len(items))
+
+    def _measure_size(self, bytes_per_item: float) -> None:
+        """Tell the node when the input size per item is first known or has changed twofold."""
+        known = self.bytes_per_item
+        if known is None or not known / 2 < bytes_per_item < known * 2:
+            self.bytes_per_item = bytes_per_item
+            tell(self.node, "size_hint", bytes_per_item)
 
     def _batch_size(self, n_ready: int) -> int:
         size = 1 if self.ewma is None else int(TARGET_BATCH_SECONDS / max(self.ewma, 1e-7))

@@ -87,7 +87,7 @@ class DeployConfig:
     heartbeat: float = 1.0
     dead_after: float = 10.0
     start_timeout: float = 60.0
-    credit: int = 1024
+    credit: int | None = None  # None: adapt to item size (see actors/root.py)
     stages: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def node(self, name: str) -> NodeSpec:

@@ -44,14 +44,13 @@ def _close_forgotten_clusters() -> None:
 class Cluster:
     """A root (RootActor, LogActor) driving a set of nodes; subclasses decide where the nodes are."""
 
-    def __init__(self, *, credit: int = 1024, run_dir: str | None = None, log_file: str | None = None,
+    def __init__(self, *, credit: int | None = None, run_dir: str | None = None, log_file: str | None = None,
                  log_stderr: bool = False, start_timeout: float = 60.0, log_level: int = logging.INFO,
                  config: str | os.PathLike | dict | None = None) -> None:
-        if isinstance(credit, bool) or not isinstance(credit, int) or credit < 1:
-            raise ValueError(f"credit must be a positive int, got {credit!r}")
+        if credit is not None and (isinstance(credit, bool) or not isinstance(credit, int) or credit < 1):
+            raise ValueError(f"credit must be a positive int (or None: adapt to item size), got {credit!r}")
         self.stage_config = {} if config is None else stage_overrides(load_toml(config))
         self.rundir = RunDir(run_dir)
-        self.credit = credit
         self.start_timeout = start_timeout
         self.log_level = log_level
         self.log_ref = LogActor.start(log_file or str(self.rundir.log_file), log_stderr)
@@ -87,7 +86,7 @@ class Cluster:
     @property
     def capacity(self) -> int:
         """Root items allowed between feed and consumption: every node's credit plus one credit of backlog."""
-        return self.credit * (len(self.links) + 1)
+        return self.state.capacity
 
     # -- step-by-step interface (the seed's) ---------------------------------------------------------------------
 

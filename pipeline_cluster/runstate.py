@@ -15,6 +15,7 @@ class RunState:
         self.fed = 0          # root items accepted by feed()
         self.at_root = 0      # fed but not yet handed to a node
         self.consumed = 0     # root items whose outputs the iterator or handler has taken
+        self.capacity = 0     # root items allowed unfinished at once (set by the RootActor from node credits)
         self.inputs_done = False
         self.error: BaseException | None = None
         self.ready_nodes: set[str] = set()
