@@ -2,8 +2,9 @@
 
 No build backend runs: the wheel holds the `.py` files of the imported `pipeline_cluster` packages plus metadata
 copied from the installed distribution, with fixed timestamps, so the same code always gives the same sha256 and a
-host that already has it is skipped. It is built once per process, so files edited later do not change what ships. Its version carries a hash of the code (`0.2.0+g1a2b3c4d5e6f`), so pip never
-mistakes it for another build of the same release.
+host that already has it is skipped. It is built once per process, so files edited later do not change what ships.
+Its version carries a hash of the code (`0.2.0+g1a2b3c4d5e6f`), so pip never mistakes it for another build of the
+same release.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import pipeline_cluster
 
 DIST = "pipeline_cluster"
 # The packages of setup.cfg's `packages` (a test checks the two agree).
-PACKAGES = ("pipeline_cluster", "pipeline_cluster.actors", "pipeline_cluster.deploy", "pipeline_cluster.examples")
+PACKAGES = ("pipeline_cluster", "pipeline_cluster.actors", "pipeline_cluster.deploy", "pipeline_cluster.examples",
+            "pipeline_cluster.bench")
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
