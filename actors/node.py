@@ -1,12 +1,17 @@
 """NodeActor: hosts one StageSupervisor per stage on this node and reports finished root items upstream.
 
-It keeps, per root item, how many of its descendants are still inside the stages. A root item is reported (with
-all of its outputs) only when that count reaches zero, which is what makes delivery exactly-once per input.
+It counts, per root item, the items of its tree that were born (the root item itself, every output of a stage but
+the last) and that died (left a stage: processed, dropped or failed for good). A root item is reported, with all of
+its outputs, only when the two counts meet, which is what makes delivery exactly-once per input. The counting and
+the completion check run as C-level operations over whole batches (Counter updates, set and map), not Python loops.
 """
 from __future__ import annotations
 
 import logging
 import os
+from collections import Counter, deque
+from itertools import compress
+from operator import eq
 from typing import Callable
 
 import pykka
@@ -31,17 +36,20 @@ class NodeActor(Actor):
         self.default_workers = workers or os.cpu_count() or 1
         self.log_level = log_level
         self.stages: list[pykka.ActorRef] = []
-        self.pending: dict[int, int] = {}
-        self.results: dict[int, list] = {}
+        self.born: Counter[int] = Counter()
+        self.died: Counter[int] = Counter()
+        self.results: dict[int, list] = {}  # outputs of root items that are not finished yet
+        self.generation = 0
         self.ready: set[int] = set()
         self.escalate = lambda text: self.report(("failed", self.name, RuntimeError(text)))
 
     def on_setup(self, pipeline: Pipeline) -> None:
         self._stop_stages(kill=True)
+        self.generation += 1
         n = len(pipeline.stages)
         self.stages = [
             StageSupervisor.start(i, stage, stage.workers or self.default_workers, i == n - 1, self.actor_ref,
-                                  self.name, self.log_sink, self.log_level)
+                                  self.name, self.log_sink, self.log_level, self.generation)
             for i, stage in enumerate(pipeline.stages)
         ]
         for i, ref in enumerate(self.stages):
@@ -64,35 +72,42 @@ class NodeActor(Actor):
         self.report(("failed", self.name, error))
 
     def on_submit(self, rids: list[int], items: list, stage: int = 0) -> None:
-        self.pending.update(dict.fromkeys(rids, 1))
+        self.born.update(rids)
         tell(self.stages[stage], "push", (rids, items, None))
 
-    def on_tree(self, adjust: list, finished: list, outputs: tuple | None, dead: list[DeadLetter]) -> None:
-        pending, results = self.pending, self.results
+    def on_tree(self, generation: int, born: list[int], died: list[int], outputs: tuple | None,
+                dead: list[DeadLetter]) -> None:
+        if generation != self.generation:
+            return  # a report of a pipeline this node has already stopped
+        if born:
+            self.born.update(born)
+        done: list[int] = []
+        if died:
+            self.died.update(died)
+            candidates = list(set(died))
+            done = list(compress(candidates, map(eq, map(self.died.__getitem__, candidates),
+                                                 map(self.born.__getitem__, candidates))))
+            deque(map(self.born.__delitem__, done), 0)
+            deque(map(self.died.__delitem__, done), 0)
+        results = self.results
+        finished_outputs: list = []
         if outputs is not None:
-            for rid, out in zip(*outputs):
-                bucket = results.get(rid)
-                if bucket is None:
-                    results[rid] = [out]
-                else:
-                    bucket.append(out)
-        done = []
-        for rid, delta in adjust:
-            left = pending[rid] + delta
-            if left:
-                pending[rid] = left
+            out_rids, outs = outputs
+            if set(done).issuperset(out_rids) and results.keys().isdisjoint(done):
+                finished_outputs = outs  # the common case: every output here finishes its root item now
+                outputs = None
             else:
-                del pending[rid]
-                done.append(rid)
-        for rid in finished:
-            left = pending[rid] - 1
-            if left:
-                pending[rid] = left
-            else:
-                del pending[rid]
-                done.append(rid)
+                for rid, out in zip(out_rids, outs):
+                    bucket = results.get(rid)
+                    if bucket is None:
+                        results[rid] = [out]
+                    else:
+                        bucket.append(out)
+        if done and results:
+            for rid in done:
+                finished_outputs.extend(results.pop(rid, ()))
         if done or dead:
-            self.report(("completed", self.name, [(rid, results.pop(rid, [])) for rid in done], dead))
+            self.report(("completed", self.name, done, finished_outputs, dead))
 
     def on_log(self, text: str) -> None:
         self.log_sink(make_record(text, logging.WARNING, "pipeline_cluster.node")._replace(node=self.name))
@@ -115,7 +130,7 @@ class NodeActor(Actor):
 
     def on_kill(self) -> list[int]:
         """Stop at once; returns the root items that were unfinished here."""
-        unfinished = list(self.pending)
+        unfinished = list(self.born)  # finished root items are removed from both counters
         self._stop_stages(kill=True)
         return unfinished
 
@@ -129,7 +144,8 @@ class NodeActor(Actor):
         for ref in self.stages:
             ref.stop(block=True, timeout=10)
         self.stages = []
-        self.pending.clear()
+        self.born.clear()
+        self.died.clear()
         self.results.clear()
 
     def on_stop(self) -> None:

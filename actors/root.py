@@ -115,23 +115,21 @@ class RootActor(Actor):
             self.links[name].tell("submit", rids, items, stage)
             self.state.change(at_root=-len(rids))
 
-    def on_completed(self, name: str, results: list[tuple[int, list]], dead: list[DeadLetter]) -> None:
+    def on_completed(self, name: str, done: list[int], outputs: list, dead: list[DeadLetter]) -> None:
+        """Root items `done` on node `name` finished with these outputs (and these dead letters)."""
         if name not in self.links:
             return  # a node already declared lost: its items were sent elsewhere
+        dead = [letter for letter in dead if letter.rid in self.inflight]  # none from a run already ended
         if dead:
-            for letter in dead:
-                entry = self.inflight.get(letter.rid)
-                letter.node = letter.node or (entry[0] if entry else None)
             self.dead_sink(dead)
-        if not results:
+        if not done:
             return
-        outputs: list = []
-        pop = self.inflight.pop
-        for rid, outs in results:
-            pop(rid, None)
-            outputs.extend(outs)
-        self.used[name] -= len(results)
-        self.state.outputs.put(("out", outputs, len(results)))
+        popped = list(map(self.inflight.pop, done, itertools.repeat(None)))
+        finished = len(done) - popped.count(None)
+        if not finished:
+            return  # reported after a reset: that run's items are gone already
+        self.used[name] -= finished
+        self.state.outputs.put(("out", outputs, finished))
         self._dispatch()
 
     def on_node_lost(self, name: str, reason: str) -> None:

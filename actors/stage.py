@@ -47,10 +47,11 @@ class StageSupervisor(Actor):
     """Feeds one stage's worker pool and applies its Supervision config."""
 
     def __init__(self, index: int, stage: Stage, workers: int, last: bool, node: pykka.ActorRef,
-                 node_name: str, log_sink: Any, log_level: int) -> None:
+                 node_name: str, log_sink: Any, log_level: int, generation: int) -> None:
         super().__init__()
         self.index, self.stage, self.n_workers, self.last = index, stage, workers, last
         self.node, self.node_name = node, node_name
+        self.generation = generation  # the node's setup this stage belongs to; its reports carry it
         self.sup = stage.supervision
         self.next_stage: pykka.ActorRef | None = None
         self.config = WorkerConfig(stage.name, stage.payload(), cloudpickle.dumps(self.sup.retry_on),
@@ -247,33 +248,33 @@ class StageSupervisor(Actor):
         out_rids = rids if counts is None else list(
             itertools.chain.from_iterable(map(itertools.repeat, rids, counts)))
         failed = {index: (etype, message, tb, retryable) for index, etype, message, tb, retryable in errors}
-        if self.last:
-            finished = [r for i, r in enumerate(rids) if i not in failed] if failed else list(rids)
-            adjust: list = []
-        else:
-            finished = []
-            adjust = [] if counts is None else [
-                (r, c - 1) for i, (r, c) in enumerate(zip(rids, counts)) if c != 1 and i not in failed]
         dead: list[DeadLetter] = []
-        for index, (etype, message, tb, retryable) in failed.items():
-            self._charge(rids[index], items[index], attempts[index] if attempts else 0, finished, dead, "exception",
-                         retryable, error_type=etype, message=message, traceback=tb, pid=slot.proc.pid)
-        self._report(adjust, finished, (out_rids, outs) if self.last and outs else None, dead)
+        if counts is None and not self.last:
+            born: list = []  # one output per input, same root item: the trees did not change
+            died: list = []
+        else:
+            born = [] if self.last else out_rids
+            died = [r for i, r in enumerate(rids) if i not in failed] if failed else rids
+            for index, (etype, message, tb, retryable) in failed.items():
+                self._charge(rids[index], items[index], attempts[index] if attempts else 0, died, dead,
+                             "exception", retryable, error_type=etype, message=message, traceback=tb,
+                             pid=slot.proc.pid)
+        self._report(born, died, (out_rids, outs) if self.last and outs else None, dead)
         if outs and not self.last:
             tell(self.next_stage, "push", (out_rids, outs, None))
         self._dispatch()
 
-    def _charge(self, rid: int, item: Any, attempts: int, finished: list, dead: list[DeadLetter], cause: str,
+    def _charge(self, rid: int, item: Any, attempts: int, died: list, dead: list[DeadLetter], cause: str,
                 retryable: bool, **detail: Any) -> None:
-        """Count one failed attempt: re-queue the item if it has tries left, else finish it as a failure
-        (appended to `finished`, and to `dead` unless the stage drops failures)."""
+        """Count one failed attempt: re-queue the item if it has tries left, else end it as a failure
+        (appended to `died`, and to `dead` unless the stage drops failures)."""
         attempts += 1
         if retryable and attempts < self.sup.max_attempts:
             self.stats.retried += 1
             self._requeue(([rid], [item], [attempts]))
             return
         self.stats.failed += 1
-        finished.append(rid)
+        died.append(rid)
         letter = DeadLetter(item, self.stage.name, self.index, attempts, cause, node=self.node_name, rid=rid,
                             **detail)
         if self.sup.on_failure == "drop":
@@ -281,10 +282,13 @@ class StageSupervisor(Actor):
         else:
             dead.append(letter)
 
-    def _report(self, adjust: list, finished: list, outputs: tuple | None, dead: list[DeadLetter]) -> None:
-        """Tell the node how root items' trees changed; sent before outputs move on, so counts never dip early."""
-        if adjust or finished or outputs or dead:
-            tell(self.node, "tree", adjust, finished, outputs, dead)
+    def _report(self, born: list, died: list, outputs: tuple | None, dead: list[DeadLetter]) -> None:
+        """Tell the node which root items gained live items (`born`, one rid per new item) and lost some (`died`).
+
+        Sent before the outputs move on to the next stage, so a root item's count never reaches zero early.
+        """
+        if born or died or outputs or dead:
+            tell(self.node, "tree", self.generation, born, died, outputs, dead)
 
     # -- failures of workers -----------------------------------------------------------------------------------------
 
