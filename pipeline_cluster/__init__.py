@@ -15,7 +15,7 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "Cluster": "pipeline_cluster.cluster",
     "LocalCluster": "pipeline_cluster.cluster",
-    "Results": "pipeline_cluster.cluster",
+    "Results": "pipeline_cluster.results",
     "DeadLetter": "pipeline_cluster.deadletters",
     "ClusterError": "pipeline_cluster.errors",
     "StageFailed": "pipeline_cluster.errors",

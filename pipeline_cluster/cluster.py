@@ -11,7 +11,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from pipeline_cluster.actors.base import ask
 from pipeline_cluster.auth import resolve_authkey
@@ -20,16 +20,16 @@ from pipeline_cluster.actors.log import LogActor
 from pipeline_cluster.actors.node import NodeActor
 from pipeline_cluster.actors.root import NodeLink, RootActor
 from pipeline_cluster.nodelink import LocalLink, RemoteLink
+from pipeline_cluster.results import Results
 from pipeline_cluster.deadletters import DeadLetter
 from pipeline_cluster.errors import ClusterError
+from pipeline_cluster.feeder import CHUNK as FEED_CHUNK, Feeder
 from pipeline_cluster.model import Pipeline, as_pipeline
 from pipeline_cluster.multiprocess_logging import Record, attach_local
 from pipeline_cluster.rundir import RunDir
 from pipeline_cluster.runstate import RunState
 from pipeline_cluster.stats import StageStats
 
-FEED_CHUNK = 1024
-FEED_FLUSH_SECONDS = 0.002
 STATS_REFRESH_SECONDS = 2.0
 
 _open_clusters: "weakref.WeakSet[Cluster]" = weakref.WeakSet()
@@ -243,35 +243,9 @@ class Cluster:
         self.setup(pipeline=pipeline)
         self._start_run()
         self._handler_mode = False
-        self._spawn_thread(self._feed_from, iter(inputs), self.state, name="pipeline-cluster-feeder")
+        feeder = Feeder(iter(inputs), self.state, lambda chunk: self.root.tell(("feed", chunk)), self._stop)
+        self._threads += feeder.start()
         return Results(self, self.state)
-
-    def _feed_from(self, inputs: Iterator[Any], state: RunState) -> None:
-        """Pull inputs only as the cluster makes room, in chunks, flushing a partial chunk after a moment."""
-        try:
-            while not self._stop.is_set() and state.error is None:
-                state.wait(lambda: state.fed - state.consumed < self.capacity or self._stop.is_set(),
-                           what="room to feed")
-                if self._stop.is_set():
-                    return
-                room = min(FEED_CHUNK, self.capacity - (state.fed - state.consumed))
-                chunk: list = []
-                started = time.monotonic()
-                for item in inputs:
-                    chunk.append(item)
-                    if len(chunk) >= room or time.monotonic() - started > FEED_FLUSH_SECONDS:
-                        break
-                if not chunk:
-                    return
-                state.change(fed=len(chunk), at_root=len(chunk))
-                self.root.tell(("feed", chunk))
-        except BaseException as exc:  # the user's input iterable raised: end the run with its error
-            state.fail(exc)
-        finally:
-            with state.cond:
-                state.inputs_done = True
-                state.cond.notify_all()
-            state.outputs.put(("wake",))
 
     # -- internals -----------------------------------------------------------------------------------------------
 
@@ -414,44 +388,6 @@ class Cluster:
         self._check_open()
         if self._phase != "running":
             raise ClusterError("no pipeline is running: call setup() and boot() first")
-
-
-class Results:
-    """The outputs of `cluster.run(...)`, in completion order; closing it early stops the run."""
-
-    def __init__(self, cluster: Cluster, state: RunState) -> None:
-        self._cluster = cluster
-        self._state = state
-        self._gen = self._iterate()
-
-    def __iter__(self) -> Iterator[Any]:
-        return self._gen  # a for loop drives the generator itself: no wrapper call per output
-
-    def __next__(self) -> Any:
-        return next(self._gen)
-
-    def close(self) -> None:
-        """Stop the run now (unfinished items are dropped) and stop its workers."""
-        self._gen.close()
-
-    def _iterate(self) -> Iterator[Any]:
-        state = self._state
-        finished = False
-        try:
-            while True:
-                with state.cond:
-                    if state.error is not None:
-                        raise state.error
-                    if state.inputs_done and state.all_consumed():
-                        finished = True
-                        return
-                message = state.outputs.get()
-                if message[0] == "out":
-                    yield from message[1]
-                    state.change(consumed=message[2])
-        finally:
-            if self._cluster._phase == "running" and self._cluster.state is state:
-                self._cluster._finish_run(graceful=finished)
 
 
 class LocalCluster(Cluster):

@@ -13,6 +13,7 @@ import time
 import pytest
 
 import pipeline_cluster as pc
+import pipeline_cluster.feeder
 from pipeline_cluster import multiprocess_logging as mpl
 from tests.conftest import live_children, wait_until
 
@@ -120,12 +121,39 @@ def test_endless_input_take_some_then_close_quickly(tmp_path):
     taken = list(itertools.islice(results, 1000))
     assert len(taken) == 1000
     # inputs are pulled only as fast as the pipeline drains: bounded by capacity, not by the endless source
-    assert len(pulled) <= 1000 + cluster.capacity + pc.cluster.FEED_CHUNK
+    assert len(pulled) <= 1000 + cluster.capacity + pc.feeder.CHUNK
     started = time.monotonic()
     results.close()
     cluster.close()
     assert time.monotonic() - started < 10
     assert live_children() == []
+
+
+@pytest.mark.timeout(60)
+def test_leaving_the_loop_early_stops_the_run_at_once(cluster):
+    for i, _ in enumerate(cluster.run([slow], range(100))):
+        if i == 1:
+            break
+    # no reference to the results is kept: the run is already stopped, so another can start right away
+    assert sorted(cluster.run([square], [1, 2])) == [1, 4]
+
+
+def bursts():
+    for burst in range(3):
+        yield from (burst, burst + 100)
+        time.sleep(1.0)  # a source that pauses after each burst, like a socket or a queue
+
+
+@pytest.mark.timeout(60)
+def test_a_bursty_source_is_not_held_back(cluster):
+    arrival = {}
+    started = time.monotonic()
+    for out in cluster.run([square], bursts()):
+        arrival[out] = time.monotonic() - started
+    assert sorted(arrival) == sorted(x * x for b in range(3) for x in (b, b + 100))
+    # each burst's second item arrives with its first, not a pause later
+    for b in range(3):
+        assert abs(arrival[(b + 100) ** 2] - arrival[b * b]) < 0.5, arrival
 
 
 @pytest.mark.timeout(60)

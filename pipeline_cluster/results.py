@@ -1,0 +1,47 @@
+"""Results: the streaming iterator that `cluster.run(...)` returns."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterator
+
+from pipeline_cluster.runstate import RunState
+
+if TYPE_CHECKING:
+    from pipeline_cluster.cluster import Cluster
+
+
+class Results:
+    """The outputs of `cluster.run(...)`, in completion order; leaving the loop early (or `close()`) stops the run."""
+
+    def __init__(self, cluster: "Cluster", state: RunState) -> None:
+        self._gen = _outputs(cluster, state)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._gen  # a for loop drives the generator itself: no wrapper call per output
+
+    def __next__(self) -> Any:
+        return next(self._gen)
+
+    def close(self) -> None:
+        """Stop the run now (unfinished items are dropped) and stop its workers."""
+        self._gen.close()
+
+
+def _outputs(cluster: "Cluster", state: RunState) -> Iterator[Any]:
+    """Yield outputs until every input is done. A module-level generator, so nothing refers back to it: when the
+    caller's loop lets go of it (break, an exception), CPython closes it at once and its finally stops the run."""
+    finished = False
+    try:
+        while True:
+            with state.cond:
+                if state.error is not None:
+                    raise state.error
+                if state.inputs_done and state.all_consumed():
+                    finished = True
+                    return
+            message = state.outputs.get()
+            if message[0] == "out":
+                yield from message[1]
+                state.change(consumed=message[2])
+    finally:
+        if cluster._phase == "running" and cluster.state is state:
+            cluster._finish_run(graceful=finished)
