@@ -39,6 +39,7 @@ class NodeActor(Actor):
         self.born: Counter[int] = Counter()
         self.died: Counter[int] = Counter()
         self.results: dict[int, list] = {}  # outputs of root items that are not finished yet
+        self.held_dead: dict[int, list[DeadLetter]] = {}  # dead letters of root items not finished yet
         self.generation = 0
         self.ready: set[int] = set()
         self.escalate = lambda text: self.report(("failed", self.name, RuntimeError(text)))
@@ -72,6 +73,8 @@ class NodeActor(Actor):
         self.report(("failed", self.name, error))
 
     def on_submit(self, rids: list[int], items: list, stage: int = 0) -> None:
+        if stage >= len(self.stages):
+            return  # sent before the pipeline was stopped: that run is over
         self.born.update(rids)
         tell(self.stages[stage], "push", (rids, items, None))
 
@@ -106,8 +109,14 @@ class NodeActor(Actor):
         if done and results:
             for rid in done:
                 finished_outputs.extend(results.pop(rid, ()))
-        if done or dead:
-            self.report(("completed", self.name, done, finished_outputs, dead))
+        for letter in dead:  # reported with their root item, so a node lost before that reports nothing twice
+            self.held_dead.setdefault(letter.rid, []).append(letter)
+        finished_dead: list[DeadLetter] = []
+        if done and self.held_dead:
+            for rid in done:
+                finished_dead.extend(self.held_dead.pop(rid, ()))
+        if done:
+            self.report(("completed", self.name, done, finished_outputs, finished_dead))
 
     def on_log(self, text: str) -> None:
         self.log_sink(make_record(text, logging.WARNING, "pipeline_cluster.node")._replace(node=self.name))
@@ -147,6 +156,7 @@ class NodeActor(Actor):
         self.born.clear()
         self.died.clear()
         self.results.clear()
+        self.held_dead.clear()
 
     def on_stop(self) -> None:
         self._stop_stages(kill=True)

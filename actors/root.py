@@ -8,7 +8,7 @@ get deep queues for big batches and large items stay within a byte budget.
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import Counter, deque
 from typing import Any, Callable, Protocol
 
 from pipeline_cluster.actors.base import Actor
@@ -33,6 +33,7 @@ class NodeLink(Protocol):
 DEFAULT_CREDIT = 1024       # per node, until its first size report (adaptive credit)
 MAX_CREDIT = 8192
 MIN_CREDIT = 16
+MAX_NODE_LOSSES = 3  # a root item held by this many lost nodes is a dead letter (cause node_lost), not re-sent
 BYTE_BUDGET = 32 * 1024 * 1024  # pickled input bytes a node may hold (adaptive credit)
 
 
@@ -49,6 +50,8 @@ class RootActor(Actor):
         self.backlog: deque[tuple[list[int], list, int]] = deque()  # (rids, items, first stage)
         self.inflight: dict[int, tuple[str, Any, int]] = {}  # rid -> (node, item, first stage)
         self.next_rid = 0
+        self.losses: Counter[int] = Counter()  # rid -> nodes lost while holding it
+        self.stage_names: list[str] = []
         self.paused = False
         self.state = RunState()
         self.escalate = lambda text: self.state.fail(RuntimeError(text))
@@ -73,11 +76,13 @@ class RootActor(Actor):
             self.state.capacity = sum(credits) + max(credits, default=0)
             self.state.cond.notify_all()
 
-    def on_begin(self, state: RunState) -> None:
+    def on_begin(self, state: RunState, stage_names: list[str] | None = None) -> None:
         """Start a new run: forget the previous run's items."""
         self.state = state
+        self.stage_names = stage_names or self.stage_names
         self.backlog.clear()
         self.inflight.clear()
+        self.losses.clear()
         self.used = dict.fromkeys(self.links, 0)
         self._update_capacity()
 
@@ -128,6 +133,9 @@ class RootActor(Actor):
         finished = len(done) - popped.count(None)
         if not finished:
             return  # reported after a reset: that run's items are gone already
+        if self.losses:
+            for rid in done:
+                self.losses.pop(rid, None)
         self.used[name] -= finished
         self.state.outputs.put(("out", outputs, finished))
         self._dispatch()
@@ -141,18 +149,29 @@ class RootActor(Actor):
         self._update_capacity()
         lost = [(rid, item, stage) for rid, (node, item, stage) in self.inflight.items() if node == name]
         by_stage: dict[int, tuple[list, list]] = {}
+        dead: list[DeadLetter] = []
         for rid, item, stage in lost:
             del self.inflight[rid]
+            self.losses[rid] += 1
+            if self.losses[rid] >= MAX_NODE_LOSSES:  # it may be what kills nodes: stop spreading it
+                del self.losses[rid]
+                stage_name = self.stage_names[stage] if stage < len(self.stage_names) else f"stage {stage}"
+                dead.append(DeadLetter(item, stage_name, stage, MAX_NODE_LOSSES, "node_lost",
+                                       message=f"{MAX_NODE_LOSSES} nodes were lost while running it; last: {name} "
+                                               f"({reason})", node=name, rid=rid))
+                continue
             rids, items = by_stage.setdefault(stage, ([], []))
             rids.append(rid)
             items.append(item)
         for stage, (rids, items) in by_stage.items():
             self.backlog.appendleft((rids, items, stage))
-        if lost:
-            self.state.change(at_root=len(lost))
+        if len(lost) > len(dead):
+            self.state.change(at_root=len(lost) - len(dead))
+        if dead:
+            self.dead_sink(dead)
+            self.state.outputs.put(("out", [], len(dead)))  # those root items are finished, as failures
         with self.state.cond:
             self.state.ready_nodes.discard(name)
-            self.state.lost_nodes.add(name)
             self.state.cond.notify_all()
         if not self.links:
             self.state.fail(ClusterError(f"no node left: the last one, {name}, was lost ({reason}); "

@@ -294,9 +294,11 @@ class StageSupervisor(Actor):
 
     def on_worker_died(self, wid: int, death: Death) -> None:
         slot = self.slots.pop(wid, None)
-        if slot is None or self.state != "running":
+        if slot is None:
             return
-        slot.ref.stop(block=False)
+        slot.ref.stop(block=False)  # its actor reaps the process and frees the socket and progress record
+        if self.state != "running":
+            return
         self.stats.workers = sum(s.ready for s in self.slots.values())
         batches = list(slot.inflight.values())
         finished: list = []

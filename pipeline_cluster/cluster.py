@@ -102,7 +102,7 @@ class Cluster:
         self.pipeline = as_pipeline(pipeline, None if name is None else str(name), version)
         if self.stage_config:
             self.pipeline.with_overrides(self.stage_config)
-        for link in self.links:
+        for link in self._live_links():
             link.ask("setup", self.pipeline, timeout=60)
         self._phase = "setup"
         return self.pipeline
@@ -258,12 +258,12 @@ class Cluster:
         self.outputs = []
         self._stop.clear()
         self._paused = False
-        ask(self.root, "begin", self.state)
+        ask(self.root, "begin", self.state, [stage.name for stage in self.pipeline.stages])
         self._phase = "running"
-        for link in self.links:
+        for link in self._live_links():
             link.tell("boot")
         try:
-            self.state.wait(lambda: self.state.ready_nodes | self.state.lost_nodes >= {l.name for l in self.links},
+            self.state.wait(lambda: self.state.ready_nodes >= {link.name for link in self._live_links()},
                             self.start_timeout,
                             "the workers to start")
         except BaseException:

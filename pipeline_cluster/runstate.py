@@ -19,7 +19,6 @@ class RunState:
         self.inputs_done = False
         self.error: BaseException | None = None
         self.ready_nodes: set[str] = set()
-        self.lost_nodes: set[str] = set()
         self.outputs: queue.SimpleQueue = queue.SimpleQueue()  # ("out", outputs, n_roots) | ("wake",) | ("error",)
 
     def change(self, **deltas: int) -> None:
