@@ -125,6 +125,9 @@ class RootActor(Actor):
         if name not in self.links:
             return  # a node already declared lost: its items were sent elsewhere
         dead = [letter for letter in dead if letter.rid in self.inflight]  # none from a run already ended
+        for letter in dead:
+            if letter.stage_index < len(self.stage_names):
+                letter.stage = self.stage_names[letter.stage_index]
         if dead:
             self.dead_sink(dead)
         if not done:

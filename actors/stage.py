@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import pickle
 import random
 import threading
 import time
@@ -161,11 +160,10 @@ class StageSupervisor(Actor):
             n_ready = sum(1 for s in self.slots.values() if s.ready)
             rids, items, attempts = self._take(self._batch_size(n_ready))
             try:
-                payload = pickle.dumps(("batch", items), protocol=5)
+                payload = cloudpickle.dumps(("batch", items), protocol=5)
             except Exception:
-                payload = self._encode_or_reject(rids, items, attempts)
-                if payload is None:
-                    continue
+                self._reject_unpicklable(rids, items, attempts)
+                continue
             bid = next(self.bids)
             slot.inflight[bid] = (rids, items, attempts)
             tell(slot.ref, "batch", bid, payload)
@@ -204,12 +202,8 @@ class StageSupervisor(Actor):
         self.queued -= len(rids)
         return rids, items, attempts
 
-    def _encode_or_reject(self, rids: list, items: list, attempts: list | None) -> bytes | None:
-        """Pickle a batch with cloudpickle; items that cannot be pickled at all fail alone."""
-        try:
-            return cloudpickle.dumps(("batch", items), protocol=5)
-        except Exception:
-            pass
+    def _reject_unpicklable(self, rids: list, items: list, attempts: list | None) -> None:
+        """A batch that cannot be pickled: the items that cannot are dead letters, the others go back in line."""
         good: list[int] = []
         dead: list[DeadLetter] = []
         for i, item in enumerate(items):
@@ -221,12 +215,11 @@ class StageSupervisor(Actor):
                 dead.append(DeadLetter(repr(item), self.stage.name, self.index, (attempts[i] if attempts else 0) + 1,
                                        "exception", "PicklingError",
                                        f"stage {self.stage.name!r}: item {item!r:.200} cannot be pickled: {exc}",
-                                       traceback.format_exc(), self.node_name, rid=rids[i]))
+                                       traceback.format_exc(), self.node_name, rid=rids[i], refeedable=False))
         self._report([], [d.rid for d in dead], None, dead)
         if good:
             self._requeue(([rids[i] for i in good], [items[i] for i in good],
                            [attempts[i] for i in good] if attempts else None))
-        return None
 
     def _requeue(self, chunk: tuple) -> None:
         self.queue.appendleft(chunk)
@@ -262,6 +255,21 @@ class StageSupervisor(Actor):
         self._report(born, died, (out_rids, outs) if self.last and outs else None, dead)
         if outs and not self.last:
             tell(self.next_stage, "push", (out_rids, outs, None))
+        self._dispatch()
+
+    def on_batch_unreadable(self, wid: int, bid: int, error: str, tb: str) -> None:
+        """The worker could not unpickle the batch, or we its reply: its items fail for good with that cause."""
+        slot = self.slots.get(wid)
+        if slot is None or bid not in slot.inflight or self.state == "stopping":
+            return
+        rids, items, attempts = slot.inflight.pop(bid)
+        died: list = []
+        dead: list[DeadLetter] = []
+        for i, (rid, item) in enumerate(zip(rids, items)):
+            self._charge(rid, item, attempts[i] if attempts else 0, died, dead, "exception", False,
+                         error_type="UnpicklingError", message=f"stage {self.stage.name!r}: {error}", traceback=tb,
+                         pid=slot.proc.pid)
+        self._report([], died, None, dead)
         self._dispatch()
 
     def _charge(self, rid: int, item: Any, attempts: int, died: list, dead: list[DeadLetter], cause: str,

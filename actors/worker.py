@@ -10,6 +10,7 @@ import mmap
 import os
 import pickle
 import signal
+import traceback as traceback_module
 import socket
 import subprocess
 import sys
@@ -153,9 +154,13 @@ class WorkerActor(Actor):
             self.proc.conn.send_bytes(payload)
         except OSError:
             pass  # the process died: the wait below sees EOF and reports it
-        reply = self._wait_for(("result",), item_timeout=self.config.timeout)
-        if reply is not None:
+        reply = self._wait_for(("result", "unreadable"), item_timeout=self.config.timeout)
+        if reply is None:
+            return
+        if reply[0] == "result":
             tell(self.supervisor, "batch_done", self.wid, bid, reply[1])
+        else:
+            tell(self.supervisor, "batch_unreadable", self.wid, bid, reply[1], reply[2])
 
     def on_stop_worker(self, grace: float) -> None:
         """Ask the process to run close() and exit; kill it after `grace` seconds."""
@@ -201,12 +206,17 @@ class WorkerActor(Actor):
                             self._died("init_failed", message="worker did not start in time")
                         return None
                     continue
-                message = pickle.loads(conn.recv_bytes())
+                data = conn.recv_bytes()
             except (EOFError, OSError):
                 if report:
                     index, _ = self.proc.running_item()
                     self._died(death_cause, index=index)
                 return None
+            try:
+                message = pickle.loads(data)
+            except Exception as exc:  # the worker's reply cannot be read here (its outputs' classes?)
+                message = ("unreadable", f"the worker's reply cannot be unpickled: {type(exc).__name__}: {exc}",
+                           traceback_module.format_exc())
             if message[0] == "log":
                 self.config.log_sink(message[1])
             elif message[0] in kinds:

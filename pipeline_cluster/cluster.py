@@ -354,11 +354,20 @@ class Cluster:
     def refeed(self, letters: Iterable[DeadLetter] | None = None) -> int:
         """Feed dead letters again, each into the stage it failed in (after fixing the cause); returns how many.
 
-        Without an argument every dead letter so far is re-fed; re-fed letters leave `failures()`.
+        Without an argument every re-feedable dead letter so far is re-fed; re-fed letters leave `failures()`.
+        A letter of another pipeline, or one whose item could not be pickled (kept as its repr), is a ValueError.
         """
         self._check_running()
+        names = [stage.name for stage in self.pipeline.stages]
         with self._dead_lock:
-            chosen = list(self.dead_letters) if letters is None else list(letters)
+            chosen = ([letter for letter in self.dead_letters if letter.refeedable] if letters is None
+                      else list(letters))
+            for letter in chosen:
+                if not letter.refeedable:
+                    raise ValueError(f"dead letter of {letter.item!r:.100} cannot be re-fed: only its repr was kept")
+                if letter.stage_index >= len(names) or names[letter.stage_index] != letter.stage:
+                    raise ValueError(f"dead letter from stage {letter.stage!r} does not belong to pipeline "
+                                     f"{self.pipeline.name!r} (stages {names})")
             ids = {id(letter) for letter in chosen}
             self.dead_letters = [letter for letter in self.dead_letters if id(letter) not in ids]
         by_stage: dict[int, list] = {}

@@ -25,6 +25,7 @@ class DeadLetter:
     signal: str | None = None
     time: float = field(default_factory=time.time)
     rid: int | None = None
+    refeedable: bool = True  # False when `item` is only a repr (the item itself could not be pickled)
 
     def to_json(self) -> str:
         """One JSON line for the run directory's dead-letter file (the item as its repr when not JSON)."""

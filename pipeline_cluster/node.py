@@ -55,7 +55,15 @@ class Session:
         """Read the root's messages until it disconnects, then stop every worker of this session."""
         try:
             while True:
-                message = self.channel.recv()
+                try:
+                    message = self.channel.recv()
+                except (EOFError, OSError):
+                    raise
+                except Exception as exc:  # a message we cannot unpickle (a class or module missing here)
+                    self._send(("failed", socket.gethostname(), ClusterError(
+                        f"node {socket.gethostname()} cannot read a message from the root: {type(exc).__name__}: "
+                        f"{exc} (classes of your items must be importable on every node)")))
+                    continue
                 self.last_heard = time.monotonic()
                 if message[0] == "ping":
                     self._send(("ping",))

@@ -19,6 +19,7 @@ import pykka
 
 from pipeline_cluster import wire
 from pipeline_cluster.actors.base import ask, tell
+from pipeline_cluster.deadletters import DeadLetter
 from pipeline_cluster.errors import ClusterError
 from pipeline_cluster.multiprocess_logging import Record
 
@@ -149,6 +150,31 @@ class RemoteLink:
             except OSError as exc:
                 self._lost(f"send failed: {exc}")
                 return
+            except Exception as exc:  # the message cannot be pickled: fail it alone, the link stays up
+                self._unsendable(message, exc)
+
+    def _unsendable(self, message: tuple, error: Exception) -> None:
+        """Submitted items that cannot be pickled become dead letters (the rest go out); a failed ask is answered."""
+        if message[:2] == ("tell", "submit"):
+            rids, items, stage = message[2]
+            good, bad = [], []
+            for rid, item in zip(rids, items):
+                try:
+                    cloudpickle.dumps(item)
+                    good.append((rid, item))
+                except Exception as exc:
+                    bad.append(DeadLetter(repr(item), f"stage {stage}", stage, 1, "exception", "PicklingError",
+                                          f"item {item!r:.200} cannot be pickled to send to node {self.name}: {exc}",
+                                          node=self.name, rid=rid, refeedable=False))
+            if good:
+                self._outbox.put(("tell", "submit", ([r for r, _ in good], [i for _, i in good], stage)))
+            self.root.tell(("completed", self.name, [letter.rid for letter in bad], [], bad))
+        elif message[0] == "ask":
+            with self._lock:
+                reply = self._replies.pop(message[1], None)
+            if reply is not None:
+                reply.ok, reply.value = False, TypeError(f"cannot send {message[2]!r} to node {self.name}: {error}")
+                reply.event.set()
 
     def _beat(self) -> None:
         """Ping the node; declare it lost after `dead_after` seconds without hearing from it."""

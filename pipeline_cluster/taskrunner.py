@@ -31,11 +31,9 @@ SAMPLES_PER_BATCH = 64  # item durations sent back per batch, for the p95 estima
 
 
 def dumps(obj: Any) -> bytes:
-    """Pickle with protocol 5, falling back to cloudpickle for lambdas, closures and `__main__` classes."""
-    try:
-        return pickle.dumps(obj, protocol=5)
-    except Exception:
-        return cloudpickle.dumps(obj, protocol=5)
+    """Pickle with cloudpickle (protocol 5): `__main__` classes and functions travel by value, and a class shipped
+    by value keeps its identity on the way back (cloudpickle tracks it), as fast as pickle for plain data."""
+    return cloudpickle.dumps(obj, protocol=5)
 
 
 class TaskRunner:
@@ -194,9 +192,14 @@ def main(argv: list[str]) -> int:
     send(dumps(("ready", os.getpid())))
     while True:
         try:
-            message = pickle.loads(conn.recv_bytes())
+            data = conn.recv_bytes()
         except EOFError:
             return 0
+        try:
+            message = pickle.loads(data)
+        except Exception as exc:  # e.g. an item's class that cannot be imported here: its batch fails, we go on
+            send(dumps(("unreadable", f"{type(exc).__name__}: {_message(exc)}", traceback.format_exc())))
+            continue
         if message[0] == "batch":
             items = message[1]
             send(encode_result(runner.run_batch(items), items, runner.name))

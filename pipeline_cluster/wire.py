@@ -87,7 +87,7 @@ class Channel:
         return self._sock.fileno()
 
     def send(self, obj: Any) -> None:
-        """Send one object: pickle protocol 5, falling back to cloudpickle (lambdas, closures, __main__ code).
+        """Send one object, pickled by cloudpickle with protocol 5 (lambdas, closures and __main__ code by value).
 
         Big pickle buffers go out-of-band without copies. A `bytes` or `memoryview` object is sent as a raw frame,
         also without copies, and `recv` returns it as `bytes`.
@@ -109,11 +109,9 @@ class Channel:
             buffers.append(raw)
             return False
 
-        try:
-            payload = pickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
-        except Exception:
-            buffers.clear()
-            payload = cloudpickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
+        # cloudpickle, not pickle: `__main__` classes and functions must travel by value, since the peer's
+        # `__main__` is another program; for plain data it is as fast as pickle
+        payload = cloudpickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
         self._check_size(len(payload))
         for buffer in buffers:
             self._check_size(buffer.nbytes)

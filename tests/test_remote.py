@@ -4,6 +4,9 @@ from __future__ import annotations
 import collections
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -192,3 +195,42 @@ def test_pipeline_a_node_cannot_import_is_a_clear_error(nodes, tmp_path, monkeyp
         with pytest.raises(pc.ClusterError, match="cannot load the pipeline: ModuleNotFoundError"):
             cluster.setup("x", 1, [only_on_root.f])
         assert sorted(cluster.run([abs], [-3])) == [3]  # the node is still fine
+
+
+MAIN_CLASS_SCRIPT = textwrap.dedent("""
+    import sys, threading
+    from dataclasses import dataclass
+    import pipeline_cluster as pc
+
+    @dataclass
+    class Point:              # defined in __main__: travels by value, comes back as this very class
+        x: int
+
+    def shift(p):
+        return Point(p.x + 1)
+
+    def run(cluster):
+        items = [Point(1), threading.Lock(), Point(2)]   # the lock cannot be pickled: a dead letter, not a crash
+        outs = list(cluster.run([shift], items))
+        assert sorted(o.x for o in outs) == [2, 3] and all(type(o) is Point for o in outs), outs
+        [letter] = cluster.failures()
+        assert letter.error_type == "PicklingError" and not letter.refeedable, letter
+        assert letter.stage == "shift", letter
+
+    with pc.LocalCluster(workers=1, run_dir=sys.argv[1]) as cluster:
+        run(cluster)
+    with pc.Cluster.connect([(sys.argv[2], int(sys.argv[3]))], run_dir=sys.argv[1]) as cluster:
+        run(cluster)
+    print("OK")
+""")
+
+
+@pytest.mark.timeout(90)
+def test_main_module_items_and_unpicklable_items_locally_and_remotely(nodes, tmp_path):
+    node = nodes("127.0.0.13")
+    script = tmp_path / "points.py"
+    script.write_text(MAIN_CLASS_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), *map(str, node.address)],
+                            capture_output=True, text=True, timeout=80)
+    assert result.returncode == 0 and result.stdout.strip() == "OK", result.stderr[-3000:]
+    assert node.proc.poll() is None
