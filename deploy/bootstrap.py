@@ -125,6 +125,7 @@ class RemoteNode:
         target = f"{probe['workdir']}/wheels/{built.filename}"
         try:
             with self.client.open_sftp() as sftp:
+                sftp.get_channel().settimeout(max(60.0, self.config.start_timeout))  # a stalled host cannot hang us
                 with sftp.open(target + ".part", "wb") as f:
                     f.set_pipelined(True)
                     f.write(built.data)
@@ -141,15 +142,16 @@ class RemoteNode:
         """Start the node with no pty, hand it its secrets on stdin, wait for PCREADY; returns its port."""
         spec, tunnel = self.spec, self.config.connect == "tunnel"
         listen = "127.0.0.1" if tunnel else spec.listen or spec.host
-        node = remote_argv(*[f"{k}={v}" for k, v in spec.env.items()], python, "-m", "pipeline_cluster.cli", "node",
+        node = remote_argv(python, "-m", "pipeline_cluster.cli", "node",
                            "--host", listen, "--port", str(spec.node_port), "--stdin-config",
                            *(["--workers", str(spec.workers)] if spec.workers else []))
         run_dir = remote_argv(self.run_dir)
-        command = f"umask 077 && mkdir -p {run_dir} && cd {run_dir} && exec env {node} 2>>node.log"
+        command = f"umask 077 && mkdir -p {run_dir} && cd {run_dir} && exec {node} 2>>node.log"
         try:
             self.process = self.client.get_transport().open_session(timeout=spec.ssh.connect_timeout)
             self.process.exec_command(command)
-            self.process.sendall(json.dumps({"authkey": authkey.hex(), "run_dir": self.run_dir}).encode() + b"\n")
+            secrets = {"authkey": authkey.hex(), "run_dir": self.run_dir, "env": dict(spec.env)}  # never on argv
+            self.process.sendall(json.dumps(secrets).encode() + b"\n")
         except (paramiko.SSHException, OSError) as exc:
             raise self.fail(f"cannot run the node command: {exc}") from None
         ready = self._ready_line()

@@ -189,8 +189,9 @@ def main(host: str, port: int, log_addr: tuple[str, int] | None, authkey_file: s
     """`pipeline-cluster node`: serve until SIGINT/SIGTERM (or, with `stdin_config`, until the root is gone).
 
     With `stdin_config` the first stdin line is JSON with the run's secrets and settings, `{"authkey": HEX,
-    "run_dir": PATH}`, so they never appear on a command line; the node writes `node.pid` into run_dir, serves a
-    single root, and exits when that root disconnects, falls silent, or closes the node's stdin.
+    "run_dir": PATH, "env": {NAME: VALUE}}`, so they never appear on a command line; `env` goes into the node's
+    environment (its workers inherit it; a PYTHONPATH there also extends sys.path). The node writes `node.pid` into
+    run_dir, serves a single root, and exits when that root disconnects, falls silent, or closes the node's stdin.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     authkey = None
@@ -199,6 +200,10 @@ def main(host: str, port: int, log_addr: tuple[str, int] | None, authkey_file: s
         config = json.loads(sys.stdin.readline() or "{}")
         authkey = bytes.fromhex(config["authkey"])
         run_dir = config.get("run_dir")
+        env = {str(k): str(v) for k, v in config.get("env", {}).items()}
+        os.environ.update(env)
+        if env.get("PYTHONPATH"):
+            sys.path[:0] = env["PYTHONPATH"].split(os.pathsep)
     elif authkey_file:
         with open(authkey_file, "rb") as f:
             authkey = f.read().strip()

@@ -32,7 +32,9 @@ def test_two_nodes_carry_a_pipeline_exactly_once_then_nothing_is_left(ssh_lab, c
         assert [(h.node, h.ok, h.ship) for h in cluster.hosts] == [("a", True, "existing"), ("b", True, "existing")]
         outputs = list(cluster.run([tagger()], range(4000)))
         assert collections.Counter(x for x, _ in outputs) == collections.Counter(range(4000))
-        assert {node for _, node in outputs} == {"a", "b"}
+        assert {node for _, node in outputs} == {"a", "b"}  # each node's env (NODE_TAG) reached its workers...
+        for host in cluster.hosts:  # ...through the node's stdin, not its command line
+            assert not any("NODE_TAG" in arg for arg in psutil.Process(host.pid).cmdline())
         # the seed's step-by-step interface works the same way
         cluster.setup("steps", 1, [{"function": tagger(), "is_generator": False}])
         cluster.boot()
