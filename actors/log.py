@@ -29,10 +29,6 @@ class LogActor(Actor):
         if self.to_stderr or record.level >= self.stderr_level:
             sys.stderr.write(line + "\n")
 
-    def on_flush(self) -> None:
-        if self.file is not None:
-            self.file.flush()
-
     def on_stop(self) -> None:
         if self.file is not None:
             self.file.close()

@@ -25,7 +25,7 @@ from pipeline_cluster.deadletters import DeadLetter
 from pipeline_cluster.errors import ClusterError
 from pipeline_cluster.feeder import CHUNK as FEED_CHUNK, Feeder
 from pipeline_cluster.model import Pipeline, as_pipeline
-from pipeline_cluster.multiprocess_logging import Record, attach_local
+from pipeline_cluster.multiprocess_logging import Record, attach_local, detach_local, make_record
 from pipeline_cluster.rundir import RunDir
 from pipeline_cluster.runstate import RunState
 from pipeline_cluster.stats import StageStats
@@ -199,7 +199,7 @@ class Cluster:
             for link in self.links:
                 link.close()
             self.root.stop(block=True, timeout=30)
-            attach_local(None)
+            detach_local(self.log_sink)
             self.log_ref.stop(block=True, timeout=30)
             _open_clusters.discard(self)
 
@@ -293,11 +293,12 @@ class Cluster:
             state.change(consumed=message[2])
 
     def _refresh_stats(self) -> None:
+        """Rewrite stats.json every few seconds while the run lasts (a slow or failing refresh is retried)."""
         while not self._stop.wait(STATS_REFRESH_SECONDS):
             try:
                 self._write_stats()
-            except Exception:
-                return
+            except Exception as exc:
+                self.log_sink(make_record(f"stats.json not refreshed: {exc!r}", logging.WARNING, "pipeline_cluster"))
 
     def _write_stats(self) -> None:
         self.rundir.write_stats({"run_id": self.rundir.run_id, "time": time.time(),

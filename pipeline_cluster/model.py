@@ -1,6 +1,7 @@
 """The user's description of work: `Stage`, `Pipeline`, `Supervision`, validated before anything starts."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import math
@@ -214,7 +215,8 @@ class Pipeline:
     def __init__(self, stages: Iterable[Any], name: str = "pipeline", version: Any = "1") -> None:
         if isinstance(stages, (str, bytes)) or not isinstance(stages, Iterable):
             raise TypeError(f"a pipeline is a list of stages, got {stages!r}")
-        self.stages = [_as_stage(s, i) for i, s in enumerate(stages)]
+        # each pipeline owns copies of its stages: renaming or config overrides never reach the caller's objects
+        self.stages = [copy.copy(_as_stage(s, i)) for i, s in enumerate(stages)]
         self.name = name
         self.version = version
         if not self.stages:
@@ -285,9 +287,6 @@ def _as_stage(spec: Any, index: int) -> Stage:
 def as_pipeline(pipeline: Any, name: str | None = None, version: Any = None) -> Pipeline:
     """Turn a Pipeline, a list of stages or a seed taskchain into a validated Pipeline."""
     if isinstance(pipeline, Pipeline):
-        if name is not None:
-            pipeline.name = name
-        if version is not None:
-            pipeline.version = version
-        return pipeline
+        return Pipeline(pipeline.stages, name=pipeline.name if name is None else name,
+                        version=pipeline.version if version is None else version)
     return Pipeline(pipeline, name=name or "pipeline", version=version if version is not None else "1")

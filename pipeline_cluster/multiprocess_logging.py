@@ -95,6 +95,12 @@ def attach_local(sink: Callable[[Record], None] | None, node: str | None = None)
     _route.sink, _route.node = sink, node
 
 
+def detach_local(sink: Callable[[Record], None]) -> None:
+    """Stop routing `log()` to `sink`, if it still is the route (another cluster may have taken it since)."""
+    if _route.sink == sink:
+        attach_local(None)
+
+
 class LogClient:
     """Sends records to a log server; when none answers, writes to stderr (saying so once) and retries later."""
 

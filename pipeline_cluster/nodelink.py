@@ -88,7 +88,11 @@ class RemoteLink:
         self._reader = threading.Thread(target=self._read, name=f"pipeline-cluster-link-{self.name}", daemon=True)
         self._reader.start()
         threading.Thread(target=self._write, name=f"pipeline-cluster-writer-{self.name}", daemon=True).start()
-        self.info = self.ask("hello", self.name, heartbeat, dead_after, timeout=connect_timeout)
+        try:
+            self.info = self.ask("hello", self.name, heartbeat, dead_after, timeout=connect_timeout)
+        except BaseException:
+            self.close()
+            raise
         threading.Thread(target=self._beat, name=f"pipeline-cluster-heartbeat-{self.name}", daemon=True).start()
 
     def tell(self, name: str, *args: Any) -> None:

@@ -30,7 +30,7 @@ class RunDir:
         if path is None:
             root = runs_root()
             self.path = root / self.run_id
-            self.path.mkdir(parents=True, exist_ok=True)
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
             latest = root / "latest"
             try:
                 tmp = root / f".latest-{self.run_id}"
@@ -38,10 +38,9 @@ class RunDir:
                 os.replace(tmp, latest)
             except OSError:
                 pass
-        else:
+        else:  # the user's own directory: made private if we create it, left as it is otherwise
             self.path = Path(path)
-            self.path.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.path, 0o700)
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     @property
     def log_file(self) -> Path:
