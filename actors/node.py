@@ -54,7 +54,7 @@ class NodeActor(Actor):
             for i, stage in enumerate(pipeline.stages)
         ]
         for i, ref in enumerate(self.stages):
-            tell(ref, "link", self.stages[i + 1] if i + 1 < n else None)
+            tell(ref, "link", self.stages[i - 1] if i else None, self.stages[i + 1] if i + 1 < n else None)
 
     def on_boot(self) -> None:
         self.ready.clear()

@@ -29,6 +29,8 @@ from pipeline_cluster.stats import StageStats
 
 DEPTH = 2  # batches in flight per worker: the next one waits in the worker's inbox, no idle round trip
 MAX_BATCH = 1024
+HIGH_WATER = 8 * MAX_BATCH  # queued items at which the stage before this one stops sending new batches
+LOW_WATER = HIGH_WATER // 2  # ... and at which it may go on
 TARGET_BATCH_SECONDS = 0.02
 
 
@@ -53,6 +55,9 @@ class StageSupervisor(Actor):
         self.generation = generation  # the node's setup this stage belongs to; its reports carry it
         self.sup = stage.supervision
         self.next_stage: pykka.ActorRef | None = None
+        self.previous_stage: pykka.ActorRef | None = None
+        self.downstream_full = False  # the next stage's queue is above its high water mark
+        self.throttling = False  # we told the previous stage to hold back
         self.config = WorkerConfig(stage.name, stage.payload(), cloudpickle.dumps(self.sup.retry_on),
                                    self.sup.timeout, node_name, log_level, log_sink)
         self.queue: deque[tuple] = deque()
@@ -69,14 +74,20 @@ class StageSupervisor(Actor):
         self.paused = False
         self.state = "running"  # running | failed | stopping
         self.ewma: float | None = None
+        self.fanout = 1.0  # outputs per input (moving average): batches shrink so one batch's outputs stay bounded
         self.bytes_per_item: float | None = None  # first stage only: what the root sizes this node's credit by
         self.last_item: Any = None  # the item the latest worker death was blamed on, for StageFailed
         self.escalate = lambda text: tell(node, "stage_failed", StageFailed(stage.name, "internal error", None, text))
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
-    def on_link(self, next_stage: pykka.ActorRef | None) -> None:
-        self.next_stage = next_stage
+    def on_link(self, previous_stage: pykka.ActorRef | None, next_stage: pykka.ActorRef | None) -> None:
+        self.previous_stage, self.next_stage = previous_stage, next_stage
+
+    def on_downstream_full(self, full: bool) -> None:
+        """Backpressure from the next stage: a generator's fan-out never piles up without limit."""
+        self.downstream_full = full
+        self._dispatch()
 
     def on_spawn_workers(self) -> None:
         for _ in range(self.n_workers):
@@ -138,7 +149,15 @@ class StageSupervisor(Actor):
         self.slots.clear()
         self.stats.workers = 0
 
+    def _signal_backpressure(self) -> None:
+        """Tell the previous stage to hold back above the high water mark, and to go on below the low one."""
+        full = self.queued >= HIGH_WATER if not self.throttling else self.queued > LOW_WATER
+        if full != self.throttling and self.previous_stage is not None:
+            self.throttling = full
+            tell(self.previous_stage, "downstream_full", full)
+
     def on_stats(self) -> StageStats:
+        self.stats.queued = self.queued
         return StageStats(**{**self.stats.__dict__, "samples": list(self.stats.samples)})
 
     # -- items ---------------------------------------------------------------------------------------------------
@@ -147,10 +166,11 @@ class StageSupervisor(Actor):
         self.stats.items_in += len(chunk[0])
         self.queue.append(chunk)
         self.queued += len(chunk[0])
+        self._signal_backpressure()
         self._dispatch()
 
     def _dispatch(self) -> None:
-        if self.paused or self.state != "running":
+        if self.paused or self.downstream_full or self.state != "running":
             return
         while self.queued:
             ready = [s for s in self.slots.values() if s.ready and len(s.inflight) < DEPTH]
@@ -180,7 +200,7 @@ class StageSupervisor(Actor):
     def _batch_size(self, n_ready: int) -> int:
         size = 1 if self.ewma is None else int(TARGET_BATCH_SECONDS / max(self.ewma, 1e-7))
         fair = math.ceil(self.queued / max(1, n_ready * DEPTH))
-        return max(1, min(size, MAX_BATCH, fair))
+        return max(1, min(size, int(MAX_BATCH / max(self.fanout, 1.0)), fair))
 
     def _take(self, size: int) -> tuple:
         """Cut up to `size` items from the front of the queue."""
@@ -200,6 +220,7 @@ class StageSupervisor(Actor):
             rids.extend(c_rids)
             items.extend(c_items)
         self.queued -= len(rids)
+        self._signal_backpressure()
         return rids, items, attempts
 
     def _reject_unpicklable(self, rids: list, items: list, attempts: list | None) -> None:
@@ -238,6 +259,7 @@ class StageSupervisor(Actor):
         if timed:
             mean = seconds / timed
             self.ewma = mean if self.ewma is None else 0.7 * self.ewma + 0.3 * mean
+            self.fanout = 0.7 * self.fanout + 0.3 * len(outs) / timed
         out_rids = rids if counts is None else list(
             itertools.chain.from_iterable(map(itertools.repeat, rids, counts)))
         failed = {index: (etype, message, tb, retryable) for index, etype, message, tb, retryable in errors}

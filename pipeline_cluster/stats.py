@@ -20,6 +20,7 @@ class StageStats:
     retried: int = 0
     restarts: int = 0
     workers: int = 0
+    queued: int = 0  # items waiting for a worker when the stats were taken
     busy_seconds: float = 0.0
     timed_items: int = 0
     samples: list[float] = field(default_factory=list, repr=False)
@@ -60,7 +61,7 @@ class StageStats:
         parts = list(parts)
         total = cls(parts[0].stage)
         for part in parts:
-            for name in ("items_in", "items_out", "dropped", "failed", "retried", "restarts", "workers",
+            for name in ("items_in", "items_out", "dropped", "failed", "retried", "restarts", "workers", "queued",
                          "busy_seconds", "timed_items"):
                 setattr(total, name, getattr(total, name) + getattr(part, name))
             total.samples.extend(part.samples)

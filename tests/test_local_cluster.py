@@ -13,6 +13,7 @@ import time
 import pytest
 
 import pipeline_cluster as pc
+import pipeline_cluster.actors.stage
 import pipeline_cluster.feeder
 from pipeline_cluster import multiprocess_logging as mpl
 from tests.conftest import live_children, wait_until
@@ -351,3 +352,26 @@ def test_stages_defined_in_main_module(tmp_path):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['A!', 'B!']"
+
+
+def explode(x):
+    return range(x * 10000, x * 10000 + 2000)
+
+
+def slowish(x):
+    time.sleep(0.0001)
+    return x
+
+
+@pytest.mark.timeout(120)
+def test_generator_fan_out_is_held_back_by_the_next_stage(cluster):
+    pipeline = pc.Pipeline([pc.Stage(explode, generator=True), slowish])
+    most_queued = 0
+    count = 0
+    for count, _ in enumerate(cluster.run(pipeline, range(20)), 1):
+        if count % 500 == 0:
+            most_queued = max(most_queued, cluster.stats()["slowish"]["queued"])
+    assert count == 40000
+    # without backpressure the first stage would expand all 20 inputs (40,000 items) into the second stage's queue
+    high_water = pc.actors.stage.HIGH_WATER
+    assert 0 < most_queued < high_water + 2000 * 8, most_queued
