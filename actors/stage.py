@@ -185,10 +185,17 @@ class StageSupervisor(Actor):
                 self._reject_unpicklable(rids, items, attempts)
                 continue
             bid = next(self.bids)
-            slot.inflight[bid] = (rids, items, attempts)
-            tell(slot.ref, "batch", bid, payload)
             if self.index == 0:
                 self._measure_size(len(payload) / len(items))
+            idle = not slot.inflight
+            slot.inflight[bid] = (rids, items, attempts)
+            if idle:  # the process waits for work: hand it over now, its actor only collects the result
+                try:
+                    slot.proc.conn.send_bytes(payload)
+                    payload = None
+                except OSError:
+                    pass  # the process died; its actor sees that and reports it
+            tell(slot.ref, "batch", bid, payload)
 
     def _measure_size(self, bytes_per_item: float) -> None:
         """Tell the node when the input size per item is first known or has changed twofold."""

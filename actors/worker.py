@@ -147,13 +147,15 @@ class WorkerActor(Actor):
             self.proc.reap()
             self._died("init_failed", message=reply[1], traceback=reply[2])
 
-    def on_batch(self, bid: int, payload: bytes) -> None:
+    def on_batch(self, bid: int, payload: bytes | None) -> None:
+        """Send a batch (None: the supervisor already wrote it to the idle process) and report its result."""
         if self.dead:
             return
-        try:
-            self.proc.conn.send_bytes(payload)
-        except OSError:
-            pass  # the process died: the wait below sees EOF and reports it
+        if payload is not None:
+            try:
+                self.proc.conn.send_bytes(payload)
+            except OSError:
+                pass  # the process died: the wait below sees EOF and reports it
         reply = self._wait_for(("result", "unreadable"), item_timeout=self.config.timeout)
         if reply is None:
             return
