@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter, deque
-from itertools import compress
+from itertools import compress, repeat
 from operator import eq
 from typing import Callable
 
@@ -90,8 +90,8 @@ class NodeActor(Actor):
             candidates = list(set(died))
             done = list(compress(candidates, map(eq, map(self.died.__getitem__, candidates),
                                                  map(self.born.__getitem__, candidates))))
-            deque(map(self.born.__delitem__, done), 0)
-            deque(map(self.died.__delitem__, done), 0)
+            deque(map(dict.__delitem__, repeat(self.born), done), 0)  # dict's own: Counter's is Python code
+            deque(map(dict.__delitem__, repeat(self.died), done), 0)
         results = self.results
         finished_outputs: list = []
         if outputs is not None:
