@@ -101,7 +101,8 @@ class TaskRunner:
                 counts = [1] * index
                 counts.append(n)
         index_slot[0] = -1
-        return outs, counts, errors, dropped, (clock() - batch_start, len(items), samples)
+        busy = sum(samples) if stride == 1 else clock() - batch_start  # every item timed: use exactly those times
+        return outs, counts, errors, dropped, (busy, len(items), samples)
 
     def _expand(self, result: Any, item: Any) -> list:
         if isinstance(result, (str, bytes, bytearray)) or not hasattr(result, "__iter__"):
