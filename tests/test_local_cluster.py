@@ -375,3 +375,18 @@ def test_generator_fan_out_is_held_back_by_the_next_stage(cluster):
     # without backpressure the first stage would expand all 40 inputs (80,000 items) into the second stage's queue
     # at once; with it the queue stays near its high water mark, plus what was already in flight when it was hit
     assert pc.actors.stage.HIGH_WATER <= most_queued < 40000, most_queued
+
+
+@pytest.mark.timeout(60)
+def test_sleep_pauses_and_wakeup_resumes(cluster):
+    received = []
+    cluster.setup("pause", 1, [square])
+    cluster.boot(output_handler=received.append)
+    cluster.sleep()
+    cluster.feed(*range(10))
+    with pytest.raises(TimeoutError):
+        cluster.wait_empty(timeout=0.5)  # asleep: nothing is started
+    assert received == [] and cluster.status()["phase"] == "sleeping"
+    cluster.wakeup()
+    cluster.wait_empty(timeout=30)
+    assert sorted(received) == [x * x for x in range(10)]
