@@ -1,6 +1,7 @@
 """WorkerActor: one worker process of a stage, driven from one actor thread.
 
-The actor sends a batch, then waits on the process's socket for the result while forwarding its log records.
+The actor sends a batch (or, when the process was idle, the supervisor already wrote it to the socket), then waits
+on the process's socket for the result while forwarding its log records.
 It notices at once when the process dies (EOF on the socket), reads which item was running from the shared
 progress record, and enforces the per-item timeout by killing the process.
 """
