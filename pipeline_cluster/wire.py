@@ -244,15 +244,21 @@ class Channel:
             got += len(chunk)
         return b"".join(parts)
 
+    def _eof(self, error: OSError | None = None) -> EOFError:
+        """The EOFError a reader gets: we closed, the peer closed (`error` None), or the connection broke."""
+        if self._closed:
+            return EOFError("channel closed")
+        if error is None:
+            return EOFError(f"peer {self.peer} closed the connection")
+        return EOFError(f"connection to {self.peer} lost: {error}")
+
     def _recv(self, size: int) -> bytes:
         try:
             data = self._sock.recv(size, socket.MSG_WAITALL)
         except OSError as e:
-            if self._closed:
-                raise EOFError("channel closed") from None
-            raise EOFError(f"connection to {self.peer} lost: {e}") from e
+            raise self._eof(e) from None
         if not data:
-            raise EOFError("channel closed" if self._closed else f"peer {self.peer} closed the connection")
+            raise self._eof()
         return data
 
     def _recv_into(self, view: memoryview) -> None:
@@ -260,11 +266,9 @@ class Channel:
             try:
                 got = self._sock.recv_into(view, view.nbytes, socket.MSG_WAITALL)
             except OSError as e:
-                if self._closed:
-                    raise EOFError("channel closed") from None
-                raise EOFError(f"connection to {self.peer} lost: {e}") from e
+                raise self._eof(e) from None
             if not got:
-                raise EOFError("channel closed" if self._closed else f"peer {self.peer} closed the connection")
+                raise self._eof()
             view = view[got:]
 
 

@@ -18,6 +18,27 @@ from pipeline_cluster.auth import AuthenticationError, ProtocolVersionError, res
 from pipeline_cluster.wire import Channel, FrameTooLargeError, Listener, connect
 
 KEY = b"test-key-0123456789"
+
+
+def blocked_call(call: Callable[[], object], unblock: Callable[[], None]) -> list[BaseException]:
+    """Run `call` in a thread until it blocks, `unblock()` it from here, and return what it raised."""
+    errors: list[BaseException] = []
+    started = threading.Event()
+
+    def run() -> None:
+        started.set()
+        try:
+            call()
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    started.wait(5)
+    unblock()
+    thread.join(5)
+    assert not thread.is_alive()
+    return errors
 WIRE_LOGGER = "pipeline_cluster.wire"
 
 
@@ -233,22 +254,7 @@ def test_eof_after_peer_closes(channels: tuple[Channel, Channel]) -> None:
 @pytest.mark.timeout(10)
 def test_local_close_wakes_a_blocked_reader(channels: tuple[Channel, Channel]) -> None:
     _, server = channels
-    errors: list[BaseException] = []
-    started = threading.Event()
-
-    def reader() -> None:
-        started.set()
-        try:
-            server.recv()
-        except BaseException as e:
-            errors.append(e)
-
-    thread = threading.Thread(target=reader)
-    thread.start()
-    started.wait(5)
-    server.close()
-    thread.join(5)
-    assert not thread.is_alive()
+    errors = blocked_call(server.recv, server.close)
     assert len(errors) == 1 and isinstance(errors[0], EOFError)
 
 
@@ -423,23 +429,7 @@ def test_accept_timeout_and_close_unblocks_accept() -> None:
     lst = Listener(("127.0.0.1", 0), KEY)
     with pytest.raises(TimeoutError):
         lst.accept(timeout=0.05)
-    errors: list[BaseException] = []
-    waiting = threading.Event()
-
-    def acceptor() -> None:
-        waiting.set()
-        try:
-            lst.accept()
-        except BaseException as e:
-            errors.append(e)
-
-    thread = threading.Thread(target=acceptor)
-    thread.start()
-    waiting.wait(5)
-    lst.close()
-    lst.close()  # idempotent
-    thread.join(5)
-    assert not thread.is_alive()
+    errors = blocked_call(lst.accept, lambda: (lst.close(), lst.close()))  # close is idempotent
     assert len(errors) == 1 and type(errors[0]) is OSError and "listener closed" in str(errors[0])
     with pytest.raises(OSError, match="listener closed"):
         lst.accept(timeout=1)
