@@ -31,9 +31,14 @@ class NodeProcess:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)  # a SIGSTOPped node must run to handle SIGTERM
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            terminate(self.proc, 15)
+
+
+def terminate(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM a process we started, SIGKILL it if it is still there after `grace` seconds, and reap it."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -20,6 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.nodeproc import terminate
+
 SSHD = "/usr/sbin/sshd"
 
 
@@ -136,12 +138,7 @@ Subsystem sftp internal-sftp
             sessions = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             sessions = []
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc, 10)
         for proc in sessions:
             try:
                 proc.kill()

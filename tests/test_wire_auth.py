@@ -9,7 +9,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 
@@ -542,29 +542,30 @@ def test_handshake_requires_a_bytes_key() -> None:
 # --------------------------------------------------------------------------------------------------- throughput
 
 
+def transfer(client: Channel, server: Channel, messages: Iterable[object]) -> tuple[list, float]:
+    """Send `messages` from client to a reader thread on server; returns what arrived and the seconds it took."""
+    messages = list(messages)
+    received: list = []
+    reader = threading.Thread(target=lambda: received.extend(server.recv() for _ in messages))
+    started = time.perf_counter()
+    reader.start()
+    for message in messages:
+        client.send(message)
+    reader.join(50)
+    return received, time.perf_counter() - started
+
+
 @pytest.mark.timeout(60)
 def test_throughput_smoke(channels: tuple[Channel, Channel], capsys: pytest.CaptureFixture) -> None:
     client, server = channels
     n = 20_000
-    received: list[int] = []
-    reader = threading.Thread(target=lambda: received.extend(server.recv() for _ in range(n)))
-    started = time.perf_counter()
-    reader.start()
-    for i in range(n):
-        client.send(i)
-    reader.join(50)
-    elapsed = time.perf_counter() - started
+    received, elapsed = transfer(client, server, range(n))
     assert received == list(range(n))
 
     payload = os.urandom(10 * 1024 * 1024)
     rounds = 20
-    reader = threading.Thread(target=lambda: [server.recv() for _ in range(rounds)])
-    mb_started = time.perf_counter()
-    reader.start()
-    for _ in range(rounds):
-        client.send(payload)
-    reader.join(50)
-    mb_elapsed = time.perf_counter() - mb_started
+    big, mb_elapsed = transfer(client, server, [payload] * rounds)
+    assert len(big) == rounds and big[-1] == payload
     with capsys.disabled():
         print(f"\nwire throughput (sender and reader threads in one process): {n / elapsed:,.0f} small msgs/s, "
               f"{rounds * len(payload) / mb_elapsed / 1e6:,.0f} MB/s in 10 MB messages")
