@@ -23,6 +23,8 @@ class NodeLink(Protocol):
     name: str
     alive: bool
 
+    def submit(self, rids: list[int], items: list, stage: int) -> None: ...
+
     def tell(self, name: str, *args: Any) -> None: ...
 
     def ask(self, name: str, *args: Any, timeout: float | None = None) -> Any: ...
@@ -35,6 +37,7 @@ MAX_CREDIT = 8192
 MIN_CREDIT = 16
 MAX_NODE_LOSSES = 3  # a root item held by this many lost nodes is a dead letter (cause node_lost), not re-sent
 BYTE_BUDGET = 32 * 1024 * 1024  # pickled input bytes a node may hold (adaptive credit)
+REFILL = 8  # a node gets more root items once this fraction (1/REFILL) of its credit is free
 
 
 class RootActor(Actor):
@@ -46,9 +49,9 @@ class RootActor(Actor):
         self.dead_sink = dead_sink
         self.links: dict[str, NodeLink] = {}
         self.credit: dict[str, int] = {}
-        self.used: dict[str, int] = {}
         self.backlog: deque[tuple[list[int], list, int]] = deque()  # (rids, items, first stage)
-        self.inflight: dict[int, tuple[str, Any, int]] = {}  # rid -> (node, item, first stage)
+        self.held: dict[str, dict[int, Any]] = {}  # node -> {rid: item} of its unfinished root items
+        self.entry: dict[int, int] = {}  # rid -> first stage, for root items that do not enter at stage 0 (refeeds)
         self.next_rid = 0
         self.losses: Counter[int] = Counter()  # rid -> nodes lost while holding it
         self.stage_names: list[str] = []
@@ -58,7 +61,7 @@ class RootActor(Actor):
 
     def on_add_node(self, link: NodeLink) -> None:
         self.links[link.name] = link
-        self.used[link.name] = 0
+        self.held[link.name] = {}
         self.credit[link.name] = self.fixed_credit or DEFAULT_CREDIT
         self._update_capacity()
 
@@ -81,9 +84,9 @@ class RootActor(Actor):
         self.state = state
         self.stage_names = stage_names or self.stage_names
         self.backlog.clear()
-        self.inflight.clear()
+        self.held = {name: {} for name in self.links}
+        self.entry.clear()
         self.losses.clear()
-        self.used = dict.fromkeys(self.links, 0)
         self._update_capacity()
 
     def on_feed(self, items: list, stage: int = 0) -> None:
@@ -100,31 +103,37 @@ class RootActor(Actor):
         self._dispatch()
 
     def _dispatch(self) -> None:
-        """Hand backlog to the nodes with the most free credit, spread evenly over the nodes that have room."""
+        """Hand backlog to the node with the most free credit, spread evenly over the nodes that have room.
+
+        A node has room when at least 1/REFILL of its credit is free, so a busy node gets work in few large
+        messages rather than one small one per completion.
+        """
         while self.backlog and not self.paused and self.links:
-            free = {name: self.credit[name] - self.used[name] for name in self.links}
-            name = max(free, key=free.__getitem__)
-            if free[name] <= 0:
+            free = {name: credit - len(self.held[name]) for name, credit in self.credit.items()
+                    if credit - len(self.held[name]) >= -(-credit // REFILL)}
+            if not free:
                 return
-            with_room = sum(1 for room in free.values() if room > 0)
+            name = max(free, key=free.__getitem__)
             waiting = sum(len(chunk[0]) for chunk in self.backlog)
-            take = min(free[name], -(-waiting // with_room))
+            take = min(free[name], -(-waiting // len(free)))
             rids, items, stage = self.backlog[0]
             if len(rids) > take:
                 self.backlog[0] = (rids[take:], items[take:], stage)
                 rids, items = rids[:take], items[:take]
             else:
                 self.backlog.popleft()
-            self.inflight.update(zip(rids, zip(itertools.repeat(name), items, itertools.repeat(stage))))
-            self.used[name] += len(rids)
-            self.links[name].tell("submit", rids, items, stage)
+            self.held[name].update(zip(rids, items))
+            if stage:
+                self.entry.update(zip(rids, itertools.repeat(stage)))
+            self.links[name].submit(rids, items, stage)
             self.state.change(at_root=-len(rids))
 
     def on_completed(self, name: str, done: list[int], outputs: list, dead: list[DeadLetter]) -> None:
         """Root items `done` on node `name` finished with these outputs (and these dead letters)."""
         if name not in self.links:
             return  # a node already declared lost: its items were sent elsewhere
-        dead = [letter for letter in dead if letter.rid in self.inflight]  # none from a run already ended
+        held = self.held[name]
+        dead = [letter for letter in dead if letter.rid in held]  # none from a run already ended
         for letter in dead:
             if letter.stage_index < len(self.stage_names):
                 letter.stage = self.stage_names[letter.stage_index]
@@ -132,14 +141,14 @@ class RootActor(Actor):
             self.dead_sink(dead)
         if not done:
             return
-        popped = list(map(self.inflight.pop, done, itertools.repeat(None)))
-        finished = len(done) - popped.count(None)
+        before = len(held)
+        deque(map(held.pop, done, itertools.repeat(None)), 0)
+        finished = before - len(held)
         if not finished:
             return  # reported after a reset: that run's items are gone already
-        if self.losses:
-            for rid in done:
-                self.losses.pop(rid, None)
-        self.used[name] -= finished
+        for ledger in (self.losses, self.entry):
+            if ledger:
+                deque(map(ledger.pop, done, itertools.repeat(None)), 0)
         self.state.outputs.put(("out", outputs, finished))
         self._dispatch()
 
@@ -147,14 +156,13 @@ class RootActor(Actor):
         """Stop using a lost node and send its unfinished root items to the others."""
         if self.links.pop(name, None) is None:
             return
-        self.used.pop(name, None)
+        lost = self.held.pop(name, {})
         self.credit.pop(name, None)
         self._update_capacity()
-        lost = [(rid, item, stage) for rid, (node, item, stage) in self.inflight.items() if node == name]
         by_stage: dict[int, tuple[list, list]] = {}
         dead: list[DeadLetter] = []
-        for rid, item, stage in lost:
-            del self.inflight[rid]
+        for rid, item in lost.items():
+            stage = self.entry.pop(rid, 0)
             self.losses[rid] += 1
             if self.losses[rid] >= MAX_NODE_LOSSES:  # it may be what kills nodes: stop spreading it
                 del self.losses[rid]
@@ -178,8 +186,7 @@ class RootActor(Actor):
             self.state.cond.notify_all()
         if not self.links:
             self.state.fail(ClusterError(f"no node left: the last one, {name}, was lost ({reason}); "
-                                         f"{len(self.inflight) + sum(len(chunk[0]) for chunk in self.backlog)} item(s) "
-                                         "unfinished"))
+                                         f"{self.on_unfinished()} item(s) unfinished"))
             return
         self._dispatch()
 
@@ -193,7 +200,7 @@ class RootActor(Actor):
 
     def on_kill(self) -> int:
         """Stop every node at once; returns how many root items were unfinished."""
-        unfinished = len(self.inflight) + sum(len(chunk[0]) for chunk in self.backlog)
+        unfinished = self.on_unfinished()
         for link in list(self.links.values()):
             try:
                 link.ask("kill", timeout=60)
@@ -203,4 +210,4 @@ class RootActor(Actor):
         return unfinished
 
     def on_unfinished(self) -> int:
-        return len(self.inflight) + sum(len(chunk[0]) for chunk in self.backlog)
+        return sum(map(len, self.held.values())) + sum(len(chunk[0]) for chunk in self.backlog)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from operator import not_, sub
 import random
 import threading
 import time
@@ -22,6 +23,7 @@ import cloudpickle
 import pykka
 
 from pipeline_cluster.actors.base import Actor, tell
+from pipeline_cluster.actors.ledger import TreeLedger
 from pipeline_cluster.actors.worker import Death, WorkerActor, WorkerConfig, WorkerProcess
 from pipeline_cluster.deadletters import DeadLetter
 from pipeline_cluster.errors import StageFailed
@@ -49,18 +51,18 @@ class StageSupervisor(Actor):
     """Feeds one stage's worker pool and applies its Supervision config."""
 
     def __init__(self, index: int, stage: Stage, workers: int, last: bool, node: pykka.ActorRef,
-                 node_name: str, log_sink: Any, log_level: int, generation: int) -> None:
+                 ledger: TreeLedger, log_sink: Any, log_level: int) -> None:
         super().__init__()
         self.index, self.stage, self.n_workers, self.last = index, stage, workers, last
-        self.node, self.node_name = node, node_name
-        self.generation = generation  # the node's setup this stage belongs to; its reports carry it
+        self.node, self.ledger, self.node_name = node, ledger, ledger.name
+        self.generation = ledger.generation  # the node's setup this stage belongs to; its reports carry it
         self.sup = stage.supervision
         self.next_stage: pykka.ActorRef | None = None
         self.previous_stage: pykka.ActorRef | None = None
         self.downstream_full = False  # the next stage's queue is above its high water mark
         self.throttling = False  # we told the previous stage to hold back
         self.config = WorkerConfig(stage.name, stage.payload(), cloudpickle.dumps(self.sup.retry_on),
-                                   self.sup.timeout, node_name, log_level, log_sink)
+                                   self.sup.timeout, self.node_name, log_level, log_sink)
         self.queue: deque[tuple] = deque()
         self.queued = 0
         self.slots: dict[int, Slot] = {}
@@ -275,13 +277,17 @@ class StageSupervisor(Actor):
         if counts is None and not self.last:
             born: list = []  # one output per input, same root item: the trees did not change
             died: list = []
-        else:
-            born = [] if self.last else out_rids
+        elif self.last:  # every item leaves the pipeline here
+            born = []
             died = [r for i, r in enumerate(rids) if i not in failed] if failed else rids
-            for index, (etype, message, tb, retryable) in failed.items():
-                self._charge(rids[index], items[index], attempts[index] if attempts else 0, died, dead,
-                             "exception", retryable, error_type=etype, message=message, traceback=tb,
-                             pid=slot.proc.pid)
+        else:  # only the net change of each tree: an item with n outputs is n - 1 births, or a death if n = 0
+            extra = map(sub, counts, itertools.repeat(1))
+            born = list(itertools.chain.from_iterable(map(itertools.repeat, rids, extra)))
+            died = [r for i, r in enumerate(rids) if not counts[i] and i not in failed] if failed else \
+                list(itertools.compress(rids, map(not_, counts)))
+        for index, (etype, message, tb, retryable) in failed.items():
+            self._charge(rids[index], items[index], attempts[index] if attempts else 0, died, dead,
+                         "exception", retryable, error_type=etype, message=message, traceback=tb, pid=slot.proc.pid)
         self._report(born, died, (out_rids, outs) if self.last and outs else None, dead)
         if outs and not self.last:
             tell(self.next_stage, "push", (out_rids, outs, None))
@@ -321,12 +327,11 @@ class StageSupervisor(Actor):
             dead.append(letter)
 
     def _report(self, born: list, died: list, outputs: tuple | None, dead: list[DeadLetter]) -> None:
-        """Tell the node which root items gained live items (`born`, one rid per new item) and lost some (`died`).
-
-        Sent before the outputs move on to the next stage, so a root item's count never reaches zero early.
+        """Record in the node's ledger which root items gained live items (`born`, one rid per new item) and
+        lost some (`died`). Recorded before the outputs move on to the next stage, so a count never meets early.
         """
         if born or died or outputs or dead:
-            tell(self.node, "tree", self.generation, born, died, outputs, dead)
+            self.ledger.record(self.generation, born, died, outputs, dead)
 
     # -- failures of workers -----------------------------------------------------------------------------------------
 

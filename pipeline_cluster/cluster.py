@@ -17,6 +17,7 @@ from pipeline_cluster.actors.base import ask
 from pipeline_cluster.auth import resolve_authkey
 from pipeline_cluster.config import load_toml, stage_overrides
 from pipeline_cluster.actors.log import LogActor
+from pipeline_cluster.actors.ledger import TreeLedger
 from pipeline_cluster.actors.node import NodeActor
 from pipeline_cluster.actors.root import NodeLink, RootActor
 from pipeline_cluster.nodelink import LocalLink, RemoteLink
@@ -405,5 +406,6 @@ class LocalCluster(Cluster):
 
     def __init__(self, workers: int | None = None, **options: Any) -> None:
         super().__init__(**options)
-        node = NodeActor.start("local", self._report, self.log_sink, workers, self.log_level)
-        self._add_link(LocalLink("local", node))
+        ledger = TreeLedger("local", self._report)
+        node = NodeActor.start(ledger, self.log_sink, workers, self.log_level)
+        self._add_link(LocalLink(node, ledger))

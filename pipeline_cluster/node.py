@@ -23,6 +23,7 @@ import cloudpickle
 
 from pipeline_cluster import __version__, multiprocess_logging, wire
 from pipeline_cluster.actors.base import ask, tell
+from pipeline_cluster.actors.ledger import TreeLedger
 from pipeline_cluster.actors.node import NodeActor
 from pipeline_cluster.auth import resolve_authkey
 from pipeline_cluster.errors import ClusterError
@@ -39,6 +40,7 @@ class Session:
         self.workers = workers
         self.log_sink = log_sink or self._log_to_root
         self.node: Any = None
+        self.ledger: TreeLedger | None = None
         self.last_heard = time.monotonic()
         self.ended = threading.Event()
 
@@ -69,7 +71,10 @@ class Session:
                     self._send(("ping",))
                 elif message[0] == "tell":
                     _, name, args = message
-                    tell(self.node, name, *args)
+                    if name == "submit":  # root items go straight into the ledger: no thread hand-off
+                        self.ledger.submit(*args)
+                    else:
+                        tell(self.node, name, *args)
                 elif message[0] == "ask":
                     threading.Thread(target=self._answer, args=message[1:], daemon=True).start()
         except (EOFError, OSError):
@@ -81,7 +86,8 @@ class Session:
         try:
             if name == "hello":
                 node_name, heartbeat, dead_after = args
-                self.node = NodeActor.start(node_name, self._send, self.log_sink, self.workers)
+                self.ledger = TreeLedger(node_name, self._send)
+                self.node = NodeActor.start(self.ledger, self.log_sink, self.workers)
                 threading.Thread(target=self._watch_root, args=(heartbeat, dead_after), daemon=True).start()
                 value: Any = {"pid": os.getpid(), "cpus": os.cpu_count(), "version": __version__,
                               "python": sys.version.split()[0]}

@@ -19,19 +19,25 @@ import pykka
 
 from pipeline_cluster import wire
 from pipeline_cluster.actors.base import ask, tell
+from pipeline_cluster.actors.ledger import TreeLedger
 from pipeline_cluster.deadletters import DeadLetter
 from pipeline_cluster.errors import ClusterError
 from pipeline_cluster.multiprocess_logging import Record
 
 
 class LocalLink:
-    """A NodeActor in this process, reached by actor messages."""
+    """A NodeActor in this process, reached by actor messages; root items go straight into its ledger."""
 
     alive = True
 
-    def __init__(self, name: str, ref: pykka.ActorRef) -> None:
-        self.name = name
+    def __init__(self, ref: pykka.ActorRef, ledger: TreeLedger) -> None:
+        self.name = ledger.name
         self.ref = ref
+        self.ledger = ledger
+
+    def submit(self, rids: list[int], items: list, stage: int) -> None:
+        """Hand root items to the node."""
+        self.ledger.submit(rids, items, stage)
 
     def tell(self, name: str, *args: Any) -> None:
         """Send a message to the node."""
@@ -94,6 +100,10 @@ class RemoteLink:
             self.close()
             raise
         threading.Thread(target=self._beat, name=f"pipeline-cluster-heartbeat-{self.name}", daemon=True).start()
+
+    def submit(self, rids: list[int], items: list, stage: int) -> None:
+        """Hand root items to the node (they are pickled by the writer thread)."""
+        self.tell("submit", rids, items, stage)
 
     def tell(self, name: str, *args: Any) -> None:
         """Send a message to the node without waiting; a lost node is handled by the reader, not here."""
