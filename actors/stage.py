@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from operator import not_, sub
 import random
 import threading
 import time
@@ -31,10 +30,11 @@ from pipeline_cluster.model import Stage
 from pipeline_cluster.stats import StageStats
 
 DEPTH = 2  # batches in flight per worker: the next one waits in the worker's inbox, no idle round trip
-MAX_BATCH = 1024
-HIGH_WATER = 8 * MAX_BATCH  # queued items at which the stage before this one stops sending new batches
+MAX_BATCH = 4096
+HIGH_WATER = 8192  # queued items at which the stage before this one stops sending new batches
 LOW_WATER = HIGH_WATER // 2  # ... and at which it may go on
-TARGET_BATCH_SECONDS = 0.02
+TARGET_BATCH_SECONDS = 0.02  # a batch's work, by the measured time per item
+MIN_BATCH_SECONDS = 0.005  # splitting a queue over workers never cuts batches below this much work
 
 
 @dataclass
@@ -183,7 +183,7 @@ class StageSupervisor(Actor):
             n_ready = sum(1 for s in self.slots.values() if s.ready)
             rids, items, attempts = self._take(self._batch_size(n_ready))
             try:
-                payload = cloudpickle.dumps(("batch", items), protocol=5)
+                payload = cloudpickle.dumps(("batch", rids, items), protocol=5)
             except Exception:
                 self._reject_unpicklable(rids, items, attempts)
                 continue
@@ -210,6 +210,8 @@ class StageSupervisor(Actor):
     def _batch_size(self, n_ready: int) -> int:
         size = 1 if self.ewma is None else int(TARGET_BATCH_SECONDS / max(self.ewma, 1e-7))
         fair = math.ceil(self.queued / max(1, n_ready * DEPTH))
+        if self.ewma is not None:  # splitting work that is quick anyway only adds messages
+            fair = max(fair, int(MIN_BATCH_SECONDS / max(self.ewma, 1e-7)))
         return max(1, min(size, int(MAX_BATCH / max(self.fanout, 1.0)), fair))
 
     def _take(self, size: int) -> tuple:
@@ -261,7 +263,7 @@ class StageSupervisor(Actor):
         if slot is None or bid not in slot.inflight or self.state == "stopping":
             return
         rids, items, attempts = slot.inflight.pop(bid)
-        outs, counts, errors, dropped, (seconds, timed, samples) = result
+        outs, tree, errors, dropped, (seconds, timed, samples) = result
         self.crash_streak = 0
         self.stats.items_out += len(outs)
         self.stats.dropped += dropped
@@ -270,21 +272,14 @@ class StageSupervisor(Actor):
             mean = seconds / timed
             self.ewma = mean if self.ewma is None else 0.7 * self.ewma + 0.3 * mean
             self.fanout = 0.7 * self.fanout + 0.3 * len(outs) / timed
-        out_rids = rids if counts is None else list(
-            itertools.chain.from_iterable(map(itertools.repeat, rids, counts)))
+        # the worker worked out the trees' net change: each output's root item, births beyond an input's first
+        # output, deaths of inputs that gave nothing (None: one output per input, nothing changed)
+        out_rids, born, died = (rids, [], []) if tree is None else tree
         failed = {index: (etype, message, tb, retryable) for index, etype, message, tb, retryable in errors}
         dead: list[DeadLetter] = []
-        if counts is None and not self.last:
-            born: list = []  # one output per input, same root item: the trees did not change
-            died: list = []
-        elif self.last:  # every item leaves the pipeline here
+        if self.last:  # every item leaves the pipeline here
             born = []
             died = [r for i, r in enumerate(rids) if i not in failed] if failed else rids
-        else:  # only the net change of each tree: an item with n outputs is n - 1 births, or a death if n = 0
-            extra = map(sub, counts, itertools.repeat(1))
-            born = list(itertools.chain.from_iterable(map(itertools.repeat, rids, extra)))
-            died = [r for i, r in enumerate(rids) if not counts[i] and i not in failed] if failed else \
-                list(itertools.compress(rids, map(not_, counts)))
         for index, (etype, message, tb, retryable) in failed.items():
             self._charge(rids[index], items[index], attempts[index] if attempts else 0, died, dead,
                          "exception", retryable, error_type=etype, message=message, traceback=tb, pid=slot.proc.pid)

@@ -18,7 +18,9 @@ import sys
 import threading
 import time
 import traceback
+from itertools import chain, repeat
 from multiprocessing.connection import Connection
+from operator import sub
 from typing import Any, Callable
 
 import cloudpickle
@@ -129,13 +131,27 @@ def _short(item: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def encode_result(result: tuple, items: list, stage: str) -> bytes:
-    """Pickle a batch result; outputs that cannot be pickled fail their own item, not the batch."""
+def tree_changes(rids: list[int], counts: list[int] | None, errors: list) -> tuple | None:
+    """What a batch did to its root items' trees: None when every item gave exactly one output (nothing changed),
+    else (root item of each output, a root item per item born beyond the first output of an input, a root item
+    per input that ended here with no output and no error). Computed here so the node does no per-item work."""
+    if counts is None:
+        return None
+    out_rids = list(chain.from_iterable(map(repeat, rids, counts)))
+    born = list(chain.from_iterable(map(repeat, rids, map(sub, counts, repeat(1)))))
+    failed = {error[0] for error in errors}
+    died = [rid for index, (rid, n) in enumerate(zip(rids, counts)) if not n and index not in failed]
+    return out_rids, born, died
+
+
+def encode_result(result: tuple, rids: list[int], items: list, stage: str) -> bytes:
+    """Pickle a batch result as (outputs, tree changes, errors, dropped, timing); outputs that cannot be pickled
+    fail their own item, not the batch."""
+    outs, counts, errors, dropped, timing = result
     try:
-        return dumps(("result", result))
+        return dumps(("result", (outs, tree_changes(rids, counts, errors), errors, dropped, timing)))
     except Exception:
         pass
-    outs, counts, errors, dropped, timing = result
     counts = counts if counts is not None else [1] * len(items)
     kept: list = []
     kept_counts: list[int] = []
@@ -152,7 +168,7 @@ def encode_result(result: tuple, items: list, stage: str) -> bytes:
         kept.extend(mine)
         kept_counts.append(n)
     errors.sort()
-    return dumps(("result", (kept, kept_counts, errors, dropped, timing)))
+    return dumps(("result", (kept, tree_changes(rids, kept_counts, errors), errors, dropped, timing)))
 
 
 def _die_with_parent() -> None:
@@ -202,8 +218,8 @@ def main(argv: list[str]) -> int:
             send(dumps(("unreadable", f"{type(exc).__name__}: {_message(exc)}", traceback.format_exc())))
             continue
         if message[0] == "batch":
-            items = message[1]
-            send(encode_result(runner.run_batch(items), items, runner.name))
+            _, rids, items = message
+            send(encode_result(runner.run_batch(items), rids, items, runner.name))
         elif message[0] == "stop":
             try:
                 runner.close()
