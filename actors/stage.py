@@ -77,7 +77,7 @@ class StageSupervisor(Actor):
         self.paused = False
         self.state = "running"  # running | failed | stopping
         self.ewma: float | None = None
-        self.fanout = 1.0  # outputs per input (moving average): batches shrink so one batch's outputs stay bounded
+        self.fanout = 1.0  # outputs per input (up at once, down slowly): batches shrink so their outputs stay bounded
         self.bytes_per_item: float | None = None  # first stage only: what the root sizes this node's credit by
         self.last_item: Any = None  # the item the latest worker death was blamed on, for StageFailed
         self.escalate = lambda text: tell(node, "stage_failed", StageFailed(stage.name, "internal error", None, text))
@@ -271,7 +271,8 @@ class StageSupervisor(Actor):
         if timed:
             mean = seconds / timed
             self.ewma = mean if self.ewma is None else 0.7 * self.ewma + 0.3 * mean
-            self.fanout = 0.7 * self.fanout + 0.3 * len(outs) / timed
+            fanout = len(outs) / timed  # a rise counts at once (it bounds memory), a fall slowly
+            self.fanout = max(fanout, 0.7 * self.fanout + 0.3 * fanout)
         # the worker worked out the trees' net change: each output's root item, births beyond an input's first
         # output, deaths of inputs that gave nothing (None: one output per input, nothing changed)
         out_rids, born, died = (rids, [], []) if tree is None else tree

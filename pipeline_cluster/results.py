@@ -1,6 +1,7 @@
 """Results: the streaming iterator that `cluster.run(...)` returns."""
 from __future__ import annotations
 
+from itertools import chain
 from typing import TYPE_CHECKING, Any, Iterator
 
 from pipeline_cluster.runstate import RunState
@@ -13,22 +14,24 @@ class Results:
     """The outputs of `cluster.run(...)`, in completion order; leaving the loop early (or `close()`) stops the run."""
 
     def __init__(self, cluster: "Cluster", state: RunState) -> None:
-        self._gen = _outputs(cluster, state)
+        self._batches = _batches(cluster, state)
+        self._outputs = chain.from_iterable(self._batches)  # C-level per output: Python runs once per batch
 
     def __iter__(self) -> Iterator[Any]:
-        return self._gen  # a for loop drives the generator itself: no wrapper call per output
+        return self._outputs  # a for loop drives the iterator itself: no wrapper call per output
 
     def __next__(self) -> Any:
-        return next(self._gen)
+        return next(self._outputs)
 
     def close(self) -> None:
         """Stop the run now (unfinished items are dropped) and stop its workers."""
-        self._gen.close()
+        self._batches.close()
 
 
-def _outputs(cluster: "Cluster", state: RunState) -> Iterator[Any]:
-    """Yield outputs until every input is done. A module-level generator, so nothing refers back to it: when the
-    caller's loop lets go of it (break, an exception), CPython closes it at once and its finally stops the run."""
+def _batches(cluster: "Cluster", state: RunState) -> Iterator[list]:
+    """Yield lists of outputs until every input is done; a root item's outputs count as consumed once the caller
+    asks for what follows them. A module-level generator, so nothing refers back to it: when the caller's loop lets
+    go of it (break, an exception), CPython closes it at once and its finally stops the run."""
     finished = False
     try:
         while True:
@@ -40,7 +43,7 @@ def _outputs(cluster: "Cluster", state: RunState) -> Iterator[Any]:
                     return
             message = state.outputs.get()
             if message[0] == "out":
-                yield from message[1]
+                yield message[1]
                 state.change(consumed=message[2])
     finally:
         if cluster._phase == "running" and cluster.state is state:
