@@ -1,7 +1,7 @@
 """One runner per system: LocalCluster, one node server over loopback TCP, multiprocessing.Pool, a plain loop.
 
 Every runner offers the same two measurements, so the trial code treats systems alike:
-`stream(workload, inputs)` pushes a lazy input iterator through the workload and times it, and
+`stream(workload, inputs, expected)` pushes a lazy input iterator through the workload and times it, and
 `latency(workload, count)` sends one item at a time and times each round trip.
 """
 from __future__ import annotations
@@ -76,22 +76,31 @@ def _tapped(inputs: Iterable[Any], timing: StreamTiming) -> Iterator[Any]:
     yield from it
 
 
-def _drain(outputs: Iterable[Any], timing: StreamTiming, tally: bool) -> None:
-    """Consume every output, stamping the first and the last and counting them (and adding them up if `tally`)."""
+def _drain(outputs: Iterable[Any], timing: StreamTiming, tally: bool, expected: int) -> None:
+    """Consume every output, counting them (and adding them up if `tally`); stamp the first and the `expected`-th.
+
+    The last output is stamped when it arrives, not when the iterator ends: ending a run includes stopping the
+    workers (pipeline_cluster) or nothing (Pool's iterator), and that shutdown is not throughput.
+    """
     it = iter(outputs)
     count, total = 0, 0.0
     for first in it:
-        timing.first_output = time.perf_counter()
+        timing.first_output = timing.last_output = time.perf_counter()
         count, total = 1, (first if tally else 0.0)
         break
     if tally:
         for output in it:
             count += 1
             total += output
+            if count == expected:
+                timing.last_output = time.perf_counter()
     else:
         for _ in it:
             count += 1
-    timing.last_output = time.perf_counter()
+            if count == expected:
+                timing.last_output = time.perf_counter()
+    if count != expected:  # the trial reports the wrong count; stamp the end so the timing stays defined
+        timing.last_output = time.perf_counter()
     timing.outputs, timing.total = count, total
 
 
@@ -114,11 +123,11 @@ class ClusterRunner:
     def _next_run_dir(self) -> str:
         return os.path.join(self.run_dir, f"run-{next(self._runs)}")
 
-    def stream(self, workload: Workload, inputs: Iterable[Any]) -> StreamTiming:
-        """`cluster.run(pipeline, inputs)`, consumed to the end."""
+    def stream(self, workload: Workload, inputs: Iterable[Any], expected: int) -> StreamTiming:
+        """`cluster.run(pipeline, inputs)`, consumed to the end (`expected` outputs)."""
         timing = StreamTiming(time.perf_counter())
         with self.make_cluster() as cluster:
-            _drain(cluster.run(pipeline_of(workload), _tapped(inputs, timing)), timing, workload.tally)
+            _drain(cluster.run(pipeline_of(workload), _tapped(inputs, timing)), timing, workload.tally, expected)
         return timing
 
     def latency(self, workload: Workload, count: int) -> LatencyTiming:
@@ -179,13 +188,13 @@ class PoolRunner:
     def __init__(self, chunksize: int) -> None:
         self.chunksize = chunksize
 
-    def stream(self, workload: Workload, inputs: Iterable[Any]) -> StreamTiming:
-        """`pool.imap_unordered(function, inputs, chunksize)`, consumed to the end."""
+    def stream(self, workload: Workload, inputs: Iterable[Any], expected: int) -> StreamTiming:
+        """`pool.imap_unordered(function, inputs, chunksize)`, consumed to the end (`expected` outputs)."""
         timing = StreamTiming(time.perf_counter())
         with multiprocessing.Pool(os.cpu_count()) as pool:
             results = pool.imap_unordered(workload.pool_function, _tapped(inputs, timing), self.chunksize)
             _drain(itertools.chain.from_iterable(results) if workload.pool_returns_many else results, timing,
-                   workload.tally)
+                   workload.tally, expected)
             time.sleep(SETTLE_SECONDS)  # untimed: lets the RSS sampler see the workers of a run of a few ms
             pool.close()
             pool.join()
@@ -214,13 +223,13 @@ class PoolRunner:
 class LoopRunner:
     """The floor: the stages chained lazily in this one process, no pickling, no other process."""
 
-    def stream(self, workload: Workload, inputs: Iterable[Any]) -> StreamTiming:
+    def stream(self, workload: Workload, inputs: Iterable[Any], expected: int) -> StreamTiming:
         """Chain the stages with map (and chain.from_iterable for generator stages) and consume the result."""
         timing = StreamTiming(time.perf_counter())
         outputs: Iterable[Any] = _tapped(inputs, timing)
         for fn, generator in workload.stages:
             outputs = itertools.chain.from_iterable(map(fn, outputs)) if generator else map(fn, outputs)
-        _drain(outputs, timing, workload.tally)
+        _drain(outputs, timing, workload.tally, expected)
         return timing
 
     def latency(self, workload: Workload, count: int) -> LatencyTiming:

@@ -50,12 +50,8 @@ def _inputs(workload: Workload, count: int, iterations: int) -> Iterator[Any]:
     return ints(count)
 
 
-def _expected_outputs(workload: Workload, count: int) -> int:
-    return count * 2 if workload.stages[0][1] else count
-
-
 def _stream_result(workload: Workload, timing: runners.StreamTiming, count: int) -> dict[str, Any]:
-    expected = _expected_outputs(workload, count)
+    expected = workload.outputs_for(count)
     if timing.outputs != expected:
         raise AssertionError(f"{workload.name}: {timing.outputs} outputs, expected {expected}")
     return {"outputs": timing.outputs, "elapsed_s": timing.elapsed, "startup_s": timing.startup,
@@ -75,7 +71,7 @@ def stream_trial(workload: Workload, system: str, count: int, tmp: str) -> dict[
         iterations = calibrate_burn()
         time_per_item = time_burn(iterations)
     with runner_for(system, workload, tmp) as runner:
-        timing = runner.stream(workload, _inputs(workload, count, iterations))
+        timing = runner.stream(workload, _inputs(workload, count, iterations), workload.outputs_for(count))
     result = _stream_result(workload, timing, count)
     if workload.name == "W2":
         result["burn_iterations"] = iterations
@@ -113,10 +109,10 @@ def scale_out_trial(workload: Workload, count: int, tmp: str) -> dict[str, Any]:
     small = max(2, count // W6_NODES)
     with runners.node_servers(hosts, W6_WORKERS_PER_NODE, tmp) as addresses:
         cpu = time.process_time()
-        many = runners.NodeRunner(os.path.join(tmp, "nodes8"), addresses).stream(workload, ints(count))
+        many = runners.NodeRunner(os.path.join(tmp, "nodes8"), addresses).stream(workload, ints(count), count)
         cpu_many = (time.process_time() - cpu) / count
         cpu = time.process_time()
-        one = runners.NodeRunner(os.path.join(tmp, "nodes1"), addresses[:1]).stream(workload, ints(small))
+        one = runners.NodeRunner(os.path.join(tmp, "nodes1"), addresses[:1]).stream(workload, ints(small), small)
         cpu_one = (time.process_time() - cpu) / small
     result = _stream_result(workload, many, count)
     _stream_result(workload, one, small)

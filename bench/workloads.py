@@ -106,6 +106,10 @@ class Workload:
     metric: str  # what the table shows: items/s, MB/s, efficiency, p50/p99 ms, RSS ratio
     tally: bool = False  # outputs are numbers to add up (W2's CPU seconds per item)
 
+    def outputs_for(self, count: int) -> int:
+        """How many outputs `count` inputs give (two each when the first stage is W1's generator)."""
+        return count * 2 if self.stages[0][1] else count
+
 
 ALL_SYSTEMS = ("local", "node", "pool1", "pooltuned", "loop")
 
