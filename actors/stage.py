@@ -33,7 +33,7 @@ DEPTH = 2  # batches in flight per worker: the next one waits in the worker's in
 MAX_BATCH = 4096
 HIGH_WATER = 8192  # queued items at which the stage before this one stops sending new batches
 LOW_WATER = HIGH_WATER // 2  # ... and at which it may go on
-TARGET_BATCH_SECONDS = 0.02  # a batch's work, by the measured time per item
+TARGET_BATCH_SECONDS = 0.05  # a batch's work, by the measured time per item
 MIN_BATCH_SECONDS = 0.005  # splitting a queue over workers never cuts batches below this much work
 
 
