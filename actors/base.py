@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import pykka
 
+from pipeline_cluster.affinity import pin_this_thread
+
 logger = logging.getLogger("pipeline_cluster.actors")
 
 
@@ -19,6 +21,9 @@ class Actor(pykka.ThreadingActor):
 
     use_daemon_thread = True  # a forgotten close() must not keep the user's program alive
     escalate: Callable[[str], None] | None = None
+
+    def on_start(self) -> None:
+        pin_this_thread()
 
     def on_receive(self, message: Any) -> Any:
         name, *args = message

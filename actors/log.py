@@ -19,6 +19,7 @@ class LogActor(Actor):
         self.file: IO[str] | None = None
 
     def on_start(self) -> None:
+        super().on_start()
         if self.path:
             self.file = open(self.path, "a", buffering=1, encoding="utf-8")
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import pykka
 
-from pipeline_cluster import taskrunner
+from pipeline_cluster import affinity, taskrunner
 from pipeline_cluster.actors.base import Actor, tell
 
 # `python -c` puts the current directory first on sys.path; drop it so a source checkout there cannot shadow the
@@ -56,10 +56,11 @@ class WorkerProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
         try:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-c", LAUNCH, str(child_sock.fileno()), str(self.progress_fd)],
-                pass_fds=(child_sock.fileno(), self.progress_fd), env=env, stdin=subprocess.DEVNULL,
-            )
+            with affinity.unplaced():  # the worker may run on every CPU, not on the node's threads' home one
+                self.popen = subprocess.Popen(
+                    [sys.executable, "-c", LAUNCH, str(child_sock.fileno()), str(self.progress_fd)],
+                    pass_fds=(child_sock.fileno(), self.progress_fd), env=env, stdin=subprocess.DEVNULL,
+                )
         finally:
             child_sock.close()
         self.pid = self.popen.pid
@@ -130,6 +131,7 @@ class WorkerActor(Actor):
         self.escalate = lambda text: tell(supervisor, "worker_died", wid, Death("crash", message=text))
 
     def on_start(self) -> None:
+        super().on_start()
         init = {"spec": self.config.spec, "retry_on": self.config.retry_on, "node": self.config.node,
                 "stage": self.config.stage_name, "log_level": self.config.log_level, "sys_path": self.config.sys_path,
                 "timed": self.config.timeout is not None}

@@ -13,6 +13,7 @@ import time
 import weakref
 from typing import Any, Callable, Iterable
 
+from pipeline_cluster import affinity
 from pipeline_cluster.actors.base import ask
 from pipeline_cluster.auth import resolve_authkey
 from pipeline_cluster.config import load_toml, stage_overrides
@@ -273,9 +274,7 @@ class Cluster:
         self._spawn_thread(self._refresh_stats, name="pipeline-cluster-stats")
 
     def _spawn_thread(self, target: Callable[..., None], *args: Any, name: str) -> None:
-        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
-        thread.start()
-        self._threads.append(thread)
+        self._threads.append(affinity.start_thread(target, *args, name=name))
 
     def _deliver(self, handler: Callable[[Any], Any], state: RunState) -> None:
         """Hand outputs to the user's handler, one at a time, then count their root items as consumed."""

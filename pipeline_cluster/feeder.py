@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
+from pipeline_cluster import affinity
 from pipeline_cluster.runstate import RunState
 
 CHUNK = 1024
@@ -38,11 +39,8 @@ class Feeder:
 
     def start(self) -> list[threading.Thread]:
         """Start pulling; returns the threads (they end when the inputs end or the run stops)."""
-        threads = [threading.Thread(target=self._pull, name="pipeline-cluster-feeder", daemon=True),
-                   threading.Thread(target=self._flush_when_due, name="pipeline-cluster-flusher", daemon=True)]
-        for thread in threads:
-            thread.start()
-        return threads
+        return [affinity.start_thread(self._pull, name="pipeline-cluster-feeder"),
+                affinity.start_thread(self._flush_when_due, name="pipeline-cluster-flusher")]
 
     def _room(self) -> int:
         state = self.state

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from pipeline_cluster import __version__, multiprocess_logging, wire
+from pipeline_cluster import __version__, affinity, multiprocess_logging, wire
 from pipeline_cluster.actors.base import ask, tell
 from pipeline_cluster.actors.ledger import TreeLedger
 from pipeline_cluster.actors.node import NodeActor
@@ -76,7 +76,7 @@ class Session:
                     else:
                         tell(self.node, name, *args)
                 elif message[0] == "ask":
-                    threading.Thread(target=self._answer, args=message[1:], daemon=True).start()
+                    affinity.start_thread(self._answer, *message[1:], name="pipeline-cluster-answer")
         except (EOFError, OSError):
             pass
         finally:
@@ -88,7 +88,7 @@ class Session:
                 node_name, heartbeat, dead_after = args
                 self.ledger = TreeLedger(node_name, self._send)
                 self.node = NodeActor.start(self.ledger, self.log_sink, self.workers)
-                threading.Thread(target=self._watch_root, args=(heartbeat, dead_after), daemon=True).start()
+                affinity.start_thread(self._watch_root, heartbeat, dead_after, name="pipeline-cluster-watch-root")
                 value: Any = {"pid": os.getpid(), "cpus": os.cpu_count(), "version": __version__,
                               "python": sys.version.split()[0]}
             else:
@@ -162,8 +162,7 @@ class Server:
                     break
                 session = Session(channel, log_sink, self.workers)
                 self.sessions = [s for s in self.sessions if not s.ended.is_set()] + [session]
-                threading.Thread(target=self._serve_session, args=(session,), daemon=True,
-                                 name="pipeline-cluster-session").start()
+                affinity.start_thread(self._serve_session, session, name="pipeline-cluster-session")
         finally:
             self.listener.close()
             for session in self.sessions:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import cloudpickle
 import pykka
 
-from pipeline_cluster import wire
+from pipeline_cluster import affinity, wire
 from pipeline_cluster.actors.base import ask, tell
 from pipeline_cluster.actors.ledger import TreeLedger
 from pipeline_cluster.deadletters import DeadLetter
@@ -91,15 +91,14 @@ class RemoteLink:
         self._replies: dict[int, _Reply] = {}
         self._lock = threading.Lock()
         self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
-        self._reader = threading.Thread(target=self._read, name=f"pipeline-cluster-link-{self.name}", daemon=True)
-        self._reader.start()
-        threading.Thread(target=self._write, name=f"pipeline-cluster-writer-{self.name}", daemon=True).start()
+        self._reader = affinity.start_thread(self._read, name=f"pipeline-cluster-link-{self.name}")
+        affinity.start_thread(self._write, name=f"pipeline-cluster-writer-{self.name}")
         try:
             self.info = self.ask("hello", self.name, heartbeat, dead_after, timeout=connect_timeout)
         except BaseException:
             self.close()
             raise
-        threading.Thread(target=self._beat, name=f"pipeline-cluster-heartbeat-{self.name}", daemon=True).start()
+        affinity.start_thread(self._beat, name=f"pipeline-cluster-heartbeat-{self.name}")
 
     def submit(self, rids: list[int], items: list, stage: int) -> None:
         """Hand root items to the node (they are pickled by the writer thread)."""
