@@ -17,12 +17,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_readable
 from typing import Any, Callable
 
 import pykka
 
-from pipeline_cluster import affinity, taskrunner
+from pipeline_cluster import affinity, taskrunner, wire
 from pipeline_cluster.actors.base import Actor, tell
 
 # `python -c` puts the current directory first on sys.path; drop it so a source checkout there cannot shadow the
@@ -64,7 +64,7 @@ class WorkerProcess:
         finally:
             child_sock.close()
         self.pid = self.popen.pid
-        self.conn = Connection(parent_sock.detach())
+        self.conn = wire.Channel(parent_sock, max_frame=taskrunner.MAX_FRAME)
 
     def running_item(self) -> tuple[int, float]:
         """(index in batch, start time) of the item being run now; index -1 when idle."""
@@ -203,7 +203,7 @@ class WorkerActor(Actor):
                                    message=f"item ran longer than the stage timeout of {item_timeout} s")
                     return None
             try:
-                ready = conn.poll(wait)
+                ready = wait_readable([conn], wait)
                 if not ready:
                     if deadline is not None and time.monotonic() >= deadline:
                         self.proc.kill()

@@ -2,7 +2,7 @@
 
 Started by a WorkerActor as a fresh interpreter (`python -c LAUNCH SOCK_FD PROGRESS_FD`),
 like multiprocessing's spawn but without re-importing the user's `__main__`. It talks to its WorkerActor over a
-socket pair, and writes the index and start time of the item it is running into a small shared memory file, so the
+socket pair (framed by `wire.Channel`: one copy from the kernel, none to send), and writes the index and start time of the item it is running into a small shared memory file, so the
 supervisor can blame exactly that item when the process dies or hangs.
 """
 from __future__ import annotations
@@ -13,23 +13,23 @@ import mmap
 import os
 import pickle
 import signal
+import socket
 import struct
 import sys
-import threading
 import time
 import traceback
 from itertools import chain, repeat
-from multiprocessing.connection import Connection
 from operator import sub
 from typing import Any, Callable
 
 import cloudpickle
 
-from pipeline_cluster import multiprocess_logging
+from pipeline_cluster import multiprocess_logging, wire
 
 PROGRESS = struct.Struct("<qd")  # index of the running item in its batch (-1: idle), its start (time.monotonic)
 PROGRESS_SIZE = PROGRESS.size
 SAMPLES_PER_BATCH = 64  # item durations sent back per batch, for the p95 estimate
+MAX_FRAME = 1 << 40  # the socket pair to the node carries batches of any size the node's memory allows
 
 
 def dumps(obj: Any) -> bytes:
@@ -187,13 +187,9 @@ def main(argv: list[str]) -> int:
     if os.getppid() != parent or parent == 1:
         return 1
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the node's to handle; it stops us cleanly
-    conn = Connection(int(argv[0]))
+    conn = wire.Channel(socket.socket(fileno=int(argv[0])), max_frame=MAX_FRAME)
     progress = mmap.mmap(int(argv[1]), PROGRESS_SIZE)
-    send_lock = threading.Lock()
-
-    def send(data: bytes) -> None:
-        with send_lock:
-            conn.send_bytes(data)
+    send = conn.send_bytes  # thread-safe: log records may come from the task's own threads
 
     kind, init = pickle.loads(conn.recv_bytes())
     assert kind == "init", kind

@@ -49,7 +49,8 @@ class Channel:
     """A framed, bidirectional message channel over an authenticated socket.
 
     Get one from `connect` or `Listener.accept`: wrapping a socket that did not pass the handshake would unpickle
-    unauthenticated bytes. `send` may be called from several threads at once; `recv` is meant for one reader thread.
+    unauthenticated bytes. The one exception is a socket whose peer is trusted by construction: the socket pair
+    between a node and a worker process it started. `send` may be called from several threads at once; `recv` is meant for one reader thread.
     The socket has no user-space read buffer, so `select` on `fileno()` tells truthfully whether `recv` has data to
     read. `peer` is the remote address.
     """
