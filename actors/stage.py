@@ -21,6 +21,7 @@ from typing import Any
 import cloudpickle
 import pykka
 
+from pipeline_cluster import wire
 from pipeline_cluster.actors.base import Actor, tell
 from pipeline_cluster.actors.ledger import TreeLedger
 from pipeline_cluster.actors.worker import Death, WorkerActor, WorkerConfig, WorkerProcess
@@ -35,6 +36,7 @@ HIGH_WATER = 8192  # queued items at which the stage before this one stops sendi
 LOW_WATER = HIGH_WATER // 2  # ... and at which it may go on
 TARGET_BATCH_SECONDS = 0.05  # a batch's work, by the measured time per item
 MIN_BATCH_SECONDS = 0.005  # splitting a queue over workers never cuts batches below this much work
+MAX_BATCH_BYTES = int(__import__("os").environ.get("PC_MBB", 4 * 1024 * 1024))  # a batch of big items stays this small, so sending and running overlap
 
 
 @dataclass
@@ -78,7 +80,8 @@ class StageSupervisor(Actor):
         self.state = "running"  # running | failed | stopping
         self.ewma: float | None = None
         self.fanout = 1.0  # outputs per input (up at once, down slowly): batches shrink so their outputs stay bounded
-        self.bytes_per_item: float | None = None  # first stage only: what the root sizes this node's credit by
+        self.item_bytes: float | None = None  # pickled bytes per item (moving average)
+        self.hinted_bytes: float | None = None  # the size last told to the node (first stage only)
         self.last_item: Any = None  # the item the latest worker death was blamed on, for StageFailed
         self.escalate = lambda text: tell(node, "stage_failed", StageFailed(stage.name, "internal error", None, text))
 
@@ -183,28 +186,30 @@ class StageSupervisor(Actor):
             n_ready = sum(1 for s in self.slots.values() if s.ready)
             rids, items, attempts = self._take(self._batch_size(n_ready))
             try:
-                payload = cloudpickle.dumps(("batch", rids, items), protocol=5)
+                message: wire.Packed | None = wire.pack(("batch", rids, wire.out_of_band(items)))
             except Exception:
                 self._reject_unpicklable(rids, items, attempts)
                 continue
             bid = next(self.bids)
-            if self.index == 0:
-                self._measure_size(len(payload) / len(items))
+            self._measure_size(message.nbytes / len(items))
             idle = not slot.inflight
             slot.inflight[bid] = (rids, items, attempts)
             if idle:  # the process waits for work: hand it over now, its actor only collects the result
                 try:
-                    slot.proc.conn.send_bytes(payload)
-                    payload = None
+                    slot.proc.conn.send_packed(message)
+                    message = None
                 except OSError:
                     pass  # the process died; its actor sees that and reports it
-            tell(slot.ref, "batch", bid, payload)
+            tell(slot.ref, "batch", bid, message)
 
     def _measure_size(self, bytes_per_item: float) -> None:
-        """Tell the node when the input size per item is first known or has changed twofold."""
-        known = self.bytes_per_item
-        if known is None or not known / 2 < bytes_per_item < known * 2:
-            self.bytes_per_item = bytes_per_item
+        """Track pickled bytes per item (batches are cut to a byte budget); the first stage also tells the node
+        when that size is first known or has changed twofold (the root sizes the node's credit by it)."""
+        known = self.item_bytes
+        self.item_bytes = bytes_per_item if known is None else 0.7 * known + 0.3 * bytes_per_item
+        hinted = self.hinted_bytes
+        if self.index == 0 and (hinted is None or not hinted / 2 < bytes_per_item < hinted * 2):
+            self.hinted_bytes = bytes_per_item
             tell(self.node, "size_hint", bytes_per_item)
 
     def _batch_size(self, n_ready: int) -> int:
@@ -212,7 +217,8 @@ class StageSupervisor(Actor):
         fair = math.ceil(self.queued / max(1, n_ready * DEPTH))
         if self.ewma is not None:  # splitting work that is quick anyway only adds messages
             fair = max(fair, int(MIN_BATCH_SECONDS / max(self.ewma, 1e-7)))
-        return max(1, min(size, int(MAX_BATCH / max(self.fanout, 1.0)), fair))
+        by_bytes = MAX_BATCH_BYTES / self.item_bytes if self.item_bytes else MAX_BATCH
+        return max(1, min(size, int(MAX_BATCH / max(self.fanout, 1.0)), int(by_bytes), fair))
 
     def _take(self, size: int) -> tuple:
         """Cut up to `size` items from the front of the queue."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import pickle
 import signal
 import traceback as traceback_module
 import socket
@@ -136,7 +135,7 @@ class WorkerActor(Actor):
                 "stage": self.config.stage_name, "log_level": self.config.log_level, "sys_path": self.config.sys_path,
                 "timed": self.config.timeout is not None}
         try:
-            self.proc.conn.send_bytes(pickle.dumps(("init", init), protocol=5))
+            self.proc.conn.send(("init", init))
         except OSError:
             self._died("init_failed", message="worker process exited before it could be initialised")
             return
@@ -150,13 +149,13 @@ class WorkerActor(Actor):
             self.proc.reap()
             self._died("init_failed", message=reply[1], traceback=reply[2])
 
-    def on_batch(self, bid: int, payload: bytes | None) -> None:
+    def on_batch(self, bid: int, message: wire.Packed | None) -> None:
         """Send a batch (None: the supervisor already wrote it to the idle process) and report its result."""
         if self.dead:
             return
-        if payload is not None:
+        if message is not None:
             try:
-                self.proc.conn.send_bytes(payload)
+                self.proc.conn.send_packed(message)
             except OSError:
                 pass  # the process died: the wait below sees EOF and reports it
         reply = self._wait_for(("result", "unreadable"), item_timeout=self.config.timeout)
@@ -171,7 +170,7 @@ class WorkerActor(Actor):
         """Ask the process to run close() and exit; kill it after `grace` seconds."""
         if not self.dead:
             try:
-                self.proc.conn.send_bytes(pickle.dumps(("stop",)))
+                self.proc.conn.send(("stop",))
                 self._wait_for(("stopped",), deadline=time.monotonic() + grace, report=False)
             except OSError:
                 pass
@@ -203,6 +202,8 @@ class WorkerActor(Actor):
                                    message=f"item ran longer than the stage timeout of {item_timeout} s")
                     return None
             try:
+                if conn.closed:  # a failed send closed it: the process is gone or its stream is out of step
+                    raise EOFError("channel closed")
                 ready = wait_readable([conn], wait)
                 if not ready:
                     if deadline is not None and time.monotonic() >= deadline:
@@ -211,15 +212,14 @@ class WorkerActor(Actor):
                             self._died("init_failed", message="worker did not start in time")
                         return None
                     continue
-                data = conn.recv_bytes()
-            except (EOFError, OSError):
-                if report:
-                    index, _ = self.proc.running_item()
-                    self._died(death_cause, index=index)
-                return None
-            try:
-                message = pickle.loads(data)
-            except Exception as exc:  # the worker's reply cannot be read here (its outputs' classes?)
+                message = conn.recv()
+            except Exception as exc:
+                if conn.closed or isinstance(exc, (EOFError, OSError)):  # gone, or closed by a failed send
+                    if report:
+                        index, _ = self.proc.running_item()
+                        self._died(death_cause, index=index)
+                    return None
+                # the reply cannot be read here (its outputs' classes?): the batch fails, the worker goes on
                 message = ("unreadable", f"the worker's reply cannot be unpickled: {type(exc).__name__}: {exc}",
                            traceback_module.format_exc())
             if message[0] == "log":

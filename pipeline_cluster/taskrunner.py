@@ -2,8 +2,9 @@
 
 Started by a WorkerActor as a fresh interpreter (`python -c LAUNCH SOCK_FD PROGRESS_FD`),
 like multiprocessing's spawn but without re-importing the user's `__main__`. It talks to its WorkerActor over a
-socket pair (framed by `wire.Channel`: one copy from the kernel, none to send), and writes the index and start time of the item it is running into a small shared memory file, so the
-supervisor can blame exactly that item when the process dies or hangs.
+socket pair (framed by `wire.Channel`: one copy from the kernel, none to send), and writes the index and start time
+of the item it is running into a small shared memory file, so the supervisor can blame exactly that item when the
+process dies or hangs.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import ctypes
 import logging
 import mmap
 import os
-import pickle
 import signal
 import socket
 import struct
@@ -30,12 +30,6 @@ PROGRESS = struct.Struct("<qd")  # index of the running item in its batch (-1: i
 PROGRESS_SIZE = PROGRESS.size
 SAMPLES_PER_BATCH = 64  # item durations sent back per batch, for the p95 estimate
 MAX_FRAME = 1 << 40  # the socket pair to the node carries batches of any size the node's memory allows
-
-
-def dumps(obj: Any) -> bytes:
-    """Pickle with cloudpickle (protocol 5): `__main__` classes and functions travel by value, and a class shipped
-    by value keeps its identity on the way back (cloudpickle tracks it), as fast as pickle for plain data."""
-    return cloudpickle.dumps(obj, protocol=5)
 
 
 class TaskRunner:
@@ -144,12 +138,16 @@ def tree_changes(rids: list[int], counts: list[int] | None, errors: list) -> tup
     return out_rids, born, died
 
 
-def encode_result(result: tuple, rids: list[int], items: list, stage: str) -> bytes:
-    """Pickle a batch result as (outputs, tree changes, errors, dropped, timing); outputs that cannot be pickled
-    fail their own item, not the batch."""
+def encode_result(result: tuple, rids: list[int], items: list, stage: str) -> wire.Packed:
+    """Pickle a batch result as (outputs, tree changes, errors, dropped, timing), big `bytes` outputs out-of-band.
+
+    Messages travel with cloudpickle (`wire.pack`): `__main__` classes travel by value and keep their identity on
+    the way back. Outputs that cannot be pickled fail their own item, not the batch.
+    """
     outs, counts, errors, dropped, timing = result
     try:
-        return dumps(("result", (outs, tree_changes(rids, counts, errors), errors, dropped, timing)))
+        return wire.pack(("result", (wire.out_of_band(outs), tree_changes(rids, counts, errors), errors, dropped,
+                                     timing)))
     except Exception:
         pass
     counts = counts if counts is not None else [1] * len(items)
@@ -160,7 +158,7 @@ def encode_result(result: tuple, rids: list[int], items: list, stage: str) -> by
         mine = outs[position:position + n]
         position += n
         try:
-            dumps(mine)
+            wire.pack(mine)
         except Exception as exc:
             errors.append((index, "PicklingError", f"stage {stage!r}: an output of item {_short(items[index])} "
                            f"cannot be pickled: {exc}", traceback.format_exc(), False))
@@ -168,7 +166,8 @@ def encode_result(result: tuple, rids: list[int], items: list, stage: str) -> by
         kept.extend(mine)
         kept_counts.append(n)
     errors.sort()
-    return dumps(("result", (kept, tree_changes(rids, kept_counts, errors), errors, dropped, timing)))
+    return wire.pack(("result", (wire.out_of_band(kept), tree_changes(rids, kept_counts, errors), errors, dropped,
+                                 timing)))
 
 
 def _die_with_parent() -> None:
@@ -189,37 +188,35 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the node's to handle; it stops us cleanly
     conn = wire.Channel(socket.socket(fileno=int(argv[0])), max_frame=MAX_FRAME)
     progress = mmap.mmap(int(argv[1]), PROGRESS_SIZE)
-    send = conn.send_bytes  # thread-safe: log records may come from the task's own threads
+    send = conn.send  # thread-safe: log records may come from the task's own threads
 
-    kind, init = pickle.loads(conn.recv_bytes())
+    kind, init = conn.recv()
     assert kind == "init", kind
     sys.path[:] = init["sys_path"] + [p for p in sys.path if p not in init["sys_path"]]
-    multiprocess_logging.attach_worker(lambda record: send(dumps(("log", record))),
+    multiprocess_logging.attach_worker(lambda record: send(("log", record)),
                                        node=init["node"], stage=init["stage"], level=init["log_level"])
     try:
         spec = cloudpickle.loads(init["spec"])
         runner = TaskRunner(spec, cloudpickle.loads(init["retry_on"]), progress, init["timed"])
     except BaseException as exc:  # the stage cannot start: report why, with the traceback
-        send(dumps(("init_failed", f"{type(exc).__name__}: {_message(exc)}", traceback.format_exc())))
+        send(("init_failed", f"{type(exc).__name__}: {_message(exc)}", traceback.format_exc()))
         return 3
-    send(dumps(("ready", os.getpid())))
+    send(("ready", os.getpid()))
     while True:
         try:
-            data = conn.recv_bytes()
-        except EOFError:
+            message = conn.recv()
+        except (EOFError, OSError):
             return 0
-        try:
-            message = pickle.loads(data)
         except Exception as exc:  # e.g. an item's class that cannot be imported here: its batch fails, we go on
-            send(dumps(("unreadable", f"{type(exc).__name__}: {_message(exc)}", traceback.format_exc())))
+            send(("unreadable", f"{type(exc).__name__}: {_message(exc)}", traceback.format_exc()))
             continue
         if message[0] == "batch":
             _, rids, items = message
-            send(encode_result(runner.run_batch(items), rids, items, runner.name))
+            conn.send_packed(encode_result(runner.run_batch(items), rids, items, runner.name))
         elif message[0] == "stop":
             try:
                 runner.close()
             except Exception:
                 logging.getLogger("pipeline_cluster.worker").exception("close() of stage %r failed", runner.name)
-            send(dumps(("stopped",)))
+            send(("stopped",))
             return 0

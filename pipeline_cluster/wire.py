@@ -5,8 +5,9 @@ so nothing is ever unpickled from an unauthenticated peer.
 
 Wire format after the handshake: frames of an 8-byte big-endian header, whose top byte is the frame kind and whose
 low 56 bits are the payload length, followed by the payload. A message is either one BYTES frame (raw bytes), or
-zero or more BUFFER frames (pickle protocol 5 out-of-band buffers, sent without copying them) followed by one
-PICKLE frame.
+zero or more BUFFER or RBUFFER frames (pickle protocol 5 out-of-band buffers, sent without copying them; an RBUFFER
+holds a read-only one and is received as `bytes`, so a big `bytes` item wrapped by `out_of_band` arrives as itself
+with one copy from the kernel) followed by one PICKLE frame.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import cloudpickle
 
 from pipeline_cluster.auth import client_handshake, server_handshake
 
-__all__ = ["DEFAULT_MAX_FRAME", "Channel", "FrameTooLargeError", "Listener", "connect"]
+__all__ = ["DEFAULT_MAX_FRAME", "Channel", "FrameTooLargeError", "Listener", "Packed", "connect", "out_of_band",
+           "pack"]
 
 DEFAULT_MAX_FRAME = 1 << 30  # 1 GiB
 
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct("!Q")
 _KIND_SHIFT = 56
 _LENGTH_MASK = (1 << _KIND_SHIFT) - 1
-_BYTES, _PICKLE, _BUFFER = 1, 2, 3
+_BYTES, _PICKLE, _BUFFER, _RBUFFER = 1, 2, 3, 4
 
 _OUT_OF_BAND_MIN = 64 * 1024  # smaller pickle buffers stay in-band: one frame is cheaper than a copy
 _CONCAT_MAX = 64 * 1024  # header and payload up to this size are joined into one send call
@@ -43,6 +45,45 @@ _IOV_MAX = 512  # buffers per sendmsg call, well under the usual IOV_MAX of 1024
 
 class FrameTooLargeError(ConnectionError):
     """An incoming frame announced more than `max_frame` bytes; the channel is closed rather than allocating it."""
+
+
+class Packed:
+    """A message pickled for sending: the pickle and its out-of-band buffers (the objects' own memory, no copies)."""
+
+    def __init__(self, payload: bytes, buffers: list[memoryview]) -> None:
+        self.payload = payload
+        self.buffers = buffers
+        self.nbytes = len(payload) + sum(buffer.nbytes for buffer in buffers)
+
+
+def pack(obj: Any) -> Packed:
+    """Pickle `obj` with cloudpickle, protocol 5 (lambdas, closures and `__main__` code by value); big pickle buffers
+    stay out-of-band. Raises whatever pickling raises, before anything is sent."""
+    buffers: list[memoryview] = []
+
+    def keep_out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: let pickle copy it in-band
+            return True
+        if raw.nbytes < _OUT_OF_BAND_MIN:
+            return True
+        buffers.append(raw)
+        return False
+
+    # cloudpickle, not pickle: `__main__` classes and functions must travel by value, since the peer's
+    # `__main__` is another program; for plain data it is as fast as pickle
+    return Packed(cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_out_of_band), buffers)
+
+
+def out_of_band(items: list) -> list:
+    """`items` with each big `bytes` item wrapped so that it travels out-of-band (pickle never offers `bytes`
+    itself to a buffer callback); the receiver gets the very `bytes` object it read from the socket. Only a list
+    whose first item is big `bytes` is looked through: other lists come back as they are, at no per-item cost."""
+    if not items or type(items[0]) is not bytes or len(items[0]) < _OUT_OF_BAND_MIN:
+        return items
+    return [pickle.PickleBuffer(item) if type(item) is bytes and len(item) >= _OUT_OF_BAND_MIN else item
+            for item in items]
 
 
 class Channel:
@@ -98,21 +139,11 @@ class Channel:
             return
         if type(obj) is bytearray:
             obj = pickle.PickleBuffer(obj)  # lets a big bytearray go out-of-band; it unpickles as a bytearray
-        buffers: list[memoryview] = []
+        self.send_packed(pack(obj))
 
-        def out_of_band(buffer: pickle.PickleBuffer) -> bool:
-            try:
-                raw = buffer.raw()
-            except BufferError:  # not contiguous: let pickle copy it in-band
-                return True
-            if raw.nbytes < _OUT_OF_BAND_MIN:
-                return True
-            buffers.append(raw)
-            return False
-
-        # cloudpickle, not pickle: `__main__` classes and functions must travel by value, since the peer's
-        # `__main__` is another program; for plain data it is as fast as pickle
-        payload = cloudpickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
+    def send_packed(self, message: Packed) -> None:
+        """Send a message made by `pack` (for a sender that pickles first, e.g. to measure or check it)."""
+        payload, buffers = message.payload, message.buffers
         self._check_size(len(payload))
         for buffer in buffers:
             self._check_size(buffer.nbytes)
@@ -121,7 +152,8 @@ class Channel:
             return
         pieces: list[bytes | memoryview] = []
         for buffer in buffers:
-            pieces += (_HEADER.pack(_BUFFER << _KIND_SHIFT | buffer.nbytes), buffer)
+            kind = _RBUFFER if buffer.readonly else _BUFFER
+            pieces += (_HEADER.pack(kind << _KIND_SHIFT | buffer.nbytes), buffer)
         pieces += (_HEADER.pack(_PICKLE << _KIND_SHIFT | len(payload)), payload)
         self._send_pieces(pieces)
 
@@ -141,13 +173,15 @@ class Channel:
         Raises EOFError when the peer has closed the connection (or this channel was closed), FrameTooLargeError on a
         frame over `max_frame`. An unpickling error leaves the channel usable for the next message.
         """
-        buffers: list[bytearray] = []
+        buffers: list[bytearray | bytes] = []
         while True:
             kind, length = self._recv_header()
             if kind == _BUFFER:
                 buffer = bytearray(length)
                 self._recv_into(memoryview(buffer))
                 buffers.append(buffer)
+            elif kind == _RBUFFER:  # read-only: a bytes object, which the unpickled message then holds as is
+                buffers.append(self._recv_exact(length))
             elif kind == _PICKLE:
                 return pickle.loads(self._recv_exact(length), buffers=buffers)
             elif buffers:
@@ -160,7 +194,7 @@ class Channel:
         kind, length = self._recv_header()
         if kind == _BYTES:
             return self._recv_exact(length)
-        while kind == _BUFFER:  # skip the whole pickled message so that the stream stays in step
+        while kind in (_BUFFER, _RBUFFER):  # skip the whole pickled message so that the stream stays in step
             self._recv_exact(length)
             kind, length = self._recv_header()
         if kind != _PICKLE:
@@ -218,7 +252,7 @@ class Channel:
         header = self._recv_exact(_HEADER.size)
         (value,) = _HEADER.unpack(header)
         kind, length = value >> _KIND_SHIFT, value & _LENGTH_MASK
-        if kind not in (_BYTES, _PICKLE, _BUFFER):
+        if kind not in (_BYTES, _PICKLE, _BUFFER, _RBUFFER):
             self._broken(f"corrupt frame header {header.hex()} from {self.peer}")
         if length > self.max_frame:
             self.close()
