@@ -36,7 +36,7 @@ HIGH_WATER = 8192  # queued items at which the stage before this one stops sendi
 LOW_WATER = HIGH_WATER // 2  # ... and at which it may go on
 TARGET_BATCH_SECONDS = 0.05  # a batch's work, by the measured time per item
 MIN_BATCH_SECONDS = 0.005  # splitting a queue over workers never cuts batches below this much work
-MAX_BATCH_BYTES = int(__import__("os").environ.get("PC_MBB", 4 * 1024 * 1024))  # a batch of big items stays this small, so sending and running overlap
+MAX_BATCH_BYTES = 4 * 1024 * 1024  # a batch of big items stays this small, so sending and running overlap
 
 
 @dataclass

@@ -50,6 +50,13 @@ class Session:
         except OSError:
             pass  # the root is gone: the reader sees EOF and ends the session
 
+    def _report(self, message: tuple) -> None:
+        """Send a report of the node's ledger or actor; finished outputs that are big bytes go out-of-band."""
+        if message[0] == "completed":
+            kind, name, done, outputs, dead = message
+            message = (kind, name, done, wire.out_of_band(outputs), dead)
+        self._send(message)
+
     def _log_to_root(self, record: Record) -> None:
         self._send(("log", record))
 
@@ -86,7 +93,7 @@ class Session:
         try:
             if name == "hello":
                 node_name, heartbeat, dead_after = args
-                self.ledger = TreeLedger(node_name, self._send)
+                self.ledger = TreeLedger(node_name, self._report)
                 self.node = NodeActor.start(self.ledger, self.log_sink, self.workers)
                 affinity.start_thread(self._watch_root, heartbeat, dead_after, name="pipeline-cluster-watch-root")
                 value: Any = {"pid": os.getpid(), "cpus": os.cpu_count(), "version": __version__,

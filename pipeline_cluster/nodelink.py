@@ -101,8 +101,8 @@ class RemoteLink:
         affinity.start_thread(self._beat, name=f"pipeline-cluster-heartbeat-{self.name}")
 
     def submit(self, rids: list[int], items: list, stage: int) -> None:
-        """Hand root items to the node (they are pickled by the writer thread)."""
-        self.tell("submit", rids, items, stage)
+        """Hand root items to the node (they are pickled by the writer thread, big bytes items out-of-band)."""
+        self.tell("submit", rids, wire.out_of_band(items), stage)
 
     def tell(self, name: str, *args: Any) -> None:
         """Send a message to the node without waiting; a lost node is handled by the reader, not here."""

@@ -216,6 +216,23 @@ def test_large_payloads_round_trip(channels: tuple[Channel, Channel]) -> None:
 
 
 @pytest.mark.timeout(10)
+def test_big_bytes_items_travel_out_of_band_and_arrive_as_bytes(channels: tuple[Channel, Channel]) -> None:
+    client, server = channels
+    items = [os.urandom(100_000) for _ in range(5)] + [b"small", 7, bytearray(b"ba")]
+    packed = wire.pack(("batch", wire.out_of_band(items)))
+    assert len(packed.buffers) == 5 and len(packed.payload) < 1000  # the big items are not copied into the pickle
+    assert all(buffer.readonly for buffer in packed.buffers)
+    sender = threading.Thread(target=client.send_packed, args=(packed,))
+    sender.start()
+    kind, received = server.recv()
+    sender.join(10)
+    assert kind == "batch" and received == items
+    assert [type(item) for item in received] == [bytes] * 6 + [int, bytearray]
+    tiny = [1, 2, 3]
+    assert wire.out_of_band(tiny) is tiny  # lists of small items are not looked through
+
+
+@pytest.mark.timeout(10)
 def test_send_bytes_and_recv_bytes(channels: tuple[Channel, Channel]) -> None:
     client, server = channels
     big = os.urandom(5_000_000)
