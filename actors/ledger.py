@@ -1,9 +1,10 @@
 """TreeLedger: a node's count of every root item's live tree, shared by the node's stage supervisors.
 
-It counts, per root item, the items of its tree that were born (the root item itself, and an output of a stage but
-the last for every output beyond the first of its input) and that died (left the pipeline: processed by the last
-stage, dropped or failed for good). A root item is reported, with all of its outputs and dead letters, only when the
-two counts meet, which is what makes delivery exactly-once per input.
+A root item's tree starts as one live item. It counts, per root item, the extra items born (an output of a stage but
+the last, beyond the first output of its input) and, for trees that grew so, the items that died (left the pipeline:
+processed by the last stage, dropped or failed for good). A root item is reported, with all of its outputs and dead
+letters, only when its deaths reach its extra births plus one, which is what makes delivery exactly-once per input.
+While no tree has grown (a pipeline without fan-out) every death finishes its root item and nothing is counted.
 
 It is a plain object under a lock rather than an actor: root items enter it and stages report into it from their own
 threads, so a batch costs no extra thread hand-off. The counting and the completion check run as C-level
@@ -14,7 +15,7 @@ from __future__ import annotations
 import threading
 from collections import Counter, deque
 from itertools import compress, repeat
-from operator import eq, not_
+from operator import add, eq, not_
 from typing import Callable
 
 import pykka
@@ -30,8 +31,8 @@ class TreeLedger:
         self.name = name
         self.report = report
         self.lock = threading.Lock()
-        self.born: Counter[int] = Counter()
-        self.died: Counter[int] = Counter()
+        self.extra: Counter[int] = Counter()  # births beyond the root item itself
+        self.died: Counter[int] = Counter()  # deaths in trees that have extra births (its keys are among extra's)
         self.results: dict[int, list] = {}  # outputs of root items that are not finished yet
         self.held_dead: dict[int, list[DeadLetter]] = {}  # dead letters of root items not finished yet
         self.stages: list[pykka.ActorRef] = []
@@ -41,7 +42,7 @@ class TreeLedger:
         """Forget every root item and stop routing new ones: a new generation (setup) begins, and reports
         of the previous one are ignored from now on."""
         with self.lock:
-            self.born.clear()
+            self.extra.clear()
             self.died.clear()
             self.results.clear()
             self.held_dead.clear()
@@ -53,17 +54,11 @@ class TreeLedger:
         with self.lock:
             self.stages = stages
 
-    def unfinished(self) -> list[int]:
-        """The root items not finished yet (finished ones are removed from both counters)."""
-        with self.lock:
-            return list(self.born)
-
     def submit(self, rids: list[int], items: list, stage: int = 0) -> None:
         """Root items from the root enter the pipeline at `stage`."""
         with self.lock:
             if stage >= len(self.stages):
                 return  # sent before the pipeline was stopped: that run is over
-            self.born.update(rids)
             tell(self.stages[stage], "push", (rids, items, None))
 
     def record(self, generation: int, born: list[int], died: list[int], outputs: tuple | None,
@@ -75,14 +70,16 @@ class TreeLedger:
             if generation != self.generation:
                 return  # a report of a pipeline this node has already stopped
             if born:
-                self.born.update(born)
-            if died:
+                self.extra.update(born)
+            if died and not self.extra:  # no tree has grown: each death ends its root item (at most once each)
+                done = died
+            elif died:
                 self.died.update(died)
                 candidates = list(set(died))
-                done = list(compress(candidates, map(eq, map(self.died.__getitem__, candidates),
-                                                     map(self.born.__getitem__, candidates))))
-                deque(map(dict.__delitem__, repeat(self.born), done), 0)  # dict's own: Counter's is Python code
-                deque(map(dict.__delitem__, repeat(self.died), done), 0)
+                lives = map(add, map(self.extra.get, candidates, repeat(0)), repeat(1))
+                done = list(compress(candidates, map(eq, map(self.died.__getitem__, candidates), lives)))
+                deque(map(self.extra.pop, done, repeat(None)), 0)
+                deque(map(dict.__delitem__, repeat(self.died), done), 0)  # dict's own: Counter's is Python code
             done_set = set(done)
             finished_outputs: list = []
             for rid in self.results.keys() & done_set:  # outputs held from earlier batches come first

@@ -83,11 +83,9 @@ class NodeActor(Actor):
         """Stop the stages' workers gracefully (close() runs in class stages)."""
         self._stop_stages(kill=False, grace=grace)
 
-    def on_kill(self) -> list[int]:
-        """Stop at once; returns the root items that were unfinished here."""
-        unfinished = self.ledger.unfinished()
+    def on_kill(self) -> None:
+        """Stop at once: every worker is killed, every root item here forgotten (the root re-sends or drops them)."""
         self._stop_stages(kill=True)
-        return unfinished
 
     def _stop_stages(self, kill: bool, grace: float = 5.0) -> None:
         futures = [ref.ask(("kill",) if kill else ("shutdown", grace), block=False) for ref in self.stages]
