@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import select
 import signal
 import traceback as traceback_module
 import socket
@@ -16,7 +17,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait as wait_readable
 from typing import Any, Callable
 
 import pykka
@@ -127,6 +127,8 @@ class WorkerActor(Actor):
         self.proc = proc
         self.config = config
         self.dead = False
+        self.poller = select.poll()  # made once: a wait with a deadline costs one poll call
+        self.poller.register(proc.conn.fileno(), select.POLLIN)
         self.escalate = lambda text: tell(supervisor, "worker_died", wid, Death("crash", message=text))
 
     def on_start(self) -> None:
@@ -204,8 +206,7 @@ class WorkerActor(Actor):
             try:
                 if conn.closed:  # a failed send closed it: the process is gone or its stream is out of step
                     raise EOFError("channel closed")
-                ready = wait_readable([conn], wait)
-                if not ready:
+                if wait is not None and not self.poller.poll(wait * 1000):  # nothing to wait for: recv blocks
                     if deadline is not None and time.monotonic() >= deadline:
                         self.proc.kill()
                         if report:
