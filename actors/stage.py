@@ -1,10 +1,10 @@
 """StageSupervisor: one stage on one node; owns a pool of WorkerActors and accounts for every item.
 
 Items arrive as chunks `(rids, items, attempts)` (parallel lists: per-item work stays in C-level list operations).
-The supervisor cuts batches sized to the measured time per item (and shrunk by a generator's fan-out), keeps two
-batches in flight per worker, holds the previous stage back when its own queue is full, charges failures to exactly
-the item that failed, restarts dead workers with backoff within a restart budget, and reports each root item's
-progress to its NodeActor, which knows when a root item's whole tree is done.
+The supervisor cuts batches sized to the measured time per item (and shrunk by a generator's fan-out and by a byte
+budget), keeps two batches in flight per worker, holds the previous stage back when its own queue is full, charges
+failures to exactly the item that failed, restarts dead workers with backoff within a restart budget, and records
+each batch's effect on its root items' trees in the node's TreeLedger, which knows when a whole tree is done.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A RemoteLink is one persistent, authenticated connection. Root-to-node messages are `("tell", name, args)` and
 `("ask", id, name, args)`; the node answers asks with `("reply", id, ok, value)`, forwards log records as
-`("log", record)`, and sends its NodeActor's reports (`completed`, `node_ready`, `failed`) as they are.
+`("log", record)`, and sends its ledger's and NodeActor's reports (`completed`, `node_ready`, `failed`) as they are.
 Both sides send `("ping",)` every `heartbeat` seconds and give the other up after `dead_after` seconds of silence,
 so a stopped or partitioned node (no FIN ever arrives) is noticed too.
 """
