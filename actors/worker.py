@@ -28,6 +28,7 @@ from pipeline_cluster.actors.base import Actor, tell
 # installed package (the task runner then takes the node's own sys.path).
 LAUNCH = "import sys; del sys.path[0]; from pipeline_cluster.taskrunner import main; sys.exit(main(sys.argv[1:]))"
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(taskrunner.__file__)))
+POLL_SLICE = 3600.0  # seconds: a longer wait (a stage timeout of weeks) is polled in slices
 
 
 @dataclass
@@ -206,7 +207,8 @@ class WorkerActor(Actor):
             try:
                 if conn.closed:  # a failed send closed it: the process is gone or its stream is out of step
                     raise EOFError("channel closed")
-                if wait is not None and not self.poller.poll(wait * 1000):  # nothing to wait for: recv blocks
+                # no deadline: recv blocks; else poll in slices (poll takes at most INT_MAX ms)
+                if wait is not None and not self.poller.poll(min(wait, POLL_SLICE) * 1000):
                     if deadline is not None and time.monotonic() >= deadline:
                         self.proc.kill()
                         if report:
@@ -214,15 +216,15 @@ class WorkerActor(Actor):
                         return None
                     continue
                 message = conn.recv()
+            except wire.UnpicklingFailed as exc:  # the reply cannot be read here: the batch fails, the worker goes on
+                message = ("unreadable", f"the worker's reply cannot be unpickled: {exc}", traceback_module.format_exc())
             except Exception as exc:
-                if conn.closed or isinstance(exc, (EOFError, OSError)):  # gone, or closed by a failed send
-                    if report:
-                        index, _ = self.proc.running_item()
-                        self._died(death_cause, index=index)
-                    return None
-                # the reply cannot be read here (its outputs' classes?): the batch fails, the worker goes on
-                message = ("unreadable", f"the worker's reply cannot be unpickled: {type(exc).__name__}: {exc}",
-                           traceback_module.format_exc())
+                if not (conn.closed or isinstance(exc, (EOFError, OSError))):
+                    raise
+                if report:  # gone, or closed by a failed send (even during the poll)
+                    index, _ = self.proc.running_item()
+                    self._died(death_cause, index=index)
+                return None
             if message[0] == "log":
                 self.config.log_sink(message[1])
             elif message[0] in kinds:

@@ -2,8 +2,9 @@
 
 They take turns on the GIL anyway, so spreading them over CPUs buys no parallelism, while every hand-off between
 threads (an actor message, a queue) then wakes a thread on another CPU, which costs several times as much as on the
-same one (~50 us against ~8 us per pykka message on a 2-vCPU VM). Only threads the framework starts are placed;
-the user's threads are left alone, and worker processes start with the whole CPU set the process started with.
+same one (~50 us against ~8 us per pykka message on a 2-vCPU VM). Only threads the framework starts for its own
+code are placed: not the user's threads, nor the threads that run the user's input iterable or output handler (what
+those start inherits their CPU set), and worker processes start on the CPUs the main thread may use.
 `PIPELINE_CLUSTER_PIN_THREADS=0` turns placement off.
 """
 from __future__ import annotations
@@ -51,32 +52,41 @@ def pin_this_thread() -> None:
             if _home is None:
                 _home = min(ALLOWED)
     try:
-        os.sched_setaffinity(0, {_home})
+        if _home in os.sched_getaffinity(0):  # never onto a CPU that the user's restriction (inherited) excludes
+            os.sched_setaffinity(0, {_home})
     except OSError:  # e.g. a cgroup that changed its CPU set: stay where the kernel put us
         pass
 
 
-def start_thread(target: Callable[..., Any], *args: Any, name: str) -> threading.Thread:
-    """Start a daemon framework thread that runs on the home CPU."""
+def start_thread(target: Callable[..., Any], *args: Any, name: str, placed: bool = True) -> threading.Thread:
+    """Start a daemon framework thread that runs on the home CPU; `placed=False` for one that runs the user's code
+    (an input iterable, an output handler): threads and processes it starts keep every CPU."""
 
     def run() -> None:
         pin_this_thread()
         target(*args)
 
-    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread = threading.Thread(target=run if placed else target, args=() if placed else args, name=name, daemon=True)
     thread.start()
     return thread
 
 
 @contextlib.contextmanager
 def unplaced() -> Iterator[None]:
-    """Let the calling thread run on every allowed CPU for a while: a process it starts (a worker) inherits the
-    whole CPU set, not the home CPU."""
-    placed = enabled() and _home is not None and os.sched_getaffinity(0) == {_home}
+    """Let a placed calling thread run, for a while, on the CPUs the process's main thread may use now (the user's
+    own restriction, if any): a process it starts (a worker) inherits those, not the home CPU."""
+    placed = _home is not None and os.sched_getaffinity(0) == {_home}  # even if placement was switched off since
     if placed:
-        os.sched_setaffinity(0, ALLOWED)
+        os.sched_setaffinity(0, _user_cpus())
     try:
         yield
     finally:
         if placed:
             os.sched_setaffinity(0, {_home})
+
+
+def _user_cpus() -> set[int]:
+    try:
+        return os.sched_getaffinity(threading.main_thread().native_id or 0)
+    except OSError:  # the main thread has ended
+        return set(ALLOWED)

@@ -29,7 +29,7 @@ import struct
 import time
 from pathlib import Path
 
-PROTOCOL_VERSION: int = 1
+PROTOCOL_VERSION: int = 2  # 2: read-only out-of-band buffer frames (wire._RBUFFER)
 
 MAGIC = b"PCLU"
 HANDSHAKE_FRAME_MAX = 256

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -29,7 +29,7 @@ class DeadLetter:
 
     def to_json(self) -> str:
         """One JSON line for the run directory's dead-letter file (the item as its repr when not JSON)."""
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}  # not asdict: it deep-copies the item
         try:
             json.dumps(data["item"])
         except (TypeError, ValueError):

@@ -39,7 +39,7 @@ class Feeder:
 
     def start(self) -> list[threading.Thread]:
         """Start pulling; returns the threads (they end when the inputs end or the run stops)."""
-        return [affinity.start_thread(self._pull, name="pipeline-cluster-feeder"),
+        return [affinity.start_thread(self._pull, name="pipeline-cluster-feeder", placed=False),  # runs user code
                 affinity.start_thread(self._flush_when_due, name="pipeline-cluster-flusher")]
 
     def _room(self) -> int:
@@ -95,7 +95,9 @@ class Feeder:
         """Send the chunk's unsent items (caller holds the lock); nothing goes out once the run is stopping."""
         end = len(self.chunk)
         items = self.chunk[self.sent:end]
-        self.sent = end
         if items and not self.stop.is_set():
-            self.state.change(fed=len(items), at_root=len(items))
+            self.state.change(fed=len(items), at_root=len(items))  # before `sent` moves: room is never overcounted
+            self.sent = end
             self.send(items)
+        else:
+            self.sent = end

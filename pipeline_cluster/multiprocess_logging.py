@@ -178,9 +178,14 @@ class LogServer:
             threading.Thread(target=self._read, args=(channel,), daemon=True).start()
 
     def _read(self, channel: Any) -> None:
+        from pipeline_cluster import wire
+
         try:
             while True:
-                record = channel.recv()
+                try:
+                    record = channel.recv()
+                except wire.UnpicklingFailed:  # one record we cannot read: the stream is still in step
+                    continue
                 if isinstance(record, Record):
                     with self.lock:
                         self.file.write(record.format() + "\n")

@@ -205,11 +205,11 @@ def main(argv: list[str]) -> int:
     while True:
         try:
             message = conn.recv()
+        except wire.UnpicklingFailed as exc:  # e.g. an item's class is missing here: its batch fails, we go on
+            send(("unreadable", str(exc), traceback.format_exc()))
+            continue
         except (EOFError, OSError):
             return 0
-        except Exception as exc:  # e.g. an item's class that cannot be imported here: its batch fails, we go on
-            send(("unreadable", f"{type(exc).__name__}: {_message(exc)}", traceback.format_exc()))
-            continue
         if message[0] == "batch":
             _, rids, items = message
             conn.send_packed(encode_result(runner.run_batch(items), rids, items, runner.name))

@@ -26,8 +26,8 @@ import cloudpickle
 
 from pipeline_cluster.auth import client_handshake, server_handshake
 
-__all__ = ["DEFAULT_MAX_FRAME", "Channel", "FrameTooLargeError", "Listener", "Packed", "connect", "out_of_band",
-           "pack"]
+__all__ = ["DEFAULT_MAX_FRAME", "Channel", "FrameTooLargeError", "Listener", "Packed", "UnpicklingFailed", "connect",
+           "out_of_band", "pack"]
 
 DEFAULT_MAX_FRAME = 1 << 30  # 1 GiB
 
@@ -45,6 +45,11 @@ _IOV_MAX = 512  # buffers per sendmsg call, well under the usual IOV_MAX of 1024
 
 class FrameTooLargeError(ConnectionError):
     """An incoming frame announced more than `max_frame` bytes; the channel is closed rather than allocating it."""
+
+
+class UnpicklingFailed(Exception):
+    """A whole message arrived but could not be unpickled (whatever the unpickler raised, an OSError included);
+    the channel is still in step and usable. Not an OSError, so it is never taken for a broken connection."""
 
 
 class Packed:
@@ -171,7 +176,7 @@ class Channel:
         """Receive the next message: the unpickled object, or `bytes` for a raw frame.
 
         Raises EOFError when the peer has closed the connection (or this channel was closed), FrameTooLargeError on a
-        frame over `max_frame`. An unpickling error leaves the channel usable for the next message.
+        frame over `max_frame`. UnpicklingFailed (the channel stays usable) when the message cannot be unpickled.
         """
         buffers: list[bytearray | bytes] = []
         while True:
@@ -183,7 +188,11 @@ class Channel:
             elif kind == _RBUFFER:  # read-only: a bytes object, which the unpickled message then holds as is
                 buffers.append(self._recv_exact(length))
             elif kind == _PICKLE:
-                return pickle.loads(self._recv_exact(length), buffers=buffers)
+                payload = self._recv_exact(length)
+                try:
+                    return pickle.loads(payload, buffers=buffers)
+                except Exception as exc:
+                    raise UnpicklingFailed(f"{type(exc).__name__}: {exc}") from exc
             elif buffers:
                 self._broken(f"raw frame inside a pickled message from {self.peer}")
             else:

@@ -1,8 +1,10 @@
-"""Thread placement: the framework's threads share one home CPU; user threads and worker processes keep every CPU."""
+"""Thread placement: the framework's threads share one home CPU; user code, its threads and worker processes keep
+the CPUs the main thread may use."""
 from __future__ import annotations
 
 import os
 import threading
+from typing import Iterator
 
 import pytest
 
@@ -10,21 +12,6 @@ import pipeline_cluster as pc
 from pipeline_cluster import affinity
 
 pytestmark = pytest.mark.skipif(not affinity.supported(), reason="placement needs Linux and more than one CPU")
-
-
-def cpus_of_thread(native_id: int) -> set[int]:
-    return os.sched_getaffinity(native_id)
-
-
-def placement_during_a_run(cluster: pc.Cluster) -> tuple[dict[str, set[int]], list[set[int]]]:
-    """CPU sets of this process's threads (by name) and of the worker processes, seen in the middle of a run."""
-    results = cluster.run([lambda x: x], range(50_000))
-    next(iter(results))
-    threads = {t.name: cpus_of_thread(t.native_id) for t in threading.enumerate() if t.native_id is not None}
-    workers = [os.sched_getaffinity(pid) for pid in _worker_pids()]
-    for _ in results:
-        pass
-    return threads, workers
 
 
 def _worker_pids() -> list[int]:
@@ -36,26 +23,62 @@ def _worker_pids() -> list[int]:
     return pids
 
 
+def placement_during_a_run(cluster: pc.Cluster) -> tuple[dict[str, set[int]], list[set[int]], set[int]]:
+    """CPU sets of this process's threads (by name), of the worker processes, and of a thread that the input
+    iterable started, all seen in the middle of a run."""
+    seen: dict[str, set[int]] = {}
+
+    def inputs() -> Iterator[int]:
+        probe = threading.Thread(target=lambda: seen.update(probe=os.sched_getaffinity(0)))
+        probe.start()
+        probe.join()
+        yield from range(50_000)
+
+    results = cluster.run([lambda x: x], inputs())
+    next(iter(results))
+    threads = {t.name: os.sched_getaffinity(t.native_id) for t in threading.enumerate() if t.native_id is not None}
+    workers = [os.sched_getaffinity(pid) for pid in _worker_pids()]
+    for _ in results:
+        pass
+    return threads, workers, seen["probe"]
+
+
 @pytest.mark.timeout(60)
-def test_framework_threads_share_one_cpu_and_workers_keep_all(monkeypatch, tmp_path):
+def test_framework_threads_share_one_cpu_and_user_code_keeps_all(monkeypatch, tmp_path):
     monkeypatch.delenv(affinity.ENV_SWITCH, raising=False)
     with pc.LocalCluster(run_dir=str(tmp_path / "run")) as cluster:
-        threads, workers = placement_during_a_run(cluster)
+        threads, workers, probe = placement_during_a_run(cluster)
+    everything = set(affinity.ALLOWED)
     framework = {name: cpus for name, cpus in threads.items()
-                 if name.startswith(("pipeline-cluster", "StageSupervisor", "WorkerActor", "RootActor", "NodeActor"))}
+                 if name.startswith(("pipeline-cluster", "StageSupervisor", "WorkerActor", "RootActor", "NodeActor"))
+                 and name != "pipeline-cluster-feeder"}
     assert any(name.startswith("StageSupervisor") for name in framework), threads
-    assert any(name == "pipeline-cluster-feeder" for name in framework), threads
     homes = set().union(*framework.values())
     assert len(homes) == 1 and all(len(cpus) == 1 for cpus in framework.values()), framework
-    assert threads["MainThread"] == set(affinity.ALLOWED)  # the user's thread is left alone
-    assert workers and all(cpus == set(affinity.ALLOWED) for cpus in workers), workers
+    assert threads["MainThread"] == everything  # the user's thread is left alone
+    assert threads["pipeline-cluster-feeder"] == everything  # it runs the user's input iterable
+    assert probe == everything  # ... so a thread that the iterable starts keeps every CPU
+    assert workers and all(cpus == everything for cpus in workers), workers
+
+
+@pytest.mark.timeout(60)
+def test_workers_follow_a_restriction_made_after_import(monkeypatch, tmp_path):
+    monkeypatch.delenv(affinity.ENV_SWITCH, raising=False)
+    restricted = {max(affinity.ALLOWED)}
+    os.sched_setaffinity(0, restricted)  # the main thread: the user's own restriction, made after the import
+    try:
+        with pc.LocalCluster(run_dir=str(tmp_path / "run")) as cluster:
+            _, workers, _ = placement_during_a_run(cluster)
+    finally:
+        os.sched_setaffinity(0, affinity.ALLOWED)
+    assert workers and all(cpus == restricted for cpus in workers), workers
 
 
 @pytest.mark.timeout(60)
 def test_placement_can_be_switched_off(monkeypatch, tmp_path):
     monkeypatch.setenv(affinity.ENV_SWITCH, "0")
     with pc.LocalCluster(run_dir=str(tmp_path / "run")) as cluster:
-        threads, workers = placement_during_a_run(cluster)
+        threads, workers, _ = placement_during_a_run(cluster)
     stages = [cpus for name, cpus in threads.items() if name.startswith("StageSupervisor")]
     assert stages and all(cpus == set(affinity.ALLOWED) for cpus in stages), threads
     assert workers and all(cpus == set(affinity.ALLOWED) for cpus in workers)

@@ -125,6 +125,7 @@ def test_endless_input_take_some_then_close_quickly(tmp_path):
     assert len(pulled) <= 1000 + cluster.capacity + pc.feeder.CHUNK
     started = time.monotonic()
     results.close()
+    assert list(results) == []  # close() ends the iteration at once, even inside a batch of outputs
     cluster.close()
     assert time.monotonic() - started < 10
     assert live_children() == []

@@ -274,3 +274,53 @@ def test_ctrl_c_during_run_stops_everything(tmp_path):
     _, err = proc.communicate(timeout=30)
     assert "KeyboardInterrupt" in err
     assert wait_until(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers), 10)
+
+
+def reopen(value):
+    raise FileNotFoundError(f"/data/shard-{value} is not on this machine")
+
+
+class Handle:
+    """An object whose loading fails with an OSError (it reopens a resource that is not there)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        return reopen, (self.value,)
+
+
+def handle_for_3(x):
+    return Handle(x) if x == 3 else x
+
+
+@pytest.mark.timeout(60)
+def test_an_item_or_output_that_cannot_be_loaded_fails_alone_not_the_worker(tmp_path):
+    # an OSError raised while unpickling is not a broken connection: only that batch's items fail, no worker dies
+    with pc.LocalCluster(workers=1, run_dir=str(tmp_path / "run")) as cluster:
+        outputs = sorted(cluster.run([lambda x: x], [1, 2, Handle(3), 4]))
+        item_letters = cluster.failures()
+        stats = cluster.stats()
+        more = sorted(o for o in cluster.run([handle_for_3], range(8)) if isinstance(o, int))
+        every_letter = cluster.failures()
+        output_letters = every_letter[len(item_letters):]
+        written = (cluster.rundir.dead_letter_file).read_text().count("\n")
+    assert set(outputs) <= {1, 2, 4}  # the batch that cannot be read fails whole: it may hold neighbours of item 3
+    assert item_letters and all("FileNotFoundError" in letter.message for letter in item_letters)
+    assert len(outputs) + len(item_letters) == 4
+    assert stats["<lambda>"]["restarts"] == 0
+    assert 3 not in more and len(more) + len(output_letters) == 8
+    assert output_letters and all("FileNotFoundError" in letter.message for letter in output_letters)
+    assert written == len(every_letter)  # all are in the run directory's file, Handle items as their repr
+
+
+def tenfold(x):
+    return x * 10
+
+
+@pytest.mark.timeout(60)
+def test_a_timeout_of_weeks_is_waited_in_slices(tmp_path):
+    pipeline = pc.Pipeline([pc.Stage(tenfold, workers=1, supervision=pc.Supervision(timeout=30 * 86400.0))])
+    with pc.LocalCluster(run_dir=str(tmp_path / "run")) as cluster:
+        assert sorted(cluster.run(pipeline, range(20))) == [x * 10 for x in range(20)]
+        assert cluster.failures() == []

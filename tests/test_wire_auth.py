@@ -389,10 +389,12 @@ def test_whole_handshake_is_bounded_even_for_a_trickling_peer() -> None:
 @pytest.mark.timeout(10)
 def test_version_mismatch_named_on_client_side(listener: Listener, wire_log: pytest.LogCaptureFixture) -> None:
     with raw_client(listener.address) as sock:
-        with pytest.raises(ProtocolVersionError, match="protocol version mismatch: ours 2, theirs 1") as info:
-            auth.client_handshake(sock, KEY, version=2)
-    assert (info.value.ours, info.value.theirs) == (2, 1)
-    wait_for_log(wire_log, "protocol version mismatch: ours 1, theirs 2")
+        newer = auth.PROTOCOL_VERSION + 1
+        with pytest.raises(ProtocolVersionError, match=f"protocol version mismatch: ours {newer}, theirs "
+                                                      f"{auth.PROTOCOL_VERSION}") as info:
+            auth.client_handshake(sock, KEY, version=newer)
+    assert (info.value.ours, info.value.theirs) == (newer, auth.PROTOCOL_VERSION)
+    wait_for_log(wire_log, f"protocol version mismatch: ours {auth.PROTOCOL_VERSION}, theirs {newer}")
     assert_good_client_works(listener)
 
 
@@ -400,12 +402,13 @@ def test_version_mismatch_named_on_client_side(listener: Listener, wire_log: pyt
 def test_version_mismatch_with_a_newer_server() -> None:
     server_sock, client_sock = tcp_pair()
     with server_sock, client_sock:
-        server_error, client_error = run_both(lambda: auth.server_handshake(server_sock, KEY, version=2),
+        newer = auth.PROTOCOL_VERSION + 1
+        server_error, client_error = run_both(lambda: auth.server_handshake(server_sock, KEY, version=newer),
                                               lambda: auth.client_handshake(client_sock, KEY))
     assert isinstance(server_error, ProtocolVersionError)
-    assert str(server_error) == "protocol version mismatch: ours 2, theirs 1"
+    assert str(server_error) == f"protocol version mismatch: ours {newer}, theirs {auth.PROTOCOL_VERSION}"
     assert isinstance(client_error, ProtocolVersionError)
-    assert str(client_error) == f"protocol version mismatch: ours {auth.PROTOCOL_VERSION}, theirs 2"
+    assert str(client_error) == f"protocol version mismatch: ours {auth.PROTOCOL_VERSION}, theirs {newer}"
 
 
 @pytest.mark.timeout(10)
