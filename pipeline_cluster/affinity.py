@@ -3,8 +3,9 @@
 They take turns on the GIL anyway, so spreading them over CPUs buys no parallelism, while every hand-off between
 threads (an actor message, a queue) then wakes a thread on another CPU, which costs several times as much as on the
 same one (~50 us against ~8 us per pykka message on a 2-vCPU VM). Only threads the framework starts for its own
-code are placed: not the user's threads, nor the threads that run the user's input iterable or output handler (what
-those start inherits their CPU set), and worker processes start on the CPUs the main thread may use.
+code are placed: not the user's threads, and a placed thread that runs the user's input iterable or output handler
+leaves its placement for that while (what the user's code starts inherits the user's CPUs); worker processes start
+on the CPUs the main thread may use.
 `PIPELINE_CLUSTER_PIN_THREADS=0` turns placement off.
 """
 from __future__ import annotations
@@ -58,15 +59,14 @@ def pin_this_thread() -> None:
         pass
 
 
-def start_thread(target: Callable[..., Any], *args: Any, name: str, placed: bool = True) -> threading.Thread:
-    """Start a daemon framework thread that runs on the home CPU; `placed=False` for one that runs the user's code
-    (an input iterable, an output handler): threads and processes it starts keep every CPU."""
+def start_thread(target: Callable[..., Any], *args: Any, name: str) -> threading.Thread:
+    """Start a daemon framework thread that runs on the home CPU."""
 
     def run() -> None:
         pin_this_thread()
         target(*args)
 
-    thread = threading.Thread(target=run if placed else target, args=() if placed else args, name=name, daemon=True)
+    thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     return thread
 
@@ -74,7 +74,8 @@ def start_thread(target: Callable[..., Any], *args: Any, name: str, placed: bool
 @contextlib.contextmanager
 def unplaced() -> Iterator[None]:
     """Let a placed calling thread run, for a while, on the CPUs the process's main thread may use now (the user's
-    own restriction, if any): a process it starts (a worker) inherits those, not the home CPU."""
+    own restriction, if any): a worker process it starts, or the user's code it runs (an input iterable, an output
+    handler) and what that starts, get those CPUs, not the home CPU. Three system calls, so used per batch."""
     placed = _home is not None and os.sched_getaffinity(0) == {_home}  # even if placement was switched off since
     if placed:
         os.sched_setaffinity(0, _user_cpus())

@@ -117,7 +117,7 @@ class Cluster:
         self._start_run()
         handler = output_handler if output_handler is not None else self.outputs.append
         self._handler_mode = True
-        self._spawn_thread(self._deliver, handler, self.state, name="pipeline-cluster-output", placed=False)
+        self._spawn_thread(self._deliver, handler, self.state, name="pipeline-cluster-output")
 
     def feed(self, *items: Any) -> None:
         """Give items to the cluster; blocks while the cluster already holds its capacity of unfinished items."""
@@ -273,8 +273,8 @@ class Cluster:
             raise
         self._spawn_thread(self._refresh_stats, name="pipeline-cluster-stats")
 
-    def _spawn_thread(self, target: Callable[..., None], *args: Any, name: str, placed: bool = True) -> None:
-        self._threads.append(affinity.start_thread(target, *args, name=name, placed=placed))
+    def _spawn_thread(self, target: Callable[..., None], *args: Any, name: str) -> None:
+        self._threads.append(affinity.start_thread(target, *args, name=name))
 
     def _deliver(self, handler: Callable[[Any], Any], state: RunState) -> None:
         """Hand outputs to the user's handler, one at a time, then count their root items as consumed."""
@@ -285,8 +285,9 @@ class Cluster:
                     return
                 continue
             try:
-                for output in message[1]:
-                    handler(output)
+                with affinity.unplaced():  # the user's handler runs (and starts threads) on the user's CPUs
+                    for output in message[1]:
+                        handler(output)
             except BaseException as exc:
                 state.fail(exc)
                 return

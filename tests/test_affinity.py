@@ -51,13 +51,12 @@ def test_framework_threads_share_one_cpu_and_user_code_keeps_all(monkeypatch, tm
     everything = set(affinity.ALLOWED)
     framework = {name: cpus for name, cpus in threads.items()
                  if name.startswith(("pipeline-cluster", "StageSupervisor", "WorkerActor", "RootActor", "NodeActor"))
-                 and name != "pipeline-cluster-feeder"}
+                 and name != "pipeline-cluster-feeder"}  # placed, but not while it runs the user's iterable
     assert any(name.startswith("StageSupervisor") for name in framework), threads
     homes = set().union(*framework.values())
     assert len(homes) == 1 and all(len(cpus) == 1 for cpus in framework.values()), framework
     assert threads["MainThread"] == everything  # the user's thread is left alone
-    assert threads["pipeline-cluster-feeder"] == everything  # it runs the user's input iterable
-    assert probe == everything  # ... so a thread that the iterable starts keeps every CPU
+    assert probe == everything  # a thread that the user's input iterable starts keeps every CPU
     assert workers and all(cpus == everything for cpus in workers), workers
 
 
@@ -82,3 +81,23 @@ def test_placement_can_be_switched_off(monkeypatch, tmp_path):
     stages = [cpus for name, cpus in threads.items() if name.startswith("StageSupervisor")]
     assert stages and all(cpus == set(affinity.ALLOWED) for cpus in stages), threads
     assert workers and all(cpus == set(affinity.ALLOWED) for cpus in workers)
+
+
+@pytest.mark.timeout(60)
+def test_a_thread_started_by_the_output_handler_keeps_every_cpu(monkeypatch, tmp_path):
+    monkeypatch.delenv(affinity.ENV_SWITCH, raising=False)
+    seen: list[set[int]] = []
+    done = threading.Event()
+
+    def handler(output: int) -> None:
+        probe = threading.Thread(target=lambda: seen.append(os.sched_getaffinity(0)))
+        probe.start()
+        probe.join()
+        done.set()
+
+    with pc.LocalCluster(run_dir=str(tmp_path / "run")) as cluster:
+        cluster.setup("probe", "1", [lambda x: x])
+        cluster.boot(output_handler=handler)
+        cluster.feed(1)
+        assert done.wait(30)
+    assert seen == [set(affinity.ALLOWED)]
