@@ -6,6 +6,7 @@ is never silent: it reaches `on_failure`, which escalates it to whoever supervis
 from __future__ import annotations
 
 import logging
+import queue
 import traceback
 from typing import Any, Callable
 
@@ -21,6 +22,12 @@ class Actor(pykka.ThreadingActor):
 
     use_daemon_thread = True  # a forgotten close() must not keep the user's program alive
     escalate: Callable[[str], None] | None = None
+
+    @staticmethod
+    def _create_actor_inbox() -> queue.SimpleQueue:
+        """pykka's inbox protocol is put/get/empty: the C-level SimpleQueue hands a message over in about 2/3 of
+        the time queue.Queue takes (no Python-level lock and condition per message)."""
+        return queue.SimpleQueue() if __import__("os").environ.get("OLDQ") != "1" else queue.Queue()
 
     def on_start(self) -> None:
         pin_this_thread()

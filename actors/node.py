@@ -11,6 +11,7 @@ from typing import Callable
 
 import pykka
 
+from pipeline_cluster.affinity import WorkerPlacement
 from pipeline_cluster.actors.base import Actor, tell
 from pipeline_cluster.actors.ledger import TreeLedger
 from pipeline_cluster.actors.stage import StageSupervisor
@@ -34,6 +35,7 @@ class NodeActor(Actor):
         self.log_level = log_level
         self.stages: list[pykka.ActorRef] = []
         self.ready: set[int] = set()
+        self.placement = WorkerPlacement()  # shared by the stages: where each worker process runs
         self.escalate = lambda text: self.report(("failed", self.name, RuntimeError(text)))
 
     def on_setup(self, pipeline: Pipeline) -> None:
@@ -41,7 +43,7 @@ class NodeActor(Actor):
         n = len(pipeline.stages)
         self.stages = [
             StageSupervisor.start(i, stage, stage.workers or self.default_workers, i == n - 1, self.actor_ref,
-                                  self.ledger, self.log_sink, self.log_level)
+                                  self.ledger, self.placement, self.log_sink, self.log_level)
             for i, stage in enumerate(pipeline.stages)
         ]
         for i, ref in enumerate(self.stages):

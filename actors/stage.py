@@ -22,6 +22,7 @@ import cloudpickle
 import pykka
 
 from pipeline_cluster import wire
+from pipeline_cluster.affinity import WorkerPlacement
 from pipeline_cluster.actors.base import Actor, tell
 from pipeline_cluster.actors.ledger import TreeLedger
 from pipeline_cluster.actors.worker import Death, WorkerActor, WorkerConfig, WorkerProcess
@@ -53,10 +54,10 @@ class StageSupervisor(Actor):
     """Feeds one stage's worker pool and applies its Supervision config."""
 
     def __init__(self, index: int, stage: Stage, workers: int, last: bool, node: pykka.ActorRef,
-                 ledger: TreeLedger, log_sink: Any, log_level: int) -> None:
+                 ledger: TreeLedger, placement: WorkerPlacement, log_sink: Any, log_level: int) -> None:
         super().__init__()
         self.index, self.stage, self.n_workers, self.last = index, stage, workers, last
-        self.node, self.ledger, self.node_name = node, ledger, ledger.name
+        self.node, self.ledger, self.node_name, self.placement = node, ledger, ledger.name, placement
         self.generation = ledger.generation  # the node's setup this stage belongs to; its reports carry it
         self.sup = stage.supervision
         self.next_stage: pykka.ActorRef | None = None
@@ -146,6 +147,7 @@ class StageSupervisor(Actor):
         """Kill what still runs and stop every worker actor (each reaps its process and frees its resources)."""
         for slot in self.slots.values():
             slot.proc.kill()
+            self.placement.gone(slot.proc.pid)
         stopping = [slot.ref.stop(block=False) for slot in self.slots.values()]
         for future in stopping:
             try:
@@ -194,6 +196,7 @@ class StageSupervisor(Actor):
             self._measure_size(message.nbytes / len(items))
             idle = not slot.inflight
             slot.inflight[bid] = (rids, items, attempts)
+            self.placement.took(slot.proc.pid, self.queued > 0)
             if idle:  # the process waits for work: hand it over now, its actor only collects the result
                 try:
                     slot.proc.conn.send_packed(message)
@@ -269,6 +272,7 @@ class StageSupervisor(Actor):
         if slot is None or bid not in slot.inflight or self.state == "stopping":
             return
         rids, items, attempts = slot.inflight.pop(bid)
+        self.placement.done(slot.proc.pid)
         outs, tree, errors, dropped, (seconds, timed, samples) = result
         self.crash_streak = 0
         self.stats.items_out += len(outs)
@@ -301,6 +305,7 @@ class StageSupervisor(Actor):
         if slot is None or bid not in slot.inflight or self.state == "stopping":
             return
         rids, items, attempts = slot.inflight.pop(bid)
+        self.placement.done(slot.proc.pid)
         died: list = []
         dead: list[DeadLetter] = []
         for i, (rid, item) in enumerate(zip(rids, items)):
@@ -342,6 +347,7 @@ class StageSupervisor(Actor):
         if slot is None:
             return
         slot.ref.stop(block=False)  # its actor reaps the process and frees the socket and progress record
+        self.placement.gone(slot.proc.pid)
         if self.state != "running":
             return
         self.stats.workers = sum(s.ready for s in self.slots.values())

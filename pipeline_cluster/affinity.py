@@ -3,9 +3,10 @@
 They take turns on the GIL anyway, so spreading them over CPUs buys no parallelism, while every hand-off between
 threads (an actor message, a queue) then wakes a thread on another CPU, which costs several times as much as on the
 same one (~50 us against ~8 us per pykka message on a 2-vCPU VM). Only threads the framework starts for its own
-code are placed: not the user's threads, and a placed thread that runs the user's input iterable or output handler
-leaves its placement for that while (what the user's code starts inherits the user's CPUs); worker processes start
-on the CPUs the main thread may use.
+code are placed: not the user's threads, nor the threads that run the user's input iterable or output handler (what
+the user's code starts keeps the user's CPUs); worker processes start on the CPUs the main thread may use, and a
+node's `WorkerPlacement` moves a worker beside the threads while it is the only one at work (a trickle of single
+items then never waits for a halted CPU to wake up).
 `PIPELINE_CLUSTER_PIN_THREADS=0` turns placement off.
 """
 from __future__ import annotations
@@ -59,11 +60,13 @@ def pin_this_thread() -> None:
         pass
 
 
-def start_thread(target: Callable[..., Any], *args: Any, name: str) -> threading.Thread:
-    """Start a daemon framework thread that runs on the home CPU."""
+def start_thread(target: Callable[..., Any], *args: Any, name: str, placed: bool = True) -> threading.Thread:
+    """Start a daemon thread: a framework thread on the home CPU, or (`placed=False`) one that runs the user's code
+    on the user's CPUs."""
 
     def run() -> None:
-        pin_this_thread()
+        if placed:
+            pin_this_thread()
         target(*args)
 
     thread = threading.Thread(target=run, name=name, daemon=True)
@@ -74,8 +77,7 @@ def start_thread(target: Callable[..., Any], *args: Any, name: str) -> threading
 @contextlib.contextmanager
 def unplaced() -> Iterator[None]:
     """Let a placed calling thread run, for a while, on the CPUs the process's main thread may use now (the user's
-    own restriction, if any): a worker process it starts, or the user's code it runs (an input iterable, an output
-    handler) and what that starts, get those CPUs, not the home CPU. Three system calls, so used per batch."""
+    own restriction, if any): a worker process it starts gets those CPUs, not the home CPU."""
     placed = _home is not None and os.sched_getaffinity(0) == {_home}  # even if placement was switched off since
     if placed:
         os.sched_setaffinity(0, _user_cpus())
@@ -91,3 +93,52 @@ def _user_cpus() -> set[int]:
         return os.sched_getaffinity(threading.main_thread().native_id or 0)
     except OSError:  # the main thread has ended
         return set(ALLOWED)
+
+
+class WorkerPlacement:
+    """Where one node's worker processes run, decided each time a worker takes a batch while it has none.
+
+    A worker that takes work while no other worker of the node has any, and with nothing left queued behind it,
+    runs on the home CPU beside the framework's threads: one item at a time then travels its whole way on one CPU.
+    On a VM every hop to another, idle CPU waits for that virtual CPU to be woken (measured 50-150 us a hop here).
+    As soon as two workers are busy, workers go back to the user's CPUs, so throughput keeps every CPU. A move is
+    one system call, made only when a worker's place changes. A node's stage supervisors share one.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._batches: dict[int, int] = {}  # pid -> batches in flight, for the node's busy workers
+        self._at_home: set[int] = set()  # pids of workers moved to the home CPU
+
+    def took(self, pid: int, more_queued: bool) -> None:
+        """Worker `pid` is given a batch; `more_queued`: its stage has more items waiting."""
+        with self._lock:
+            batches = self._batches
+            if pid in batches:
+                batches[pid] += 1
+                return
+            alone = not batches and not more_queued
+            batches[pid] = 1
+            if alone == (pid in self._at_home) or not enabled() or _home is None:
+                return
+            (self._at_home.add if alone else self._at_home.discard)(pid)
+        user = _user_cpus()
+        try:
+            os.sched_setaffinity(pid, {_home} if alone and _home in user else user)
+        except OSError:  # the process has just died: its actor reports that
+            pass
+
+    def done(self, pid: int) -> None:
+        """Worker `pid` returned a batch."""
+        with self._lock:
+            left = self._batches.get(pid, 0) - 1
+            if left > 0:
+                self._batches[pid] = left
+            else:
+                self._batches.pop(pid, None)
+
+    def gone(self, pid: int) -> None:
+        """Worker `pid` has died or been stopped, with whatever batches it had."""
+        with self._lock:
+            self._batches.pop(pid, None)
+            self._at_home.discard(pid)

@@ -117,7 +117,8 @@ class Cluster:
         self._start_run()
         handler = output_handler if output_handler is not None else self.outputs.append
         self._handler_mode = True
-        self._spawn_thread(self._deliver, handler, self.state, name="pipeline-cluster-output")
+        self._threads.append(affinity.start_thread(self._deliver, handler, self.state, name="pipeline-cluster-output",
+                                                   placed=False))  # it runs the user's handler
 
     def feed(self, *items: Any) -> None:
         """Give items to the cluster; blocks while the cluster already holds its capacity of unfinished items."""
@@ -285,9 +286,8 @@ class Cluster:
                     return
                 continue
             try:
-                with affinity.unplaced():  # the user's handler runs (and starts threads) on the user's CPUs
-                    for output in message[1]:
-                        handler(output)
+                for output in message[1]:
+                    handler(output)
             except BaseException as exc:
                 state.fail(exc)
                 return

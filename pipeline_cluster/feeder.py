@@ -39,7 +39,7 @@ class Feeder:
 
     def start(self) -> list[threading.Thread]:
         """Start pulling; returns the threads (they end when the inputs end or the run stops)."""
-        return [affinity.start_thread(self._pull, name="pipeline-cluster-feeder"),
+        return [affinity.start_thread(self._pull, name="pipeline-cluster-feeder", placed=False),  # the user's code
                 affinity.start_thread(self._flush_when_due, name="pipeline-cluster-flusher")]
 
     def _room(self) -> int:
@@ -52,11 +52,10 @@ class Feeder:
             while not self.stop.is_set() and state.error is None:
                 state.wait(lambda: self._room() > 0 or self.stop.is_set(), what="room to feed")
                 chunk = self.chunk
-                with affinity.unplaced():  # the user's iterable runs (and starts threads) on the user's CPUs
-                    for _ in range(min(CHUNK, self._room())):
-                        chunk.append(next(self.inputs))
-                        if len(chunk) == self.sent + 1:  # the only unsent item: start the flusher's clock
-                            self._first_unsent()
+                for _ in range(min(CHUNK, self._room())):
+                    chunk.append(next(self.inputs))
+                    if len(chunk) == self.sent + 1:  # the only unsent item: start the flusher's clock
+                        self._first_unsent()
                 with self.cond:
                     self._send_unsent()
                     self.chunk, self.sent = [], 0

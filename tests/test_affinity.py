@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Iterator
 
 import pytest
@@ -57,7 +58,39 @@ def test_framework_threads_share_one_cpu_and_user_code_keeps_all(monkeypatch, tm
     assert len(homes) == 1 and all(len(cpus) == 1 for cpus in framework.values()), framework
     assert threads["MainThread"] == everything  # the user's thread is left alone
     assert probe == everything  # a thread that the user's input iterable starts keeps every CPU
-    assert workers and all(cpus == everything for cpus in workers), workers
+    # a worker runs on every CPU, or on the home CPU while it is the node's only busy one (see the tests below)
+    assert workers and all(cpus in (everything, homes) for cpus in workers), workers
+
+
+def _cpus_of_task(item: float) -> tuple[float, set[int]]:
+    """A stage: nap for `item` seconds, then tell on which CPUs this worker may run."""
+    time.sleep(item)
+    return item, os.sched_getaffinity(0)
+
+
+@pytest.mark.timeout(60)
+def test_a_lone_item_runs_beside_the_framework_and_parallel_work_on_every_cpu(monkeypatch, tmp_path):
+    monkeypatch.delenv(affinity.ENV_SWITCH, raising=False)
+    outputs: list[tuple[float, set[int]]] = []
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=2) as cluster:
+        cluster.setup("where", "1", [_cpus_of_task])
+        cluster.boot(output_handler=outputs.append)
+        for _ in range(5):  # one item at a time: each runs on the home CPU, beside the supervisor's thread
+            cluster.feed(0.02)
+            cluster.wait_empty(timeout=30)
+        home = {cpus for name, cpus in _thread_cpus().items() if name.startswith("StageSupervisor")}
+        cluster.feed(*[0.02] * 20)  # two busy workers: each batch may use every CPU
+        cluster.wait_empty(timeout=30)
+    assert len(home) == 1 and len(next(iter(home))) == 1, home
+    lone, parallel = [cpus for _, cpus in outputs[:5]], [cpus for _, cpus in outputs[5:]]
+    assert lone == [next(iter(home))] * 5, lone
+    assert len(parallel) == 20 and set(affinity.ALLOWED) in parallel, parallel
+    assert all(cpus in (set(affinity.ALLOWED), next(iter(home))) for cpus in parallel), parallel
+
+
+def _thread_cpus() -> dict[str, set[int]]:
+    return {t.name: frozenset(os.sched_getaffinity(t.native_id)) for t in threading.enumerate()
+            if t.native_id is not None}
 
 
 @pytest.mark.timeout(60)
