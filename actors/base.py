@@ -27,7 +27,7 @@ class Actor(pykka.ThreadingActor):
     def _create_actor_inbox() -> queue.SimpleQueue:
         """pykka's inbox protocol is put/get/empty: the C-level SimpleQueue hands a message over in about 2/3 of
         the time queue.Queue takes (no Python-level lock and condition per message)."""
-        return queue.SimpleQueue() if __import__("os").environ.get("OLDQ") != "1" else queue.Queue()
+        return queue.SimpleQueue()
 
     def on_start(self) -> None:
         pin_this_thread()
