@@ -3,7 +3,11 @@
 Peak RSS is the largest sum of resident set sizes over the trial process and all its descendants (workers, node
 servers and their workers), sampled with psutil from a background thread of the harness: every FIRST_SAMPLE
 seconds at first, the gap growing by SAMPLE_GROWTH up to SAMPLE_SECONDS, so a trial of a few tens of milliseconds
-is still seen while a long one costs the harness little CPU. Shared pages count once per process, as `ps` shows.
+is still seen while a long one costs the harness little CPU. Listing the tree means reading every process on the
+machine (about 2 ms here, a burst that would show in W4's p99), so after the trial's first STARTUP_SECONDS (when
+its workers start) the tree is listed again only every TREE_SECONDS and whenever a process of it has ended; the
+samples between read the known processes' RSS alone.
+Shared pages count once per process, as `ps` shows.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import psutil
@@ -25,6 +30,8 @@ from .trial import RESULT_PREFIX
 FIRST_SAMPLE = 0.005
 SAMPLE_GROWTH = 1.2
 SAMPLE_SECONDS = 0.1
+TREE_SECONDS = 0.5
+STARTUP_SECONDS = 2.0
 TRIAL_TIMEOUT = 1800.0  # seconds; past it the trial's whole process tree is killed and the trial fails
 MB = 1e6
 
@@ -35,6 +42,9 @@ class TreeSampler:
     def __init__(self, pid: int) -> None:
         self.root = psutil.Process(pid)
         self.peak = 0
+        self._tree: list[psutil.Process] = []
+        self._listed = float("-inf")  # when the tree was last listed (time.monotonic)
+        self._started = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-rss-sampler", daemon=True)
 
@@ -50,16 +60,19 @@ class TreeSampler:
 
     def sample(self) -> int:
         """The current summed RSS of the tree in bytes (processes that vanish mid-sample count as 0)."""
-        try:
-            procs = [self.root] + self.root.children(recursive=True)
-        except psutil.Error:
-            return 0
+        now = time.monotonic()
+        if now - self._started < STARTUP_SECONDS or now - self._listed >= TREE_SECONDS:
+            try:
+                self._tree = [self.root] + self.root.children(recursive=True)
+            except psutil.Error:
+                return 0
+            self._listed = now
         total = 0
-        for proc in procs:
+        for proc in self._tree:
             try:
                 total += proc.memory_info().rss
             except psutil.Error:
-                pass
+                self._listed = float("-inf")  # one has ended: list the tree afresh next time
         return total
 
     def _run(self) -> None:
