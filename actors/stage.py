@@ -38,6 +38,8 @@ LOW_WATER = HIGH_WATER // 2  # ... and at which it may go on
 TARGET_BATCH_SECONDS = 0.05  # a batch's work, by the measured time per item
 MIN_BATCH_SECONDS = 0.005  # splitting a queue over workers never cuts batches below this much work
 MAX_BATCH_BYTES = 4 * 1024 * 1024  # a batch of big items stays this small, so sending and running overlap
+SHORT_BATCH_SECONDS = 0.001  # a batch with this little work and ...
+SHORT_BATCH_BYTES = 64 * 1024  # ... this few bytes may run beside the node's threads (see WorkerPlacement)
 
 
 @dataclass
@@ -196,7 +198,9 @@ class StageSupervisor(Actor):
             self._measure_size(message.nbytes / len(items))
             idle = not slot.inflight
             slot.inflight[bid] = (rids, items, attempts)
-            self.placement.took(slot.proc.pid, self.queued > 0)
+            short = (not self.queued and message.nbytes <= SHORT_BATCH_BYTES
+                     and (self.ewma or 0.0) * len(items) <= SHORT_BATCH_SECONDS)
+            self.placement.took(slot.proc.pid, short)
             if idle:  # the process waits for work: hand it over now, its actor only collects the result
                 try:
                     slot.proc.conn.send_packed(message)

@@ -98,10 +98,12 @@ def _user_cpus() -> set[int]:
 class WorkerPlacement:
     """Where one node's worker processes run, decided each time a worker takes a batch while it has none.
 
-    A worker that takes work while no other worker of the node has any, and with nothing left queued behind it,
-    runs on the home CPU beside the framework's threads: one item at a time then travels its whole way on one CPU.
+    A worker that takes a short batch (little work, few bytes, nothing of its stage queued behind it) while no other
+    worker of the node has any runs on the home CPU beside the framework's threads: one item at a time then travels
+    its whole way on one CPU.
     On a VM every hop to another, idle CPU waits for that virtual CPU to be woken (measured 50-150 us a hop here).
-    As soon as two workers are busy, workers go back to the user's CPUs, so throughput keeps every CPU. A move is
+    Longer batches, and any batch while another worker is busy, run on the user's CPUs, so throughput keeps every
+    CPU and never competes with the node's own busy threads (receiving big items, say). A move is
     one system call, made only when a worker's place changes. A node's stage supervisors share one.
     """
 
@@ -110,14 +112,14 @@ class WorkerPlacement:
         self._batches: dict[int, int] = {}  # pid -> batches in flight, for the node's busy workers
         self._at_home: set[int] = set()  # pids of workers moved to the home CPU
 
-    def took(self, pid: int, more_queued: bool) -> None:
-        """Worker `pid` is given a batch; `more_queued`: its stage has more items waiting."""
+    def took(self, pid: int, short: bool) -> None:
+        """Worker `pid` is given a batch; `short`: a small one with nothing of its stage queued behind it."""
         with self._lock:
             batches = self._batches
             if pid in batches:
                 batches[pid] += 1
                 return
-            alone = not batches and not more_queued
+            alone = short and not batches
             batches[pid] = 1
             if alone == (pid in self._at_home) or not enabled() or _home is None:
                 return

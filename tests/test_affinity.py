@@ -69,23 +69,23 @@ def _cpus_of_task(item: float) -> tuple[float, set[int]]:
 
 
 @pytest.mark.timeout(60)
-def test_a_lone_item_runs_beside_the_framework_and_parallel_work_on_every_cpu(monkeypatch, tmp_path):
+def test_a_lone_short_item_runs_beside_the_framework_and_parallel_work_on_every_cpu(monkeypatch, tmp_path):
     monkeypatch.delenv(affinity.ENV_SWITCH, raising=False)
     outputs: list[tuple[float, set[int]]] = []
     with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=2) as cluster:
         cluster.setup("where", "1", [_cpus_of_task])
         cluster.boot(output_handler=outputs.append)
-        for _ in range(5):  # one item at a time: each runs on the home CPU, beside the supervisor's thread
-            cluster.feed(0.02)
+        cluster.feed(*[0.02] * 20)  # two busy workers, and 20 ms batches: each may use every CPU
+        cluster.wait_empty(timeout=30)
+        for _ in range(20):  # one quick item at a time: once the stage has measured them quick, on the home CPU
+            cluster.feed(0.0)
             cluster.wait_empty(timeout=30)
         home = {cpus for name, cpus in _thread_cpus().items() if name.startswith("StageSupervisor")}
-        cluster.feed(*[0.02] * 20)  # two busy workers: each batch may use every CPU
-        cluster.wait_empty(timeout=30)
     assert len(home) == 1 and len(next(iter(home))) == 1, home
-    lone, parallel = [cpus for _, cpus in outputs[:5]], [cpus for _, cpus in outputs[5:]]
-    assert lone == [next(iter(home))] * 5, lone
+    parallel, lone = [cpus for _, cpus in outputs[:20]], [cpus for _, cpus in outputs[20:]]
     assert len(parallel) == 20 and set(affinity.ALLOWED) in parallel, parallel
     assert all(cpus in (set(affinity.ALLOWED), next(iter(home))) for cpus in parallel), parallel
+    assert lone[-5:] == [next(iter(home))] * 5, lone  # 20 ms measured per item takes a few batches to forget
 
 
 def _thread_cpus() -> dict[str, set[int]]:
