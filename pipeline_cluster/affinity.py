@@ -100,11 +100,10 @@ class WorkerPlacement:
 
     A worker that takes a short batch (little work, few bytes, nothing of its stage queued behind it) while no other
     worker of the node has any runs on the home CPU beside the framework's threads: one item at a time then travels
-    its whole way on one CPU.
-    On a VM every hop to another, idle CPU waits for that virtual CPU to be woken (measured 50-150 us a hop here).
-    Longer batches, and any batch while another worker is busy, run on the user's CPUs, so throughput keeps every
-    CPU and never competes with the node's own busy threads (receiving big items, say). A move is
-    one system call, made only when a worker's place changes. A node's stage supervisors share one.
+    its whole way on one CPU, where on a VM every hop to another, idle CPU waits for that virtual CPU to be woken
+    (50-150 us a hop measured here). Longer batches, and any batch while another worker is busy, run on the user's
+    CPUs, so throughput keeps every CPU and never competes with the node's own busy threads (receiving big items,
+    say). A move is one system call, made only when a worker's place changes. A node's stage supervisors share one.
     """
 
     def __init__(self) -> None:
