@@ -5,8 +5,8 @@ threads (an actor message, a queue) then wakes a thread on another CPU, which co
 same one (~50 us against ~8 us per pykka message on a 2-vCPU VM). Only threads the framework starts for its own
 code are placed: not the user's threads, nor the threads that run the user's input iterable or output handler (what
 the user's code starts keeps the user's CPUs); worker processes start on the CPUs the main thread may use, and a
-node's `WorkerPlacement` moves a worker beside the threads while it is the only one at work (a trickle of single
-items then never waits for a halted CPU to wake up).
+node's `WorkerPlacement` moves a worker beside the threads while it runs a short batch as the node's only busy
+worker (a trickle of single items then never waits for a halted CPU to wake up).
 `PIPELINE_CLUSTER_PIN_THREADS=0` turns placement off.
 """
 from __future__ import annotations

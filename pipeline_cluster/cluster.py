@@ -117,8 +117,8 @@ class Cluster:
         self._start_run()
         handler = output_handler if output_handler is not None else self.outputs.append
         self._handler_mode = True
-        self._threads.append(affinity.start_thread(self._deliver, handler, self.state, name="pipeline-cluster-output",
-                                                   placed=False))  # it runs the user's handler
+        self._spawn_thread(self._deliver, handler, self.state, name="pipeline-cluster-output",
+                           placed=False)  # it runs the user's handler
 
     def feed(self, *items: Any) -> None:
         """Give items to the cluster; blocks while the cluster already holds its capacity of unfinished items."""
@@ -274,8 +274,8 @@ class Cluster:
             raise
         self._spawn_thread(self._refresh_stats, name="pipeline-cluster-stats")
 
-    def _spawn_thread(self, target: Callable[..., None], *args: Any, name: str) -> None:
-        self._threads.append(affinity.start_thread(target, *args, name=name))
+    def _spawn_thread(self, target: Callable[..., None], *args: Any, name: str, placed: bool = True) -> None:
+        self._threads.append(affinity.start_thread(target, *args, name=name, placed=placed))
 
     def _deliver(self, handler: Callable[[Any], Any], state: RunState) -> None:
         """Hand outputs to the user's handler, one at a time, then count their root items as consumed."""
