@@ -6,9 +6,12 @@ is never silent: it reaches `on_failure`, which escalates it to whoever supervis
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import select
 import traceback
-from typing import Any, Callable
+import weakref
+from typing import Any, Callable, NamedTuple
 
 import pykka
 
@@ -41,6 +44,72 @@ class Actor(pykka.ThreadingActor):
         logger.error("%s crashed:\n%s", type(self).__name__, text)
         if self.escalate is not None:
             self.escalate(f"internal error in {type(self).__name__}: {exc!r}\n{text}")
+
+
+class Delivery(NamedTuple):
+    """What an inbox's get() gives pykka's actor loop: a message, and where its reply goes (None for a tell)."""
+
+    message: Any
+    reply_to: Any = None
+
+
+READABLE = Delivery(("readable",))
+TICK = Delivery(("tick",))
+POLL_SLICE = 3600.0  # seconds: a longer wait is polled in slices (poll takes at most INT_MAX ms)
+
+
+class PollingInbox:
+    """An actor inbox that also watches one file descriptor: its get() returns READABLE when the descriptor has
+    data and TICK when the actor's deadline passes, so one thread waits for messages, a socket and a timeout at once
+    and a peer's reply wakes the actor directly, with no hand-off through another thread.
+
+    A put() also bumps an eventfd, which is what wakes a get() blocked in poll.
+    """
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        weakref.finalize(self, os.close, self.wakeup)  # closed only when nobody can put() any more
+        self.poller = select.poll()
+        self.poller.register(self.wakeup, select.POLLIN)
+        self.watched: int | None = None
+        self.deadline: Callable[[], float | None] = lambda: None  # seconds until TICK, None: no deadline
+
+    def watch(self, fd: int | None, deadline: Callable[[], float | None] = lambda: None) -> None:
+        """Report `fd` readable (None: stop watching) and call `deadline()` before each wait for the time left."""
+        if self.watched is not None:
+            self.poller.unregister(self.watched)
+        if fd is not None:
+            self.poller.register(fd, select.POLLIN)
+        self.watched, self.deadline = fd, deadline
+
+    def put(self, envelope: Any) -> None:
+        self.queue.put(envelope)
+        os.eventfd_write(self.wakeup, 1)
+
+    def empty(self) -> bool:
+        return self.queue.empty()
+
+    def get(self) -> Any:
+        while True:
+            try:
+                return self.queue.get_nowait()
+            except queue.Empty:
+                pass
+            wait = self.deadline()
+            events = self.poller.poll(None if wait is None else max(0.0, min(wait, POLL_SLICE)) * 1000)
+            if not events:
+                if wait is not None and wait <= POLL_SLICE:
+                    return TICK
+                continue
+            readable = False
+            for fd, _ in events:
+                if fd == self.wakeup:
+                    os.eventfd_read(self.wakeup)
+                else:
+                    readable = True
+            if readable:
+                return READABLE
 
 
 def tell(ref: pykka.ActorRef, name: str, *args: Any) -> None:

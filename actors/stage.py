@@ -49,7 +49,8 @@ class Slot:
     ref: pykka.ActorRef
     proc: WorkerProcess
     ready: bool = False
-    inflight: dict[int, tuple] = field(default_factory=dict)
+    inflight: deque[tuple] = field(default_factory=deque)  # the process answers batches in this order
+    given: int = 0  # batches given to it so far (the actor sends them in this order)
 
 
 class StageSupervisor(Actor):
@@ -72,7 +73,6 @@ class StageSupervisor(Actor):
         self.queued = 0
         self.slots: dict[int, Slot] = {}
         self.wids = itertools.count(1)
-        self.bids = itertools.count(1)
         self.stats = StageStats(stage.name)
         self.restart_times: deque[float] = deque()
         self.crash_streak = 0
@@ -194,20 +194,20 @@ class StageSupervisor(Actor):
             except Exception:
                 self._reject_unpicklable(rids, items, attempts)
                 continue
-            bid = next(self.bids)
             self._measure_size(message.nbytes / len(items))
             idle = not slot.inflight
-            slot.inflight[bid] = (rids, items, attempts)
+            slot.inflight.append((rids, items, attempts))
+            slot.given += 1
             short = (not self.queued and message.nbytes <= SHORT_BATCH_BYTES
                      and (self.ewma or 0.0) * len(items) <= SHORT_BATCH_SECONDS)
             self.placement.took(slot.proc.pid, short)
-            if idle:  # the process waits for work: hand it over now, its actor only collects the result
-                try:
-                    slot.proc.conn.send_packed(message)
-                    message = None
-                except OSError:
-                    pass  # the process died; its actor sees that and reports it
-            tell(slot.ref, "batch", bid, message)
+            if not idle:  # its actor sends it once the batches before it are answered
+                tell(slot.ref, "batch", slot.given, message)
+                continue
+            try:  # the process waits for work: hand it over now; its actor wakes only for the result
+                slot.proc.conn.send_packed(message)
+            except OSError:
+                pass  # the process died; its actor sees that and reports it
 
     def _measure_size(self, bytes_per_item: float) -> None:
         """Track pickled bytes per item (batches are cut to a byte budget); the first stage also tells the node
@@ -271,11 +271,11 @@ class StageSupervisor(Actor):
         self.queue.appendleft(chunk)
         self.queued += len(chunk[0])
 
-    def on_batch_done(self, wid: int, bid: int, result: tuple) -> None:
+    def on_batch_done(self, wid: int, result: tuple) -> None:
         slot = self.slots.get(wid)
-        if slot is None or bid not in slot.inflight or self.state == "stopping":
+        if slot is None or not slot.inflight or self.state == "stopping":
             return
-        rids, items, attempts = slot.inflight.pop(bid)
+        rids, items, attempts = slot.inflight.popleft()
         self.placement.done(slot.proc.pid)
         outs, tree, errors, dropped, (seconds, timed, samples) = result
         self.crash_streak = 0
@@ -303,12 +303,12 @@ class StageSupervisor(Actor):
             tell(self.next_stage, "push", (out_rids, outs, None))
         self._dispatch()
 
-    def on_batch_unreadable(self, wid: int, bid: int, error: str, tb: str) -> None:
+    def on_batch_unreadable(self, wid: int, error: str, tb: str) -> None:
         """The worker could not unpickle the batch, or we its reply: its items fail for good with that cause."""
         slot = self.slots.get(wid)
-        if slot is None or bid not in slot.inflight or self.state == "stopping":
+        if slot is None or not slot.inflight or self.state == "stopping":
             return
-        rids, items, attempts = slot.inflight.pop(bid)
+        rids, items, attempts = slot.inflight.popleft()
         self.placement.done(slot.proc.pid)
         died: list = []
         dead: list[DeadLetter] = []
@@ -355,7 +355,7 @@ class StageSupervisor(Actor):
         if self.state != "running":
             return
         self.stats.workers = sum(s.ready for s in self.slots.values())
-        batches = list(slot.inflight.values())
+        batches = list(slot.inflight)
         finished: list = []
         dead: list[DeadLetter] = []
         for position, (rids, items, attempts) in enumerate(batches):

@@ -1,9 +1,8 @@
 """WorkerActor: one worker process of a stage, driven from one actor thread.
 
-The actor sends a batch (or, when the process was idle, the supervisor already wrote it to the socket), then waits
-on the process's socket for the result while forwarding its log records.
-It notices at once when the process dies (EOF on the socket), reads which item was running from the shared
-progress record, and enforces the per-item timeout by killing the process.
+The actor waits on the process's socket and its own inbox at once: it forwards results and log records, sends a
+batch that had to wait for the process, notices at once when the process dies (EOF on the socket), reads which item
+was running from the shared progress record, and enforces the per-item timeout by killing the process.
 """
 from __future__ import annotations
 
@@ -16,19 +15,19 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pykka
 
 from pipeline_cluster import affinity, taskrunner, wire
-from pipeline_cluster.actors.base import Actor, tell
+from pipeline_cluster.actors.base import POLL_SLICE, Actor, PollingInbox, tell
 
 # `python -c` puts the current directory first on sys.path; drop it so a source checkout there cannot shadow the
 # installed package (the task runner then takes the node's own sys.path).
 LAUNCH = "import sys; del sys.path[0]; from pipeline_cluster.taskrunner import main; sys.exit(main(sys.argv[1:]))"
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(taskrunner.__file__)))
-POLL_SLICE = 3600.0  # seconds: a longer wait (a stage timeout of weeks) is polled in slices
 
 
 @dataclass
@@ -119,7 +118,13 @@ class WorkerConfig:
 
 
 class WorkerActor(Actor):
-    """Runs batches on one worker process and reports results or its death to the stage supervisor."""
+    """Runs batches on one worker process and reports results or its death to the stage supervisor.
+
+    Its thread waits on its inbox and on the process's socket at once (a PollingInbox), so a reply wakes it directly.
+    The supervisor writes a batch for an idle process to the socket itself and tells the actor nothing; a batch for a
+    busy process comes as a message, numbered, and waits here until the results before it have come back. The
+    process answers batches in order, so the supervisor matches each result to its oldest batch in flight.
+    """
 
     def __init__(self, supervisor: pykka.ActorRef, wid: int, proc: WorkerProcess, config: WorkerConfig) -> None:
         super().__init__()
@@ -128,9 +133,15 @@ class WorkerActor(Actor):
         self.proc = proc
         self.config = config
         self.dead = False
+        self.answered = 0  # batches whose result (or unreadable notice) has come back
+        self.pending: deque[tuple[int, wire.Packed]] = deque()  # (number, batch) waiting for the process
         self.poller = select.poll()  # made once: a wait with a deadline costs one poll call
         self.poller.register(proc.conn.fileno(), select.POLLIN)
         self.escalate = lambda text: tell(supervisor, "worker_died", wid, Death("crash", message=text))
+
+    @staticmethod
+    def _create_actor_inbox() -> PollingInbox:
+        return PollingInbox()
 
     def on_start(self) -> None:
         super().on_start()
@@ -142,39 +153,70 @@ class WorkerActor(Actor):
         except OSError:
             self._died("init_failed", message="worker process exited before it could be initialised")
             return
-        reply = self._wait_for(("ready", "init_failed"), deadline=time.monotonic() + self.config.start_timeout,
-                               death_cause="init_failed")
+        reply = self._wait_for(("ready", "init_failed"), time.monotonic() + self.config.start_timeout)
         if reply is None:
             return
         if reply[0] == "ready":
+            self.actor_inbox.watch(self.proc.conn.fileno(), self._time_left)
             tell(self.supervisor, "worker_ready", self.wid, self.proc.pid)
         else:
             self.proc.reap()
             self._died("init_failed", message=reply[1], traceback=reply[2])
 
-    def on_batch(self, bid: int, message: wire.Packed | None) -> None:
-        """Send a batch (None: the supervisor already wrote it to the idle process) and report its result."""
+    def on_batch(self, number: int, message: wire.Packed) -> None:
+        """The supervisor's `number`th batch for this process: send it once every batch before it is answered."""
         if self.dead:
             return
-        if message is not None:
+        self.pending.append((number, message))
+        self._send_next()
+
+    def _send_next(self) -> None:
+        if self.pending and self.pending[0][0] == self.answered + 1:
             try:
-                self.proc.conn.send_packed(message)
+                self.proc.conn.send_packed(self.pending.popleft()[1])
             except OSError:
-                pass  # the process died: the wait below sees EOF and reports it
-        reply = self._wait_for(("result", "unreadable"), item_timeout=self.config.timeout)
+                pass  # the process died: the socket reports EOF next
+
+    def on_readable(self) -> None:
+        """One message from the process: a log record, a batch's result, or a batch it could not read."""
+        reply = self._receive("crash")
         if reply is None:
             return
-        if reply[0] == "result":
-            tell(self.supervisor, "batch_done", self.wid, bid, reply[1])
-        else:
-            tell(self.supervisor, "batch_unreadable", self.wid, bid, reply[1], reply[2])
+        if reply[0] == "log":
+            self.config.log_sink(reply[1])
+        elif reply[0] in ("result", "unreadable"):
+            self.answered += 1
+            self._send_next()
+            if reply[0] == "result":
+                tell(self.supervisor, "batch_done", self.wid, reply[1])
+            else:
+                tell(self.supervisor, "batch_unreadable", self.wid, reply[1], reply[2])
+
+    def _time_left(self) -> float | None:
+        """Seconds until the running item passes the stage timeout (a timed stage rechecks an idle process then)."""
+        timeout = self.config.timeout
+        if timeout is None:
+            return None
+        index, started = self.proc.running_item()
+        return timeout - (time.monotonic() - started) if index >= 0 else timeout
+
+    def on_tick(self) -> None:
+        """The stage timeout may have passed for the running item: kill the process if it has."""
+        if self.dead:
+            return
+        index, started = self.proc.running_item()
+        if index >= 0 and time.monotonic() - started >= self.config.timeout:
+            self.proc.kill()
+            self._died("timeout", index=index, message=f"item ran longer than the stage timeout of "
+                                                       f"{self.config.timeout} s")
 
     def on_stop_worker(self, grace: float) -> None:
         """Ask the process to run close() and exit; kill it after `grace` seconds."""
         if not self.dead:
+            self.actor_inbox.watch(None)
             try:
                 self.proc.conn.send(("stop",))
-                self._wait_for(("stopped",), deadline=time.monotonic() + grace, report=False)
+                self._wait_for(("stopped",), time.monotonic() + grace, report=False)
             except OSError:
                 pass
         self.proc.reap(timeout=grace)
@@ -182,56 +224,52 @@ class WorkerActor(Actor):
         self.dead = True
 
     def on_stop(self) -> None:
+        self.actor_inbox.watch(None)
         self.proc.kill()
         self.proc.reap()
         self.proc.release()
 
-    def _wait_for(self, kinds: tuple[str, ...], deadline: float | None = None, item_timeout: float | None = None,
-                  report: bool = True, death_cause: str = "crash") -> tuple | None:
-        """Read messages until one of `kinds` arrives; on death or timeout report it and return None."""
-        conn = self.proc.conn
+    def _wait_for(self, kinds: tuple[str, ...], deadline: float, report: bool = True) -> tuple | None:
+        """Read messages until one of `kinds` arrives (start-up and stop); on death or the deadline report it
+        (unless `report` is False) and return None."""
         while True:
-            wait = None
-            if deadline is not None:
-                wait = max(0.0, deadline - time.monotonic())
-            if item_timeout is not None:
-                index, started = self.proc.running_item()
-                left = item_timeout - (time.monotonic() - started) if index >= 0 else item_timeout
-                wait = left if wait is None else min(wait, left)
-                if index >= 0 and left <= 0:
+            if not self.poller.poll(max(0.0, min(deadline - time.monotonic(), POLL_SLICE)) * 1000):
+                if time.monotonic() >= deadline:
                     self.proc.kill()
                     if report:
-                        self._died("timeout", index=index,
-                                   message=f"item ran longer than the stage timeout of {item_timeout} s")
+                        self._died("init_failed", message="worker did not start in time")
                     return None
-            try:
-                if conn.closed:  # a failed send closed it: the process is gone or its stream is out of step
-                    raise EOFError("channel closed")
-                # no deadline: recv blocks; else poll in slices (poll takes at most INT_MAX ms)
-                if wait is not None and not self.poller.poll(min(wait, POLL_SLICE) * 1000):
-                    if deadline is not None and time.monotonic() >= deadline:
-                        self.proc.kill()
-                        if report:
-                            self._died("init_failed", message="worker did not start in time")
-                        return None
-                    continue
-                message = conn.recv()
-            except wire.UnpicklingFailed as exc:  # the reply cannot be read here: the batch fails, the worker goes on
-                message = ("unreadable", f"the worker's reply cannot be unpickled: {exc}", traceback_module.format_exc())
-            except Exception as exc:
-                if not (conn.closed or isinstance(exc, (EOFError, OSError))):
-                    raise
-                if report:  # gone, or closed by a failed send (even during the poll)
-                    index, _ = self.proc.running_item()
-                    self._died(death_cause, index=index)
+                continue
+            message = self._receive("init_failed", report)
+            if message is None:
                 return None
             if message[0] == "log":
                 self.config.log_sink(message[1])
             elif message[0] in kinds:
                 return message
 
+    def _receive(self, death_cause: str, report: bool = True) -> tuple | None:
+        """The process's next message; None (its death reported unless `report` is False) when it is gone."""
+        conn = self.proc.conn
+        try:
+            if conn.closed:  # a failed send closed it: the process is gone or its stream is out of step
+                raise EOFError("channel closed")
+            return conn.recv()
+        except wire.UnpicklingFailed as exc:  # the reply cannot be read here: the batch fails, the worker goes on
+            return ("unreadable", f"the worker's reply cannot be unpickled: {exc}", traceback_module.format_exc())
+        except Exception as exc:
+            if not (conn.closed or isinstance(exc, (EOFError, OSError))):
+                raise
+            if report:
+                index, _ = self.proc.running_item()
+                self._died(death_cause, index=index)
+            else:
+                self.dead = True
+            return None
+
     def _died(self, cause: str, index: int = -1, message: str = "", traceback: str = "") -> None:
         self.dead = True
+        self.actor_inbox.watch(None)
         code, sig = describe_exit(self.proc.reap())
         if not message:
             message = f"worker process died ({f'signal {sig}' if sig else f'exit code {code}'})"

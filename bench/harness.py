@@ -65,7 +65,7 @@ def _progress(trial: dict[str, Any]) -> str:
     if "error" in trial:
         return f"{where}: FAILED {trial['error'].splitlines()[0]}"
     return f"{where}: figure {trial['figure']:.4g}, peak RSS {trial['peak_rss_mb']:.0f} MB, " \
-           f"start-up {trial['startup_s']:.3f} s"
+           f"start-up {trial['startup_s']:.3f} s, steal {trial['steal_pct']:.0f}%"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,6 +104,7 @@ def run_trial(spec: dict[str, Any], env: dict[str, str], timeout: float = TRIAL_
 
     A trial that fails or times out raises RuntimeError with the end of its stderr.
     """
+    steal_before = psutil.cpu_times()
     proc = subprocess.Popen([sys.executable, "-m", f"{__package__}.trial", json.dumps(spec)], cwd=REPO, env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sampler = TreeSampler(proc.pid)
@@ -122,7 +123,15 @@ def run_trial(spec: dict[str, Any], env: dict[str, str], timeout: float = TRIAL_
         raise RuntimeError(f"trial {spec} failed with exit code {proc.returncode}:\n{err[-3000:]}")
     result = json.loads(lines[-1][len(RESULT_PREFIX):])
     result["peak_rss_mb"] = peak / MB
+    result["steal_pct"] = steal_share(steal_before, psutil.cpu_times())
     return result
+
+
+def steal_share(before: Any, after: Any) -> float:
+    """Percent of the machine's CPU time the hypervisor gave to other guests between two `psutil.cpu_times()`
+    (a virtual machine's noisy neighbours: on this one it swings from 1% to 20% and moves W4's tail with it)."""
+    total = sum(after) - sum(before)
+    return 100.0 * (getattr(after, "steal", 0.0) - getattr(before, "steal", 0.0)) / total if total > 0 else 0.0
 
 
 def medians(results: list[dict[str, Any]]) -> dict[str, float]:

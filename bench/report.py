@@ -99,6 +99,8 @@ def _notes(row: dict[str, Any]) -> str:
                          f"{med['efficiency_1node']:.2f}; root CPU/item 8 nodes {med['root_cpu_us_per_item_8']:,.0f}"
                          f" us vs 1 node {med['root_cpu_us_per_item_1']:,.0f} us "
                          f"({med['root_cpu_ratio_8_to_1']:.2f}x)")
+    if "steal_pct" in med:
+        notes.append(f"steal {med['steal_pct']:.0f}%")
     if row.get("errors"):
         notes.append(f"{row.get('rounds', 0)} good round(s), {len(row['errors'])} failed: "
                      f"{row['errors'][0].splitlines()[0][:120]}")

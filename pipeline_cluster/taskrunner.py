@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from pipeline_cluster import multiprocess_logging, wire
+from pipeline_cluster import affinity, multiprocess_logging, wire
 
 PROGRESS = struct.Struct("<qd")  # index of the running item in its batch (-1: idle), its start (time.monotonic)
 PROGRESS_SIZE = PROGRESS.size
@@ -185,6 +185,7 @@ def main(argv: list[str]) -> int:
     _die_with_parent()
     if os.getppid() != parent or parent == 1:
         return 1
+    affinity.batch_policy()  # handed a batch, it runs once the node's thread that sent it blocks, not before
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the node's to handle; it stops us cleanly
     conn = wire.Channel(socket.socket(fileno=int(argv[0])), max_frame=MAX_FRAME)
     progress = mmap.mmap(int(argv[1]), PROGRESS_SIZE)

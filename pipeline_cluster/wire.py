@@ -19,7 +19,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
 import cloudpickle
@@ -39,6 +39,7 @@ _LENGTH_MASK = (1 << _KIND_SHIFT) - 1
 _BYTES, _PICKLE, _BUFFER, _RBUFFER = 1, 2, 3, 4
 
 _OUT_OF_BAND_MIN = 64 * 1024  # smaller pickle buffers stay in-band: one frame is cheaper than a copy
+_MAIN = b"__main__"  # in a pickle from the C pickler: a reference the peer cannot resolve (see pack)
 _CONCAT_MAX = 64 * 1024  # header and payload up to this size are joined into one send call
 _IOV_MAX = 512  # buffers per sendmsg call, well under the usual IOV_MAX of 1024
 
@@ -62,8 +63,23 @@ class Packed:
 
 
 def pack(obj: Any) -> Packed:
-    """Pickle `obj` with cloudpickle, protocol 5 (lambdas, closures and `__main__` code by value); big pickle buffers
-    stay out-of-band. Raises whatever pickling raises, before anything is sent."""
+    """Pickle `obj` with protocol 5, as cloudpickle would (lambdas, closures and `__main__` code by value); big pickle
+    buffers stay out-of-band. Raises whatever pickling raises, before anything is sent.
+
+    The C pickler goes first: it is several times quicker on small messages. Its result is kept only when it holds no
+    `__main__` reference (which the peer, another program, could not resolve); anything it cannot pickle or that
+    names `__main__` is pickled again by cloudpickle, which carries such code by value.
+    """
+    try:
+        packed = _pack_with(pickle.dumps, obj)
+        if _MAIN not in packed.payload:
+            return packed
+    except Exception:
+        pass
+    return _pack_with(cloudpickle.dumps, obj)
+
+
+def _pack_with(dumps: Callable[..., bytes], obj: Any) -> Packed:
     buffers: list[memoryview] = []
 
     def keep_out_of_band(buffer: pickle.PickleBuffer) -> bool:
@@ -76,9 +92,7 @@ def pack(obj: Any) -> Packed:
         buffers.append(raw)
         return False
 
-    # cloudpickle, not pickle: `__main__` classes and functions must travel by value, since the peer's
-    # `__main__` is another program; for plain data it is as fast as pickle
-    return Packed(cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_out_of_band), buffers)
+    return Packed(dumps(obj, protocol=5, buffer_callback=keep_out_of_band), buffers)
 
 
 def out_of_band(items: list) -> list:

@@ -1,11 +1,11 @@
 """Thread placement: the framework's threads share one home CPU; user code, its threads and worker processes keep
-the CPUs the main thread may use."""
+the CPUs the main thread may use. The framework's threads and the workers are SCHED_BATCH tasks, user threads not."""
 from __future__ import annotations
 
 import os
 import threading
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -27,21 +27,58 @@ def _worker_pids() -> list[int]:
 def placement_during_a_run(cluster: pc.Cluster) -> tuple[dict[str, set[int]], list[set[int]], set[int]]:
     """CPU sets of this process's threads (by name), of the worker processes, and of a thread that the input
     iterable started, all seen in the middle of a run."""
-    seen: dict[str, set[int]] = {}
+    threads, workers, probe = placement_and_policy_during_a_run(cluster)
+    return ({name: cpus for name, (cpus, _) in threads.items()}, [cpus for cpus, _ in workers], probe[0])
+
+
+def placement_and_policy_during_a_run(cluster: pc.Cluster) -> tuple[dict[str, tuple[set[int], int]],
+                                                                      list[tuple[set[int], int]], tuple[set[int], int]]:
+    """(CPU set, scheduling policy) of this process's threads (by name), of the worker processes, and of a thread
+    that the input iterable started, all seen in the middle of a run."""
+    seen: dict[str, tuple[set[int], int]] = {}
+
+    def where(task: int) -> tuple[set[int], int]:
+        return os.sched_getaffinity(task), os.sched_getscheduler(task)
 
     def inputs() -> Iterator[int]:
-        probe = threading.Thread(target=lambda: seen.update(probe=os.sched_getaffinity(0)))
+        probe = threading.Thread(target=lambda: seen.update(probe=where(0)))
         probe.start()
         probe.join()
         yield from range(50_000)
 
     results = cluster.run([lambda x: x], inputs())
     next(iter(results))
-    threads = {t.name: os.sched_getaffinity(t.native_id) for t in threading.enumerate() if t.native_id is not None}
-    workers = [os.sched_getaffinity(pid) for pid in _worker_pids()]
+    threads = {t.name: where(t.native_id) for t in threading.enumerate() if t.native_id is not None}
+    workers = [where(pid) for pid in _worker_pids()]
     for _ in results:
         pass
     return threads, workers, seen["probe"]
+
+
+def _framework(threads: dict[str, Any]) -> dict[str, Any]:
+    """The threads the framework starts for its own code (the feeder runs the user's iterable)."""
+    return {name: value for name, value in threads.items()
+            if name.startswith(("pipeline-cluster", "StageSupervisor", "WorkerActor", "RootActor", "NodeActor"))
+            and name != "pipeline-cluster-feeder"}
+
+
+@pytest.mark.timeout(60)
+def test_framework_threads_and_workers_are_batch_tasks_and_user_threads_are_not(monkeypatch, tmp_path):
+    monkeypatch.delenv(affinity.ENV_SWITCH, raising=False)
+    with pc.LocalCluster(run_dir=str(tmp_path / "run")) as cluster:
+        threads, workers, probe = placement_and_policy_during_a_run(cluster)
+    framework = _framework(threads)
+    assert any(name.startswith("WorkerActor") for name in framework), threads
+    assert all(policy == os.SCHED_BATCH for _, policy in framework.values()), framework
+    assert workers and all(policy == os.SCHED_BATCH for _, policy in workers), workers
+    assert threads["MainThread"][1] == os.SCHED_OTHER and probe[1] == os.SCHED_OTHER
+    assert threads["pipeline-cluster-feeder"][1] == os.SCHED_OTHER  # it runs the user's iterable
+
+    monkeypatch.setenv(affinity.ENV_SWITCH, "0")  # switched off: every thread and worker keeps the normal policy
+    with pc.LocalCluster(run_dir=str(tmp_path / "run2")) as cluster:
+        threads, workers, _ = placement_and_policy_during_a_run(cluster)
+    assert all(policy == os.SCHED_OTHER for _, policy in _framework(threads).values()), threads
+    assert workers and all(policy == os.SCHED_OTHER for _, policy in workers), workers
 
 
 @pytest.mark.timeout(60)
@@ -50,9 +87,7 @@ def test_framework_threads_share_one_cpu_and_user_code_keeps_all(monkeypatch, tm
     with pc.LocalCluster(run_dir=str(tmp_path / "run")) as cluster:
         threads, workers, probe = placement_during_a_run(cluster)
     everything = set(affinity.ALLOWED)
-    framework = {name: cpus for name, cpus in threads.items()
-                 if name.startswith(("pipeline-cluster", "StageSupervisor", "WorkerActor", "RootActor", "NodeActor"))
-                 and name != "pipeline-cluster-feeder"}  # placed, but not while it runs the user's iterable
+    framework = _framework(threads)
     assert any(name.startswith("StageSupervisor") for name in framework), threads
     homes = set().union(*framework.values())
     assert len(homes) == 1 and all(len(cpus) == 1 for cpus in framework.values()), framework

@@ -187,11 +187,27 @@ def test_round_trip_objects_including_lambda_and_closure(channels: tuple[Channel
             assert type(received) is ValueError and received.args == obj.args
         else:
             assert received == obj
-    client.send(lambda x: x + 1)  # plain pickle fails on lambdas: cloudpickle fallback
+    client.send(lambda x: x + 1)  # the C pickler fails on lambdas: cloudpickle takes over
     assert server.recv()(41) == 42
     server.send(lambda x: x * factor)  # closures too, in the other direction
     assert client.recv()(5) == 15
 
+
+
+def test_main_classes_travel_by_value_although_the_c_pickler_goes_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C pickler would write a `__main__` class by reference, which the peer (another program) cannot resolve:
+    such a message must be pickled again by cloudpickle, by value."""
+    import __main__
+
+    Point = type("Point", (), {"__module__": "__main__", "__init__": lambda self, x: setattr(self, "x", x)})
+    monkeypatch.setattr(__main__, "Point", Point, raising=False)
+    assert b"__main__" in pickle.dumps(Point(1))  # by reference: what pack must not keep
+    packed = wire.pack(("batch", [Point(7)]))
+    monkeypatch.delattr(__main__, "Point")  # as in a peer whose __main__ has no such class
+    restored = pickle.loads(packed.payload, buffers=packed.buffers)[1][0]
+    assert restored.x == 7 and type(restored).__name__ == "Point"
+    plain = wire.pack(("batch", [1, "two", (3.0,)]))  # no __main__ in it: the C pickler's bytes are kept
+    assert plain.payload == pickle.dumps(("batch", [1, "two", (3.0,)]), protocol=5)
 
 @pytest.mark.timeout(20)
 def test_large_payloads_round_trip(channels: tuple[Channel, Channel]) -> None:
