@@ -176,6 +176,8 @@ class StageSupervisor(Actor):
         self.stats.items_in += len(chunk[0])
         self.queue.append(chunk)
         self.queued += len(chunk[0])
+        if self.queued > self.stats.peak_queued:
+            self.stats.peak_queued = self.queued
         self._signal_backpressure()
         self._dispatch()
 
@@ -183,11 +185,9 @@ class StageSupervisor(Actor):
         if self.paused or self.downstream_full or self.state != "running":
             return
         while self.queued:
-            ready = [s for s in self.slots.values() if s.ready and len(s.inflight) < DEPTH]
-            if not ready:
+            slot, n_ready = self._least_busy()
+            if slot is None:
                 return
-            slot = min(ready, key=lambda s: len(s.inflight))
-            n_ready = sum(1 for s in self.slots.values() if s.ready)
             rids, items, attempts = self._take(self._batch_size(n_ready))
             try:
                 message: wire.Packed | None = wire.pack(("batch", rids, wire.out_of_band(items)))
@@ -209,6 +209,17 @@ class StageSupervisor(Actor):
             except OSError:
                 pass  # the process died; its actor sees that and reports it
 
+    def _least_busy(self) -> tuple[Slot | None, int]:
+        """The ready worker with the fewest batches, if it has room for one more; and how many workers are ready."""
+        best: Slot | None = None
+        n_ready = 0
+        for slot in self.slots.values():
+            if slot.ready:
+                n_ready += 1
+                if best is None or len(slot.inflight) < len(best.inflight):
+                    best = slot
+        return (best if best is not None and len(best.inflight) < DEPTH else None), n_ready
+
     def _measure_size(self, bytes_per_item: float) -> None:
         """Track pickled bytes per item (batches are cut to a byte budget); the first stage also tells the node
         when that size is first known or has changed twofold (the root sizes the node's credit by it)."""
@@ -229,6 +240,11 @@ class StageSupervisor(Actor):
 
     def _take(self, size: int) -> tuple:
         """Cut up to `size` items from the front of the queue."""
+        if len(self.queue) == 1 and len(self.queue[0][0]) <= size:  # all of it (one item at a time, say): as is
+            chunk = self.queue.popleft()
+            self.queued = 0
+            self._signal_backpressure()
+            return chunk
         rids: list = []
         items: list = []
         attempts: list | None = None
@@ -290,7 +306,8 @@ class StageSupervisor(Actor):
         # the worker worked out the trees' net change: each output's root item, births beyond an input's first
         # output, deaths of inputs that gave nothing (None: one output per input, nothing changed)
         out_rids, born, died = (rids, [], []) if tree is None else tree
-        failed = {index: (etype, message, tb, retryable) for index, etype, message, tb, retryable in errors}
+        failed = {index: (etype, message, tb, retryable) for index, etype, message, tb, retryable in errors} \
+            if errors else {}
         dead: list[DeadLetter] = []
         if self.last:  # every item leaves the pipeline here
             born = []

@@ -19,14 +19,16 @@ class RunState:
         self.inputs_done = False
         self.error: BaseException | None = None
         self.ready_nodes: set[str] = set()
+        self.waiters = 0      # threads in wait(): change() wakes them only when there are some
         self.outputs: queue.SimpleQueue = queue.SimpleQueue()  # ("out", outputs, n_roots) | ("wake",) | ("error",)
 
     def change(self, **deltas: int) -> None:
-        """Add to counters and wake every waiter."""
+        """Add to counters and wake every waiter (if any: most changes have none, and notify_all is Python code)."""
         with self.cond:
             for name, delta in deltas.items():
                 setattr(self, name, getattr(self, name) + delta)
-            self.cond.notify_all()
+            if self.waiters:
+                self.cond.notify_all()
 
     def fail(self, error: BaseException) -> None:
         """Record the first fatal error; every wait raises it from now on."""
@@ -38,6 +40,8 @@ class RunState:
 
     def wait(self, predicate: Callable[[], bool], timeout: float | None = None, what: str = "the cluster") -> None:
         """Block until `predicate()` holds; raise the run's error, or TimeoutError naming `what`."""
+        if self.error is None and predicate():  # the usual case, without the lock: the caller acts after the check
+            return                               # either way, so a check under the lock promises no more
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
             while True:
@@ -48,7 +52,11 @@ class RunState:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-                self.cond.wait(left)
+                self.waiters += 1
+                try:
+                    self.cond.wait(left)
+                finally:
+                    self.waiters -= 1
 
     def all_consumed(self) -> bool:
         """Every fed root item is finished and its outputs were handed over."""

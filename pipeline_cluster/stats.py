@@ -21,6 +21,7 @@ class StageStats:
     restarts: int = 0
     workers: int = 0
     queued: int = 0  # items waiting for a worker when the stats were taken
+    peak_queued: int = 0  # the most items that ever waited at once on one node (backpressure bounds it)
     busy_seconds: float = 0.0
     timed_items: int = 0
     samples: list[float] = field(default_factory=list, repr=False)
@@ -64,6 +65,7 @@ class StageStats:
             for name in ("items_in", "items_out", "dropped", "failed", "retried", "restarts", "workers", "queued",
                          "busy_seconds", "timed_items"):
                 setattr(total, name, getattr(total, name) + getattr(part, name))
+            total.peak_queued = max(total.peak_queued, part.peak_queued)
             total.samples.extend(part.samples)
         return total
 
