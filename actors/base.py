@@ -24,6 +24,7 @@ class Actor(pykka.ThreadingActor):
     """Base actor: tuple messages, daemon threads, and escalation of unexpected errors."""
 
     use_daemon_thread = True  # a forgotten close() must not keep the user's program alive
+    batch_task = True  # the thread runs as a SCHED_BATCH task (see affinity.batch_policy)
     escalate: Callable[[str], None] | None = None
 
     @staticmethod
@@ -33,7 +34,7 @@ class Actor(pykka.ThreadingActor):
         return queue.SimpleQueue()
 
     def on_start(self) -> None:
-        pin_this_thread()
+        pin_this_thread(self.batch_task)
 
     def on_receive(self, message: Any) -> Any:
         name, *args = message

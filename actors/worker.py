@@ -126,6 +126,11 @@ class WorkerActor(Actor):
     process answers batches in order, so the supervisor matches each result to its oldest batch in flight.
     """
 
+    # a normal task, not a batch one: woken by its worker's result while another worker computes on this CPU, it
+    # preempts that one and hands its worker the next batch at once (as a batch task it waited for the other's time
+    # slice to end)
+    batch_task = False
+
     def __init__(self, supervisor: pykka.ActorRef, wid: int, proc: WorkerProcess, config: WorkerConfig) -> None:
         super().__init__()
         self.supervisor = supervisor

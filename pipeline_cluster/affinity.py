@@ -7,7 +7,8 @@ code are placed: not the user's threads, nor the threads that run the user's inp
 the user's code starts keeps the user's CPUs); worker processes start on the CPUs the main thread may use, and a
 node's `WorkerPlacement` moves a worker beside the threads while it runs a short batch as the node's only busy
 worker (a trickle of single items then never waits for a halted CPU to wake up).
-The framework's threads and the worker processes are also SCHED_BATCH tasks (see `batch_policy`).
+The framework's threads and the worker processes are also SCHED_BATCH tasks (see `batch_policy`), except the
+worker actors: one woken by its worker's result must preempt a busy worker to hand the next batch over at once.
 `PIPELINE_CLUSTER_PIN_THREADS=0` turns placement and the batch policy off.
 """
 from __future__ import annotations
@@ -45,26 +46,27 @@ def _current_cpu() -> int | None:
     return cpu if cpu in ALLOWED else None
 
 
-def batch_policy() -> None:
-    """Make the calling framework thread, or a worker process, a SCHED_BATCH task: when woken, it waits for the
-    running task's turn to end instead of preempting it.
+def batch_policy(batch: bool = True) -> None:
+    """Make the calling framework thread, or a worker process, a SCHED_BATCH task (`batch=False`: a normal one,
+    for a thread that inherited the batch policy from the thread that started it).
 
-    A framework thread woken by a message would otherwise preempt the thread that sent it while that one still
-    holds the GIL, only to wait for the GIL (two context switches for nothing), and a worker handed a batch would
-    preempt the thread that handed it over. One item through two stages then takes 14 context switches, not 28.
+    A woken batch task waits for the running task's turn to end instead of preempting it. A framework thread woken by
+    a message would otherwise preempt the thread that sent it while that one still holds the GIL, only to wait for
+    the GIL (two context switches for nothing), and a worker handed a batch would preempt the thread that handed it
+    over. One item through two stages then takes 14 context switches, not 28.
     """
     if _can_batch and os.environ.get(ENV_SWITCH, "1") != "0":
         try:
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-        except OSError:  # not allowed here (a seccomp profile, say): keep the normal policy
+            os.sched_setscheduler(0, os.SCHED_BATCH if batch else os.SCHED_OTHER, os.sched_param(0))
+        except OSError:  # not allowed here (a seccomp profile, say): keep the policy it has
             pass
 
 
-def pin_this_thread() -> None:
-    """Make the calling framework thread a batch task and move it to this process's home CPU (chosen by the first
-    caller: where it runs)."""
+def pin_this_thread(batch: bool = True) -> None:
+    """Set the calling framework thread's policy (see `batch_policy`) and move it to this process's home CPU (chosen
+    by the first caller: where it runs)."""
     global _home
-    batch_policy()
+    batch_policy(batch)
     if not enabled():
         return
     with _lock:

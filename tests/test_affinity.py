@@ -1,5 +1,6 @@
 """Thread placement: the framework's threads share one home CPU; user code, its threads and worker processes keep
-the CPUs the main thread may use. The framework's threads and the workers are SCHED_BATCH tasks, user threads not."""
+the CPUs the main thread may use. The framework's threads (but the worker actors) and the workers are SCHED_BATCH
+tasks, user threads not."""
 from __future__ import annotations
 
 import os
@@ -63,13 +64,15 @@ def _framework(threads: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(60)
-def test_framework_threads_and_workers_are_batch_tasks_and_user_threads_are_not(monkeypatch, tmp_path):
+def test_batch_policy_for_framework_threads_and_workers_not_worker_actors_or_user_threads(monkeypatch, tmp_path):
     monkeypatch.delenv(affinity.ENV_SWITCH, raising=False)
     with pc.LocalCluster(run_dir=str(tmp_path / "run")) as cluster:
         threads, workers, probe = placement_and_policy_during_a_run(cluster)
     framework = _framework(threads)
-    assert any(name.startswith("WorkerActor") for name in framework), threads
-    assert all(policy == os.SCHED_BATCH for _, policy in framework.values()), framework
+    worker_actors = {name: policy for name, (_, policy) in framework.items() if name.startswith("WorkerActor")}
+    assert worker_actors and all(policy == os.SCHED_OTHER for policy in worker_actors.values()), worker_actors
+    assert all(policy == os.SCHED_BATCH for name, (_, policy) in framework.items() if name not in worker_actors), \
+        framework  # a worker actor stays a normal task: it must preempt a busy worker to feed its own at once
     assert workers and all(policy == os.SCHED_BATCH for _, policy in workers), workers
     assert threads["MainThread"][1] == os.SCHED_OTHER and probe[1] == os.SCHED_OTHER
     assert threads["pipeline-cluster-feeder"][1] == os.SCHED_OTHER  # it runs the user's iterable
