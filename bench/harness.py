@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated workloads (default: all, W1..W6)")
     parser.add_argument("--systems", default=",".join(ALL_SYSTEMS),
                         type=lambda s: _names(s, ALL_SYSTEMS, "system"),
-                        help="comma-separated systems (default: local,node,pool1,pooltuned,loop)")
+                        help=f"comma-separated systems (default: {','.join(ALL_SYSTEMS)})")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per workload and system; medians are shown")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every input count (0.01 for a smoke run)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write machine, rows and trials as JSON")

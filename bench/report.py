@@ -85,6 +85,8 @@ def _notes(row: dict[str, Any]) -> str:
             notes.append("both stages in one call per input")
         elif system.startswith("pool") and workload == "W4":
             notes.append("two pool.apply calls per item; chunksize does not apply")
+        elif system == "localco":
+            notes.append("boot(colocate=True): the caller and the delivery thread on the framework's CPU")
         if workload == "W2":
             notes.append(f"{med['time_per_item_s'] * 1e3:.1f} ms CPU/item in the run, {med['items_per_s']:,.0f} "
                          f"items/s; with the calibrated {med['calibrated_time_per_item_s'] * 1e3:.1f} ms: "

@@ -112,8 +112,9 @@ def pipeline_of(workload: Workload) -> pc.Pipeline:
 class ClusterRunner:
     """Runs workloads on a pipeline_cluster cluster made by `make_cluster()` (LocalCluster or connected nodes)."""
 
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str, colocate: bool = False) -> None:
         self.run_dir = run_dir
+        self.colocate = colocate  # boot the step-by-step runs with colocate=True
         self._runs = itertools.count()
 
     def make_cluster(self) -> pc.Cluster:
@@ -142,7 +143,7 @@ class ClusterRunner:
         timing = LatencyTiming(time.perf_counter())
         with self.make_cluster() as cluster:
             cluster.setup(f"bench-{workload.name}", "1", pipeline_of(workload))
-            cluster.boot(output_handler=on_output)
+            cluster.boot(output_handler=on_output, colocate=self.colocate)
             for item in range(count):
                 arrived.clear()
                 sent = time.perf_counter()

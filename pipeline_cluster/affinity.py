@@ -110,10 +110,48 @@ def unplaced() -> Iterator[None]:
 
 
 def _user_cpus() -> set[int]:
+    if _main_thread_cpus is not None:  # the main thread sits on the home CPU by request (join_home): not a restriction
+        return set(_main_thread_cpus)
     try:
         return os.sched_getaffinity(threading.main_thread().native_id or 0)
     except OSError:  # the main thread has ended
         return set(ALLOWED)
+
+
+_main_thread_cpus: set[int] | None = None  # the main thread's own CPUs while join_home() holds it on the home CPU
+
+
+def join_home() -> tuple[int, set[int]] | None:
+    """Move the calling user thread to the home CPU, beside the framework's threads (an explicit opt-in: see
+    `Cluster.boot(colocate=True)`); returns what `leave_home` needs to move it back, or None when nothing moved.
+
+    Worker processes keep the CPUs the thread had: they follow what it had before, not the home CPU.
+    """
+    global _main_thread_cpus
+    if not enabled() or _home is None:
+        return None
+    before = os.sched_getaffinity(0)
+    if _home not in before or before == {_home}:
+        return None
+    if threading.current_thread() is threading.main_thread():
+        _main_thread_cpus = before
+    os.sched_setaffinity(0, {_home})
+    return threading.get_native_id(), before
+
+
+def leave_home(joined: tuple[int, set[int]] | None) -> None:
+    """Give a thread moved by `join_home` its CPUs back (if it still runs: its id is only ever one of ours)."""
+    global _main_thread_cpus
+    if joined is None:
+        return
+    tid, before = joined
+    if os.path.exists(f"/proc/self/task/{tid}"):
+        try:
+            os.sched_setaffinity(tid, before)
+        except OSError:
+            pass
+    if threading.main_thread().native_id == tid:
+        _main_thread_cpus = None
 
 
 class WorkerPlacement:

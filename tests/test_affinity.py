@@ -172,3 +172,22 @@ def test_a_thread_started_by_the_output_handler_keeps_every_cpu(monkeypatch, tmp
         cluster.feed(1)
         assert done.wait(30)
     assert seen == [set(affinity.ALLOWED)]
+
+
+@pytest.mark.timeout(60)
+def test_colocate_puts_the_caller_and_the_delivery_thread_on_the_home_cpu_until_the_run_ends(monkeypatch, tmp_path):
+    monkeypatch.delenv(affinity.ENV_SWITCH, raising=False)
+    everything = set(affinity.ALLOWED)
+    outputs: list[tuple[float, set[int]]] = []
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=2) as cluster:
+        cluster.setup("colocated", "1", [_cpus_of_task])
+        cluster.boot(output_handler=outputs.append, colocate=True)
+        home = {cpus for name, cpus in _thread_cpus().items() if name.startswith("StageSupervisor")}
+        during = _thread_cpus()
+        cluster.feed(*[0.02] * 20)  # two busy workers: they still get every CPU, not the caller's new one
+        cluster.wait_empty(timeout=30)
+        cluster.feed(0.0)
+        cluster.wait_empty(timeout=30)
+    assert len(home) == 1 and during["MainThread"] in home and during["pipeline-cluster-output"] in home, during
+    assert everything in [cpus for _, cpus in outputs[:20]], outputs[:20]
+    assert os.sched_getaffinity(0) == everything  # given back when the run ended
