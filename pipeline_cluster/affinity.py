@@ -25,6 +25,7 @@ _can_pin = hasattr(os, "sched_setaffinity") and hasattr(os, "sched_getaffinity")
 _can_batch = hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_BATCH")
 ALLOWED: frozenset[int] = frozenset(os.sched_getaffinity(0)) if _can_pin else frozenset()  # before any placement
 _home: int | None = None
+_main_thread_cpus: set[int] | None = None  # the main thread's own CPUs while join_home() holds it on the home CPU
 _lock = threading.Lock()
 
 
@@ -116,9 +117,6 @@ def _user_cpus() -> set[int]:
         return os.sched_getaffinity(threading.main_thread().native_id or 0)
     except OSError:  # the main thread has ended
         return set(ALLOWED)
-
-
-_main_thread_cpus: set[int] | None = None  # the main thread's own CPUs while join_home() holds it on the home CPU
 
 
 def join_home() -> tuple[int, set[int]] | None:

@@ -116,8 +116,8 @@ class Cluster:
         Outputs go to `output_handler(output)` (in a delivery thread), or to the list `cluster.outputs`.
         `colocate=True` runs the calling thread and the delivery thread on the framework's own CPU until the run
         ends, so an item fed and awaited one at a time never waits for another CPU to wake up (on a VM that halts
-        idle CPUs this halves the latency). That thread, and threads it starts meanwhile, then share one CPU with
-        the framework's threads; the workers keep every CPU.
+        idle CPUs, W4's p50 0.39 against 0.57 ms and p99 0.62 against 2.3 ms). That thread, and threads it starts
+        meanwhile, then share one CPU with the framework's threads; the workers keep every CPU.
         """
         self._start_run()
         handler = output_handler if output_handler is not None else self.outputs.append
