@@ -190,7 +190,7 @@ class StageSupervisor(Actor):
                 return
             rids, items, attempts = self._take(self._batch_size(n_ready))
             try:
-                message: wire.Packed | None = wire.pack(("batch", rids, wire.out_of_band(items)))
+                message = wire.pack(("batch", rids, wire.out_of_band(items)))
             except Exception:
                 self._reject_unpicklable(rids, items, attempts)
                 continue
@@ -306,8 +306,7 @@ class StageSupervisor(Actor):
         # the worker worked out the trees' net change: each output's root item, births beyond an input's first
         # output, deaths of inputs that gave nothing (None: one output per input, nothing changed)
         out_rids, born, died = (rids, [], []) if tree is None else tree
-        failed = {index: (etype, message, tb, retryable) for index, etype, message, tb, retryable in errors} \
-            if errors else {}
+        failed = {index: (etype, message, tb, retryable) for index, etype, message, tb, retryable in errors}
         dead: list[DeadLetter] = []
         if self.last:  # every item leaves the pipeline here
             born = []
