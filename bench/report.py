@@ -85,8 +85,12 @@ def _notes(row: dict[str, Any]) -> str:
             notes.append("both stages in one call per input")
         elif system.startswith("pool") and workload == "W4":
             notes.append("two pool.apply calls per item; chunksize does not apply")
+        elif system == "localev":
+            notes.append("awaited on the caller's own Event, set by the output handler")
         elif system == "localco":
-            notes.append("boot(colocate=True): the caller and the delivery thread on the framework's CPU")
+            notes.append("awaited on the caller's own Event, with boot(colocate=True)")
+        elif workload == "W4" and system in ("local", "node"):
+            notes.append("awaited with cluster.wait_empty()")
         if workload == "W2":
             notes.append(f"{med['time_per_item_s'] * 1e3:.1f} ms CPU/item in the run, {med['items_per_s']:,.0f} "
                          f"items/s; with the calibrated {med['calibrated_time_per_item_s'] * 1e3:.1f} ms: "

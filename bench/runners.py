@@ -110,11 +110,16 @@ def pipeline_of(workload: Workload) -> pc.Pipeline:
 
 
 class ClusterRunner:
-    """Runs workloads on a pipeline_cluster cluster made by `make_cluster()` (LocalCluster or connected nodes)."""
+    """Runs workloads on a pipeline_cluster cluster made by `make_cluster()` (LocalCluster or connected nodes).
 
-    def __init__(self, run_dir: str, colocate: bool = False) -> None:
+    W4 awaits each item with `cluster.wait_empty()`, or (`own_event`) on the caller's own Event that the output
+    handler sets, optionally with `boot(colocate=True)`.
+    """
+
+    def __init__(self, run_dir: str, own_event: bool = False, colocate: bool = False) -> None:
         self.run_dir = run_dir
-        self.colocate = colocate  # boot the step-by-step runs with colocate=True
+        self.own_event = own_event
+        self.colocate = colocate
         self._runs = itertools.count()
 
     def make_cluster(self) -> pc.Cluster:
@@ -143,13 +148,16 @@ class ClusterRunner:
         timing = LatencyTiming(time.perf_counter())
         with self.make_cluster() as cluster:
             cluster.setup(f"bench-{workload.name}", "1", pipeline_of(workload))
-            cluster.boot(output_handler=on_output, colocate=self.colocate)
+            cluster.boot(output_handler=on_output if self.own_event else got.append, colocate=self.colocate)
             for item in range(count):
                 arrived.clear()
                 sent = time.perf_counter()
                 cluster.feed(item)
-                if not arrived.wait(OUTPUT_TIMEOUT):
-                    raise TimeoutError(f"{workload.name}: no output for item {item} after {OUTPUT_TIMEOUT} s")
+                if self.own_event:
+                    if not arrived.wait(OUTPUT_TIMEOUT):
+                        raise TimeoutError(f"{workload.name}: no output for item {item} after {OUTPUT_TIMEOUT} s")
+                else:
+                    cluster.wait_empty(OUTPUT_TIMEOUT)
                 done = time.perf_counter()
                 if item == 0:
                     timing.first_output = done

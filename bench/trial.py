@@ -27,8 +27,8 @@ NODE_HOST = "127.0.0.2"
 def runner_for(system: str, workload: Workload, tmp: str) -> Iterator[Any]:
     """The runner of `system`; for "node", one node server on loopback that is stopped afterwards."""
     cores = os.cpu_count() or 1
-    if system in ("local", "localco"):
-        yield runners.LocalRunner(tmp, colocate=system == "localco")
+    if system in ("local", "localev", "localco"):
+        yield runners.LocalRunner(tmp, own_event=system != "local", colocate=system == "localco")
     elif system == "node":
         with runners.node_servers([NODE_HOST], cores, tmp) as addresses:
             yield runners.NodeRunner(tmp, addresses)

@@ -112,9 +112,9 @@ class Workload:
 
 
 STANDARD_SYSTEMS = ("local", "node", "pool1", "pooltuned", "loop")
-# "localco": LocalCluster booted with colocate=True (the caller and the delivery thread on the framework's CPU), an
-# opt-in that only one-item-at-a-time latency (W4) is about
-ALL_SYSTEMS = ("local", "localco", "node", "pool1", "pooltuned", "loop")
+# W4 only: "localev" awaits each item on the caller's own Event (set by the output handler) rather than in
+# cluster.wait_empty(), and "localco" does so with boot(colocate=True)
+ALL_SYSTEMS = ("local", "localev", "localco", "node", "pool1", "pooltuned", "loop")
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("W1", "tiny: generator x -> (x, x), then identity", 200_000,

@@ -6,7 +6,9 @@ same one (~50 us against ~8 us per pykka message on a 2-vCPU VM). Only threads t
 code are placed: not the user's threads, nor the threads that run the user's input iterable or output handler (what
 the user's code starts keeps the user's CPUs); worker processes start on the CPUs the main thread may use, and a
 node's `WorkerPlacement` moves a worker beside the threads while it runs a short batch as the node's only busy
-worker (a trickle of single items then never waits for a halted CPU to wake up).
+worker (a trickle of single items then never waits for a halted CPU to wake up). A thread of the user's, or one
+that runs the user's code, joins the home CPU only while it blocks in the framework (`waiting_at_home`), so the
+thread that ends its wait wakes it there too.
 The framework's threads and the worker processes are also SCHED_BATCH tasks (see `batch_policy`), except the
 worker actors: one woken by its worker's result must preempt a busy worker to hand the next batch over at once.
 `PIPELINE_CLUSTER_PIN_THREADS=0` turns placement and the batch policy off.
@@ -120,10 +122,10 @@ def _user_cpus() -> set[int]:
 
 
 def join_home() -> tuple[int, set[int]] | None:
-    """Move the calling user thread to the home CPU, beside the framework's threads (an explicit opt-in: see
-    `Cluster.boot(colocate=True)`); returns what `leave_home` needs to move it back, or None when nothing moved.
+    """Move the calling thread (the user's, or one that runs the user's code) to the home CPU, beside the framework's
+    threads; returns what `leave_home` needs to move it back, or None when nothing moved.
 
-    Worker processes keep the CPUs the thread had: they follow what it had before, not the home CPU.
+    Worker processes keep the CPUs the main thread had: they follow what it had before, not the home CPU.
     """
     global _main_thread_cpus
     if not enabled() or _home is None:
@@ -143,13 +145,28 @@ def leave_home(joined: tuple[int, set[int]] | None) -> None:
     if joined is None:
         return
     tid, before = joined
-    if os.path.exists(f"/proc/self/task/{tid}"):
+    mine = tid == threading.get_native_id()
+    if mine or os.path.exists(f"/proc/self/task/{tid}"):
         try:
-            os.sched_setaffinity(tid, before)
+            os.sched_setaffinity(0 if mine else tid, before)
         except OSError:
             pass
     if threading.main_thread().native_id == tid:
         _main_thread_cpus = None
+
+
+@contextlib.contextmanager
+def waiting_at_home() -> Iterator[None]:
+    """Hold the calling thread on the home CPU while it blocks in the framework (for outputs, for room to feed, for
+    the run to empty): the framework thread that ends the wait then wakes it on its own CPU rather than another one
+    (on a VM that halts idle CPUs, one that must first be woken up). The thread gets its CPUs back as soon as the
+    wait ends, so what it runs or starts afterwards keeps every CPU; it goes on where it woke, beside the framework.
+    """
+    joined = join_home()
+    try:
+        yield
+    finally:
+        leave_home(joined)
 
 
 class WorkerPlacement:

@@ -6,6 +6,8 @@ import threading
 import time
 from typing import Callable
 
+from pipeline_cluster import affinity
+
 
 class RunState:
     """Counts of one run: fed, held by the root, delivered, consumed; plus the first fatal error."""
@@ -43,7 +45,7 @@ class RunState:
         if self.error is None and predicate():  # the usual case, without the lock: the caller acts after the check
             return                               # either way, so a check under the lock promises no more
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self.cond:
+        with affinity.waiting_at_home(), self.cond:
             while True:
                 if self.error is not None:
                     raise self.error

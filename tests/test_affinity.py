@@ -191,3 +191,43 @@ def test_colocate_puts_the_caller_and_the_delivery_thread_on_the_home_cpu_until_
     assert len(home) == 1 and during["MainThread"] in home and during["pipeline-cluster-output"] in home, during
     assert everything in [cpus for _, cpus in outputs[:20]], outputs[:20]
     assert os.sched_getaffinity(0) == everything  # given back when the run ended
+
+
+def _pass_once_exists(item: int, path: str) -> int:
+    """A stage: hold the item until `path` exists (30 s at most)."""
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return item
+
+
+@pytest.mark.timeout(60)
+def test_a_thread_waiting_in_the_framework_sits_on_the_home_cpu_only_while_it_waits(monkeypatch, tmp_path):
+    monkeypatch.delenv(affinity.ENV_SWITCH, raising=False)
+    everything = set(affinity.ALLOWED)
+    gate = tmp_path / "gate"
+    in_handler: list[set[int]] = []
+    seen: dict[str, set[int]] = {}
+    main = threading.get_native_id()
+
+    def watch(delivery: int) -> None:  # while the caller waits: where it and the idle delivery thread may run
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and os.sched_getaffinity(main) == everything:
+            time.sleep(0.001)
+        seen.update(caller=os.sched_getaffinity(main), delivery=os.sched_getaffinity(delivery))
+        gate.touch()
+
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=1) as cluster:
+        cluster.setup("gated", "1", [pc.Stage(_pass_once_exists, args=(str(gate),))])
+        cluster.boot(output_handler=lambda output: in_handler.append(os.sched_getaffinity(0)))
+        home = {cpus for name, cpus in _thread_cpus().items() if name.startswith("StageSupervisor")}
+        delivery = next(t.native_id for t in threading.enumerate() if t.name == "pipeline-cluster-output")
+        watcher = threading.Thread(target=watch, args=(delivery,))
+        cluster.feed(1)
+        watcher.start()
+        cluster.wait_empty(timeout=30)
+        after = os.sched_getaffinity(0)
+        watcher.join(30)
+    assert len(home) == 1 and seen["caller"] in home and seen["delivery"] in home, (home, seen)
+    assert after == everything  # given back as soon as the wait ended
+    assert in_handler == [everything]  # the handler runs on the user's CPUs, not on the home one
