@@ -64,35 +64,57 @@ class TreeLedger:
     def record(self, generation: int, born: list[int], died: list[int], outputs: tuple | None,
                dead: list[DeadLetter]) -> None:
         """A stage's report on one batch: items `born` and `died` (one rid each), outputs of the last stage as
-        (rids, outputs), dead letters. Reports the root items whose trees are now complete."""
+        (rids, outputs), dead letters. Reports the root items whose trees are now complete.
+
+        Each output's root item is among `died` (its input left the pipeline with it), so when every root item
+        in `died` is complete, so are all the outputs' ones.
+        """
         done: list[int] = []
+        every = False  # every root item in `died` is complete
         with self.lock:
             if generation != self.generation:
                 return  # a report of a pipeline this node has already stopped
             if born:
                 self.extra.update(born)
             if died and not self.extra:  # no tree has grown: each death ends its root item (at most once each)
-                done = died
+                done, every = died, True
             elif died:
-                self.died.update(died)
-                candidates = list(set(died))
-                lives = map(add, map(self.extra.get, candidates, repeat(0)), repeat(1))
-                done = list(compress(candidates, map(eq, map(self.died.__getitem__, candidates), lives)))
-                deque(map(self.extra.pop, done, repeat(None)), 0)
-                deque(map(dict.__delitem__, repeat(self.died), done), 0)  # dict's own: Counter's is Python code
-            done_set = set(done)
+                done, every = self._complete(died)
+            done_set = set(done) if self.results or self.held_dead or dead or not every else set()
             finished_outputs: list = []
-            for rid in self.results.keys() & done_set:  # outputs held from earlier batches come first
-                finished_outputs.extend(self.results.pop(rid))
+            if self.results:
+                for rid in self.results.keys() & done_set:  # outputs held from earlier batches come first
+                    finished_outputs.extend(self.results.pop(rid))
             if outputs is not None:
-                self._sort_outputs(outputs, done_set, finished_outputs)
+                if every:
+                    finished_outputs.extend(outputs[1])
+                else:
+                    self._sort_outputs(outputs, done_set, finished_outputs)
             for letter in dead:  # reported with their root item, so a node lost before that reports nothing twice
                 self.held_dead.setdefault(letter.rid, []).append(letter)
             finished_dead: list[DeadLetter] = []
-            for rid in self.held_dead.keys() & done_set:
-                finished_dead.extend(self.held_dead.pop(rid))
+            if self.held_dead:
+                for rid in self.held_dead.keys() & done_set:
+                    finished_dead.extend(self.held_dead.pop(rid))
         if done:  # outside the lock: a report may wait on the network
             self.report(("completed", self.name, done, finished_outputs, finished_dead))
+
+    def _complete(self, died: list[int]) -> tuple[list[int], bool]:
+        """Count deaths in grown trees: the root items among `died` whose trees are now complete, and whether
+        that is all of them. Works on each root item once (a batch of a generator's outputs names each many times)."""
+        counts = Counter(died)
+        rids = list(counts)
+        seen = self.died
+        totals = list(map(add, map(seen.get, rids, repeat(0)), counts.values())) if seen else list(counts.values())
+        complete = list(map(eq, totals, map(add, map(self.extra.get, rids, repeat(0)), repeat(1))))
+        done = list(compress(rids, complete))
+        if len(done) < len(rids):
+            going_on = list(map(not_, complete))
+            dict.update(seen, zip(compress(rids, going_on), compress(totals, going_on)))  # totals: not Counter's +=
+        if seen:
+            deque(map(seen.pop, done, repeat(None)), 0)
+        deque(map(self.extra.pop, done, repeat(None)), 0)
+        return done, len(done) == len(rids)
 
     def _sort_outputs(self, outputs: tuple, done: set[int], finished: list) -> None:
         """Append the outputs of finished root items to `finished`; hold the others until their root item is done.
