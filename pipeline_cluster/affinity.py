@@ -113,12 +113,13 @@ def unplaced() -> Iterator[None]:
 
 
 def _user_cpus() -> set[int]:
-    if _main_thread_cpus is not None:  # the main thread sits on the home CPU by request (join_home): not a restriction
-        return set(_main_thread_cpus)
-    try:
-        return os.sched_getaffinity(threading.main_thread().native_id or 0)
-    except OSError:  # the main thread has ended
-        return set(ALLOWED)
+    with _lock:  # not while join_home or leave_home is half done: the main thread's CPUs and the record agree
+        if _main_thread_cpus is not None:  # the main thread sits on the home CPU for now: not a restriction
+            return set(_main_thread_cpus)
+        try:
+            return os.sched_getaffinity(threading.main_thread().native_id or 0)
+        except OSError:  # the main thread has ended
+            return set(ALLOWED)
 
 
 def join_home() -> tuple[int, set[int]] | None:
@@ -133,9 +134,13 @@ def join_home() -> tuple[int, set[int]] | None:
     before = os.sched_getaffinity(0)
     if _home not in before or before == {_home}:
         return None
-    if threading.current_thread() is threading.main_thread():
-        _main_thread_cpus = before
-    os.sched_setaffinity(0, {_home})
+    with _lock:
+        try:
+            os.sched_setaffinity(0, {_home})
+        except OSError:  # e.g. a cgroup that changed its CPU set: stay where we are
+            return None
+        if threading.current_thread() is threading.main_thread():
+            _main_thread_cpus = before
     return threading.get_native_id(), before
 
 
@@ -146,13 +151,14 @@ def leave_home(joined: tuple[int, set[int]] | None) -> None:
         return
     tid, before = joined
     mine = tid == threading.get_native_id()
-    if mine or os.path.exists(f"/proc/self/task/{tid}"):
-        try:
-            os.sched_setaffinity(0 if mine else tid, before)
-        except OSError:
-            pass
-    if threading.main_thread().native_id == tid:
-        _main_thread_cpus = None
+    with _lock:
+        if mine or os.path.exists(f"/proc/self/task/{tid}"):
+            try:
+                os.sched_setaffinity(0 if mine else tid, before)
+            except OSError:
+                pass
+        if threading.main_thread().native_id == tid:
+            _main_thread_cpus = None
 
 
 @contextlib.contextmanager
@@ -162,8 +168,9 @@ def waiting_at_home() -> Iterator[None]:
     (on a VM that halts idle CPUs, one that must first be woken up). The thread gets its CPUs back as soon as the
     wait ends, so what it runs or starts afterwards keeps every CPU; it goes on where it woke, beside the framework.
     """
-    joined = join_home()
+    joined = None
     try:
+        joined = join_home()
         yield
     finally:
         leave_home(joined)

@@ -289,8 +289,7 @@ class Cluster:
     def _deliver(self, handler: Callable[[Any], Any], state: RunState) -> None:
         """Hand outputs to the user's handler, one at a time, then count their root items as consumed."""
         while True:
-            with affinity.waiting_at_home():
-                message = state.outputs.get()
+            message = state.next_output()
             if message[0] != "out":
                 if state.error is not None or self._stop.is_set():
                     return

@@ -4,7 +4,6 @@ from __future__ import annotations
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Iterator
 
-from pipeline_cluster import affinity
 from pipeline_cluster.runstate import RunState
 
 if TYPE_CHECKING:
@@ -44,8 +43,7 @@ def _batches(cluster: "Cluster", state: RunState, current: list[list]) -> Iterat
                 if state.inputs_done and state.all_consumed():
                     finished = True
                     return
-            with affinity.waiting_at_home():
-                message = state.outputs.get()
+            message = state.next_output()
             if message[0] == "out":
                 current[0] = message[1]
                 yield message[1]

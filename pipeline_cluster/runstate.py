@@ -60,6 +60,15 @@ class RunState:
                 finally:
                     self.waiters -= 1
 
+    def next_output(self) -> tuple:
+        """The next message on `outputs`; a thread that has to wait for it waits on the home CPU (see
+        `affinity.waiting_at_home`), one that need not makes no system call for that."""
+        try:
+            return self.outputs.get_nowait()
+        except queue.Empty:
+            with affinity.waiting_at_home():
+                return self.outputs.get()
+
     def all_consumed(self) -> bool:
         """Every fed root item is finished and its outputs were handed over."""
         return self.consumed == self.fed

@@ -224,6 +224,9 @@ def test_a_thread_waiting_in_the_framework_sits_on_the_home_cpu_only_while_it_wa
         delivery = next(t.native_id for t in threading.enumerate() if t.name == "pipeline-cluster-output")
         watcher = threading.Thread(target=watch, args=(delivery,))
         cluster.feed(1)
+        with pytest.raises(TimeoutError):
+            cluster.wait_empty(timeout=0.05)
+        assert os.sched_getaffinity(0) == everything  # a wait that ends in an error gives them back too
         watcher.start()
         cluster.wait_empty(timeout=30)
         after = os.sched_getaffinity(0)
@@ -231,3 +234,31 @@ def test_a_thread_waiting_in_the_framework_sits_on_the_home_cpu_only_while_it_wa
     assert len(home) == 1 and seen["caller"] in home and seen["delivery"] in home, (home, seen)
     assert after == everything  # given back as soon as the wait ended
     assert in_handler == [everything]  # the handler runs on the user's CPUs, not on the home one
+
+
+class _CrashOnceThenCpus:
+    """A class stage: the first worker to run an item dies; the one started in its place tells on which CPUs it
+    was started (the CPUs a worker is given at start; a short batch may then move it to the home CPU)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+        self.started_on = os.sched_getaffinity(0)
+
+    def __call__(self, item: int) -> set[int]:
+        if not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+        return self.started_on
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_started_while_the_caller_waits_in_the_framework_gets_every_cpu(monkeypatch, tmp_path):
+    monkeypatch.delenv(affinity.ENV_SWITCH, raising=False)
+    outputs: list[set[int]] = []
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=1) as cluster:
+        cluster.setup("respawn", "1", [pc.Stage(_CrashOnceThenCpus, args=(str(tmp_path / "crashed"),))])
+        cluster.boot(output_handler=outputs.append)
+        cluster.feed(1)
+        cluster.wait_empty(timeout=30)  # the worker dies and its replacement starts during this wait
+        restarts = cluster.stats()["_CrashOnceThenCpus"]["restarts"]
+    assert restarts == 1 and outputs == [set(affinity.ALLOWED)], (restarts, outputs)
