@@ -102,9 +102,12 @@ def _notes(row: dict[str, Any]) -> str:
                          f"outputs/s; {row['small']['inputs']:,.0f} inputs: {row['small']['peak_rss_mb']:,.0f} MB")
         elif workload == "W6":
             notes.append(f"{med['items_per_s']:,.0f} items/s of 1,600 ideal; 1 node: efficiency "
-                         f"{med['efficiency_1node']:.2f}; root CPU/item 8 nodes {med['root_cpu_us_per_item_8']:,.0f}"
-                         f" us vs 1 node {med['root_cpu_us_per_item_1']:,.0f} us "
-                         f"({med['root_cpu_ratio_8_to_1']:.2f}x)")
+                         f"{med['efficiency_1node']:.2f}; root CPU/item in the run 8 nodes "
+                         f"{med['root_cpu_us_per_item_8']:,.0f} us vs 1 node {med['root_cpu_us_per_item_1']:,.0f} us "
+                         f"({med['root_cpu_ratio_8_to_1']:.2f}x); connect to close "
+                         f"{med['root_cpu_with_connect_us_per_item_8']:,.0f} vs "
+                         f"{med['root_cpu_with_connect_us_per_item_1']:,.0f} us "
+                         f"({med['root_cpu_with_connect_ratio_8_to_1']:.2f}x)")
     if "steal_pct" in med:
         notes.append(f"steal {med['steal_pct']:.0f}%")
     if row.get("errors"):

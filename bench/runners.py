@@ -40,11 +40,18 @@ class StreamTiming:
     last_output: float = 0.0
     outputs: int = 0
     total: float = 0.0  # sum of the outputs, for workloads whose outputs are numbers to add up
+    cpu_at_first_input: float = 0.0  # this process's CPU seconds (time.process_time()) at those two marks
+    cpu_at_last_output: float = 0.0
 
     @property
     def elapsed(self) -> float:
         """Seconds from the first input pulled to the last output: throughput time, start-up excluded."""
         return self.last_output - self.first_input
+
+    @property
+    def run_cpu(self) -> float:
+        """This process's CPU seconds over the same span as `elapsed` (all its threads)."""
+        return self.cpu_at_last_output - self.cpu_at_first_input
 
     @property
     def startup(self) -> float:
@@ -71,6 +78,7 @@ def _tapped(inputs: Iterable[Any], timing: StreamTiming) -> Iterator[Any]:
     it = iter(inputs)
     for item in it:
         timing.first_input = time.perf_counter()
+        timing.cpu_at_first_input = time.process_time()
         yield item
         break
     yield from it
@@ -93,15 +101,20 @@ def _drain(outputs: Iterable[Any], timing: StreamTiming, tally: bool, expected: 
             count += 1
             total += output
             if count == expected:
-                timing.last_output = time.perf_counter()
+                _stamp_last(timing)
     else:
         for _ in it:
             count += 1
             if count == expected:
-                timing.last_output = time.perf_counter()
+                _stamp_last(timing)
     if count != expected:  # the trial reports the wrong count; stamp the end so the timing stays defined
-        timing.last_output = time.perf_counter()
+        _stamp_last(timing)
     timing.outputs, timing.total = count, total
+
+
+def _stamp_last(timing: StreamTiming) -> None:
+    timing.last_output = time.perf_counter()
+    timing.cpu_at_last_output = time.process_time()
 
 
 def pipeline_of(workload: Workload) -> pc.Pipeline:
