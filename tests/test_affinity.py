@@ -188,9 +188,26 @@ def test_colocate_puts_the_caller_and_the_delivery_thread_on_the_home_cpu_until_
         cluster.wait_empty(timeout=30)
         cluster.feed(0.0)
         cluster.wait_empty(timeout=30)
+        after_waits = frozenset(os.sched_getaffinity(0))  # a wait in the framework does not undo colocate
     assert len(home) == 1 and during["MainThread"] in home and during["pipeline-cluster-output"] in home, during
+    assert after_waits in home
     assert everything in [cpus for _, cpus in outputs[:20]], outputs[:20]
     assert os.sched_getaffinity(0) == everything  # given back when the run ended
+
+
+@pytest.mark.timeout(60)
+def test_a_run_loop_hands_every_output_over_on_the_callers_own_cpus(monkeypatch, tmp_path):
+    monkeypatch.delenv(affinity.ENV_SWITCH, raising=False)
+    everything = set(affinity.ALLOWED)
+    seen: list[set[int]] = []
+    with pc.LocalCluster(run_dir=str(tmp_path / "run")) as cluster:
+        for output in cluster.run([lambda x: x], range(20_000)):  # the loop waits for outputs between batches
+            seen.append(os.sched_getaffinity(0))
+            if output == 15_000:
+                break
+        after = os.sched_getaffinity(0)
+    assert len(seen) > 1000 and all(cpus == everything for cpus in seen)
+    assert after == everything
 
 
 def _pass_once_exists(item: int, path: str) -> int:
