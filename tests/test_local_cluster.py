@@ -369,10 +369,12 @@ def test_generator_fan_out_is_held_back_by_the_next_stage(cluster):
     pipeline = pc.Pipeline([pc.Stage(explode, generator=True), slowish])
     count = sum(1 for _ in cluster.run(pipeline, range(40)))
     assert count == 80000
-    # without backpressure the first stage would expand all 40 inputs (80,000 items) into the second stage's queue
-    # at once; with it the queue stays near its high water mark, plus what was already in flight when it was hit
+    # without backpressure the first stage expands all 40 inputs into the second stage's queue at once (a peak of
+    # 79,000-80,000 measured); with it the queue stops near its high water mark plus the outputs of the batches in
+    # flight at the first stage (2 workers x 2 batches x 2 inputs x 2,000) and of those it cut before the throttle
+    # message reached it (28,000-40,000 measured)
     most_queued = cluster.stats()["slowish"]["peak_queued"]
-    assert pc.actors.stage.HIGH_WATER <= most_queued < 40000, most_queued
+    assert pc.actors.stage.HIGH_WATER <= most_queued < 60000, most_queued
 
 
 @pytest.mark.timeout(60)
