@@ -113,6 +113,7 @@ def _drain(outputs: Iterable[Any], timing: StreamTiming, tally: bool, expected: 
 
 
 def _stamp_last(timing: StreamTiming) -> None:
+    """Mark the last output's arrival: the wall clock, and this process's CPU time for W6's root figure."""
     timing.last_output = time.perf_counter()
     timing.cpu_at_last_output = time.process_time()
 
