@@ -1,4 +1,5 @@
-"""A thin layer over pykka: messages are tuples `(name, *args)` dispatched to `on_<name>` methods.
+"""A thin layer over pykka: typed messages (see `pipeline_cluster.messages`) dispatched to the method that
+`@handles` their type.
 
 Tell-style messages keep per-batch overhead low and, unlike unobserved proxy futures, an exception in a handler
 is never silent: it reaches `on_failure`, which escalates it to whoever supervises the actor.
@@ -11,34 +12,58 @@ import queue
 import select
 import traceback
 import weakref
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, ClassVar, TypeVar
 
 import pykka
 
-from pipeline_cluster.affinity import pin_this_thread
+from pipeline_cluster.messages import Readable, Tick
+from pipeline_cluster.placement import Placement
 
 logger = logging.getLogger("pipeline_cluster.actors")
 
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+def handles(*types: type) -> Callable[[Handler], Handler]:
+    """Mark an actor method as the handler of messages of these types."""
+
+    def mark(method: Handler) -> Handler:
+        method.handles = types  # type: ignore[attr-defined]
+        return method
+
+    return mark
+
 
 class Actor(pykka.ThreadingActor):
-    """Base actor: tuple messages, daemon threads, and escalation of unexpected errors."""
+    """Base actor: messages dispatched by type, daemon threads, and escalation of unexpected errors."""
 
     use_daemon_thread = True  # a forgotten close() must not keep the user's program alive
-    batch_task = True  # the thread runs as a SCHED_BATCH task (see affinity.batch_policy)
+    handlers: ClassVar[dict[type, Callable[[Any, Any], Any]]] = {}
     escalate: Callable[[str], None] | None = None
+    placement: Placement = Placement()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        handlers: dict[type, Callable[[Any, Any], Any]] = {}
+        for klass in reversed(cls.__mro__):
+            for value in vars(klass).values():
+                for message_type in getattr(value, "handles", ()):
+                    handlers[message_type] = value
+        cls.handlers = handlers
 
     @staticmethod
     def _create_actor_inbox() -> queue.SimpleQueue:
-        """pykka's inbox protocol is put/get/empty: the C-level SimpleQueue hands a message over in about 2/3 of
-        the time queue.Queue takes (no Python-level lock and condition per message)."""
+        """A C-level SimpleQueue: pykka's inbox protocol is put/get/empty, and it needs no Python-level lock."""
         return queue.SimpleQueue()
 
     def on_start(self) -> None:
-        pin_this_thread(self.batch_task)
+        self.placement.pin_this_thread()
 
     def on_receive(self, message: Any) -> Any:
-        name, *args = message
-        return getattr(self, "on_" + name)(*args)
+        handler = self.handlers.get(type(message))
+        if handler is None:
+            raise TypeError(f"{type(self).__name__} has no handler for {type(message).__name__}")
+        return handler(self, message)
 
     def on_failure(self, exc_type: Any, exc: Any, tb: Any) -> None:
         text = "".join(traceback.format_exception(exc_type, exc, tb))
@@ -47,15 +72,18 @@ class Actor(pykka.ThreadingActor):
             self.escalate(f"internal error in {type(self).__name__}: {exc!r}\n{text}")
 
 
-class Delivery(NamedTuple):
+class Envelope:
     """What an inbox's get() gives pykka's actor loop: a message, and where its reply goes (None for a tell)."""
 
-    message: Any
-    reply_to: Any = None
+    __slots__ = ("message", "reply_to")
+
+    def __init__(self, message: Any, reply_to: Any = None) -> None:
+        self.message = message
+        self.reply_to = reply_to
 
 
-READABLE = Delivery(("readable",))
-TICK = Delivery(("tick",))
+READABLE = Envelope(Readable())
+TICK = Envelope(Tick())
 POLL_SLICE = 3600.0  # seconds: a longer wait is polled in slices (poll takes at most INT_MAX ms)
 
 
@@ -113,14 +141,14 @@ class PollingInbox:
                 return READABLE
 
 
-def tell(ref: pykka.ActorRef, name: str, *args: Any) -> None:
-    """Send `(name, *args)` to an actor without waiting; a stopped actor is ignored (it is shutting down)."""
+def tell(ref: pykka.ActorRef, message: Any) -> None:
+    """Send a message without waiting; a stopped actor is ignored (it is shutting down)."""
     try:
-        ref.tell((name, *args))
+        ref.tell(message)
     except pykka.ActorDeadError:
         pass
 
 
-def ask(ref: pykka.ActorRef, name: str, *args: Any, timeout: float | None = None) -> Any:
-    """Send `(name, *args)` and wait for the handler's return value (its exception is re-raised here)."""
-    return ref.ask((name, *args), timeout=timeout)
+def ask(ref: pykka.ActorRef, message: Any, timeout: float | None = None) -> Any:
+    """Send a message and wait for the handler's return value (its exception is re-raised here)."""
+    return ref.ask(message, timeout=timeout)

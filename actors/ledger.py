@@ -7,27 +7,24 @@ letters, only when its deaths reach its extra births plus one, which is what mak
 While no tree has grown (a pipeline without fan-out) every death finishes its root item and nothing is counted.
 
 It is a plain object under a lock rather than an actor: root items enter it and stages report into it from their own
-threads, so a batch costs no extra thread hand-off. The counting and the completion check run as C-level
-operations over whole batches (Counter updates, set and map), not Python loops.
+threads, so a batch costs no extra thread hand-off. It works once per root item of a batch, not once per death.
 """
 from __future__ import annotations
 
 import threading
-from collections import Counter, deque
-from itertools import compress, repeat
-from operator import add, eq, not_
+from collections import Counter
 from typing import Callable
 
 import pykka
 
 from pipeline_cluster.actors.base import tell
-from pipeline_cluster.deadletters import DeadLetter
+from pipeline_cluster.messages import Chunk, Completed, DeadLetter, Push
 
 
 class TreeLedger:
     """Root items in, completed root items (with outputs and dead letters) out through `report`."""
 
-    def __init__(self, name: str, report: Callable[[tuple], None]) -> None:
+    def __init__(self, name: str, report: Callable[[Completed], None]) -> None:
         self.name = name
         self.report = report
         self.lock = threading.Lock()
@@ -59,10 +56,10 @@ class TreeLedger:
         with self.lock:
             if stage >= len(self.stages):
                 return  # sent before the pipeline was stopped: that run is over
-            tell(self.stages[stage], "push", (rids, items, None))
+            tell(self.stages[stage], Push(Chunk(rids, items)))
 
-    def record(self, generation: int, born: list[int], died: list[int], outputs: tuple | None,
-               dead: list[DeadLetter]) -> None:
+    def record(self, generation: int, born: list[int], died: list[int],
+               outputs: tuple[list[int], list] | None, dead: list[DeadLetter]) -> None:
         """A stage's report on one batch: items `born` and `died` (one rid each), outputs of the last stage as
         (rids, outputs), dead letters. Reports the root items whose trees are now complete.
 
@@ -97,41 +94,27 @@ class TreeLedger:
                 for rid in self.held_dead.keys() & done_set:
                     finished_dead.extend(self.held_dead.pop(rid))
         if done:  # outside the lock: a report may wait on the network
-            self.report(("completed", self.name, done, finished_outputs, finished_dead))
+            self.report(Completed(self.name, done, finished_outputs, finished_dead))
 
     def _complete(self, died: list[int]) -> tuple[list[int], bool]:
         """Count deaths in grown trees: the root items among `died` whose trees are now complete, and whether
-        that is all of them. Works on each root item once (a batch of a generator's outputs names each many times)."""
-        counts = Counter(died)
-        rids = list(counts)
-        seen = self.died
-        totals = list(map(add, map(seen.get, rids, repeat(0)), counts.values())) if seen else list(counts.values())
-        complete = list(map(eq, totals, map(add, map(self.extra.get, rids, repeat(0)), repeat(1))))
-        done = list(compress(rids, complete))
-        if len(done) < len(rids):
-            going_on = list(map(not_, complete))
-            dict.update(seen, zip(compress(rids, going_on), compress(totals, going_on)))  # totals: not Counter's +=
-        if seen:
-            deque(map(seen.pop, done, repeat(None)), 0)
-        deque(map(self.extra.pop, done, repeat(None)), 0)
-        return done, len(done) == len(rids)
-
-    def _sort_outputs(self, outputs: tuple, done: set[int], finished: list) -> None:
-        """Append the outputs of finished root items to `finished`; hold the others until their root item is done.
-
-        Only the outputs whose root item is still running (a generator's outputs split over batches) take the
-        per-item Python path.
-        """
-        out_rids, outs = outputs
-        finishing = list(map(done.__contains__, out_rids))
-        if all(finishing):
-            finished.extend(outs)
-            return
-        finished.extend(compress(outs, finishing))
-        waiting = list(map(not_, finishing))
-        for rid, out in zip(compress(out_rids, waiting), compress(outs, waiting)):
-            bucket = self.results.get(rid)
-            if bucket is None:
-                self.results[rid] = [out]
+        that is all of them."""
+        deaths = Counter(died)  # a batch of a generator's outputs names each root item many times
+        done = []
+        for rid, count in deaths.items():
+            total = self.died.get(rid, 0) + count
+            if total == self.extra.get(rid, 0) + 1:
+                done.append(rid)
+                self.died.pop(rid, None)
+                self.extra.pop(rid, None)
             else:
-                bucket.append(out)
+                self.died[rid] = total
+        return done, len(done) == len(deaths)
+
+    def _sort_outputs(self, outputs: tuple[list[int], list], done: set[int], finished: list) -> None:
+        """Append the outputs of finished root items to `finished`; hold the others until their root item is done."""
+        for rid, output in zip(*outputs):
+            if rid in done:
+                finished.append(output)
+            else:
+                self.results.setdefault(rid, []).append(output)

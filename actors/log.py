@@ -4,15 +4,18 @@ from __future__ import annotations
 import sys
 from typing import IO
 
-from pipeline_cluster.actors.base import Actor
-from pipeline_cluster.multiprocess_logging import Record
+from pipeline_cluster.actors.base import Actor, handles
+from pipeline_cluster.logs.records import Record
+from pipeline_cluster.placement import Placement
 
 
 class LogActor(Actor):
     """Writes each record as one line (time, level, node, pid, stage, message)."""
 
-    def __init__(self, path: str | None, to_stderr: bool = False, stderr_level: int = 30) -> None:
+    def __init__(self, path: str | None, to_stderr: bool = False, stderr_level: int = 30,
+                 placement: Placement | None = None) -> None:
         super().__init__()
+        self.placement = placement or Placement()
         self.path = path
         self.to_stderr = to_stderr
         self.stderr_level = stderr_level
@@ -23,6 +26,7 @@ class LogActor(Actor):
         if self.path:
             self.file = open(self.path, "a", buffering=1, encoding="utf-8")
 
+    @handles(Record)
     def on_record(self, record: Record) -> None:
         line = record.format()
         if self.file is not None:

@@ -9,37 +9,35 @@ each batch's effect on its root items' trees in the node's TreeLedger, which kno
 from __future__ import annotations
 
 import itertools
-import math
 import random
 import threading
 import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import cloudpickle
 import pykka
 
-from pipeline_cluster import wire
-from pipeline_cluster.affinity import WorkerPlacement
-from pipeline_cluster.actors.base import Actor, tell
+from pipeline_cluster.actors import policies
+from pipeline_cluster.actors.base import Actor, handles, tell
 from pipeline_cluster.actors.ledger import TreeLedger
-from pipeline_cluster.actors.worker import Death, WorkerActor, WorkerConfig, WorkerProcess
-from pipeline_cluster.deadletters import DeadLetter
+from pipeline_cluster.actors.worker import WorkerActor, WorkerConfig
 from pipeline_cluster.errors import StageFailed
+from pipeline_cluster.logs.records import Record
+from pipeline_cluster.messages import (BatchDone, BatchUnreadable, Chunk, DeadLetter, Death, DownstreamFull,
+                                       DroppedFailure, Kill, Link, NodeLog, Pause, Push, Respawn, RunBatch,
+                                       SendBatch, Shutdown, SizeHint, SpawnWorkers, StageFailure, StageReady, Stats,
+                                       StopWorker, WorkerDied, WorkerReady)
 from pipeline_cluster.model import Stage
+from pipeline_cluster.placement import Placement
 from pipeline_cluster.stats import StageStats
+from pipeline_cluster.transport import wire
+from pipeline_cluster.worker.process import WorkerProcess
 
-DEPTH = 2  # batches in flight per worker: the next one waits in the worker's inbox, no idle round trip
-MAX_BATCH = 4096
-HIGH_WATER = 8192  # queued items at which the stage before this one stops sending new batches
-LOW_WATER = HIGH_WATER // 2  # ... and at which it may go on
-TARGET_BATCH_SECONDS = 0.05  # a batch's work, by the measured time per item
-MIN_BATCH_SECONDS = 0.005  # splitting a queue over workers never cuts batches below this much work
-MAX_BATCH_BYTES = 4 * 1024 * 1024  # a batch of big items stays this small, so sending and running overlap
 SHORT_BATCH_SECONDS = 0.001  # a batch with this little work and ...
-SHORT_BATCH_BYTES = 64 * 1024  # ... this few bytes may run beside the node's threads (see WorkerPlacement)
+SHORT_BATCH_BYTES = 64 * 1024  # ... this few bytes may run beside the node's threads (placement opted in)
 
 
 @dataclass
@@ -49,7 +47,7 @@ class Slot:
     ref: pykka.ActorRef
     proc: WorkerProcess
     ready: bool = False
-    inflight: deque[tuple] = field(default_factory=deque)  # the process answers batches in this order
+    inflight: deque[Chunk] = field(default_factory=deque)  # the process answers batches in this order
     given: int = 0  # batches given to it so far (the actor sends them in this order)
 
 
@@ -57,7 +55,8 @@ class StageSupervisor(Actor):
     """Feeds one stage's worker pool and applies its Supervision config."""
 
     def __init__(self, index: int, stage: Stage, workers: int, last: bool, node: pykka.ActorRef,
-                 ledger: TreeLedger, placement: WorkerPlacement, log_sink: Any, log_level: int) -> None:
+                 ledger: TreeLedger, placement: Placement, log_sink: Callable[[Record], None],
+                 log_level: int) -> None:
         super().__init__()
         self.index, self.stage, self.n_workers, self.last = index, stage, workers, last
         self.node, self.ledger, self.node_name, self.placement = node, ledger, ledger.name, placement
@@ -68,8 +67,8 @@ class StageSupervisor(Actor):
         self.downstream_full = False  # the next stage's queue is above its high water mark
         self.throttling = False  # we told the previous stage to hold back
         self.config = WorkerConfig(stage.name, stage.payload(), cloudpickle.dumps(self.sup.retry_on),
-                                   self.sup.timeout, self.node_name, log_level, log_sink)
-        self.queue: deque[tuple] = deque()
+                                   self.sup.timeout, self.node_name, log_level, log_sink, placement)
+        self.queue: deque[Chunk] = deque()
         self.queued = 0
         self.slots: dict[int, Slot] = {}
         self.wids = itertools.count(1)
@@ -81,39 +80,44 @@ class StageSupervisor(Actor):
         self.announced = False
         self.paused = False
         self.state = "running"  # running | failed | stopping
-        self.ewma: float | None = None
+        self.seconds_per_item: float | None = None  # moving average
         self.fanout = 1.0  # outputs per input (up at once, down slowly): batches shrink so their outputs stay bounded
         self.item_bytes: float | None = None  # pickled bytes per item (moving average)
         self.hinted_bytes: float | None = None  # the size last told to the node (first stage only)
         self.last_item: Any = None  # the item the latest worker death was blamed on, for StageFailed
-        self.escalate = lambda text: tell(node, "stage_failed", StageFailed(stage.name, "internal error", None, text))
+        self.escalate = lambda text: tell(node, StageFailure(StageFailed(stage.name, "internal error", None, text)))
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
-    def on_link(self, previous_stage: pykka.ActorRef | None, next_stage: pykka.ActorRef | None) -> None:
-        self.previous_stage, self.next_stage = previous_stage, next_stage
+    @handles(Link)
+    def on_link(self, message: Link) -> None:
+        self.previous_stage, self.next_stage = message.previous, message.next
 
-    def on_downstream_full(self, full: bool) -> None:
+    @handles(DownstreamFull)
+    def on_downstream_full(self, message: DownstreamFull) -> None:
         """Backpressure from the next stage: a generator's fan-out never piles up without limit."""
-        self.downstream_full = full
+        self.downstream_full = message.full
         self._dispatch()
 
-    def on_spawn_workers(self) -> None:
+    @handles(SpawnWorkers)
+    def on_spawn_workers(self, message: SpawnWorkers) -> None:
         for _ in range(self.n_workers):
             self._spawn()
 
     def _spawn(self) -> None:
         wid = next(self.wids)
-        proc = WorkerProcess()
+        proc = WorkerProcess(self.placement)
         ref = WorkerActor.start(self.actor_ref, wid, proc, self.config)
         self.slots[wid] = Slot(ref, proc)
 
-    def on_respawn(self) -> None:
+    @handles(Respawn)
+    def on_respawn(self, message: Respawn) -> None:
         if self.state == "running":
             self._spawn()
 
-    def on_worker_ready(self, wid: int, pid: int) -> None:
-        slot = self.slots.get(wid)
+    @handles(WorkerReady)
+    def on_worker_ready(self, message: WorkerReady) -> None:
+        slot = self.slots.get(message.wid)
         if slot is None:
             return
         slot.ready = True
@@ -122,25 +126,28 @@ class StageSupervisor(Actor):
         self.stats.workers = sum(s.ready for s in self.slots.values())
         if not self.announced and self.stats.workers == self.n_workers:
             self.announced = True
-            tell(self.node, "stage_ready", self.index)
+            tell(self.node, StageReady(self.index))
         self._dispatch()
 
-    def on_pause(self, paused: bool) -> None:
-        self.paused = paused
+    @handles(Pause)
+    def on_pause(self, message: Pause) -> None:
+        self.paused = message.paused
         self._dispatch()
 
-    def on_shutdown(self, grace: float) -> None:
+    @handles(Shutdown)
+    def on_shutdown(self, message: Shutdown) -> None:
         """Stop every worker: close() runs in each; those that don't exit within `grace` are killed."""
         self.state = "stopping"
-        futures = [slot.ref.ask(("stop_worker", grace), block=False) for slot in self.slots.values()]
+        futures = [slot.ref.ask(StopWorker(message.grace), block=False) for slot in self.slots.values()]
         for future in futures:
             try:
-                future.get(timeout=grace + 10)
+                future.get(timeout=message.grace + 10)
             except (pykka.ActorDeadError, pykka.Timeout):
                 pass
         self._stop_all()
 
-    def on_kill(self) -> None:
+    @handles(Kill)
+    def on_kill(self, message: Kill) -> None:
         """Stop at once: SIGKILL every worker process."""
         self.state = "stopping"
         self._stop_all()
@@ -160,22 +167,25 @@ class StageSupervisor(Actor):
         self.stats.workers = 0
 
     def _signal_backpressure(self) -> None:
-        """Tell the previous stage to hold back above the high water mark, and to go on below the low one."""
-        full = self.queued >= HIGH_WATER if not self.throttling else self.queued > LOW_WATER
+        """Tell the previous stage to hold back, or to go on, when that changes."""
+        full = policies.hold_back(self.queued, self.throttling)
         if full != self.throttling and self.previous_stage is not None:
             self.throttling = full
-            tell(self.previous_stage, "downstream_full", full)
+            tell(self.previous_stage, DownstreamFull(full))
 
-    def on_stats(self) -> StageStats:
+    @handles(Stats)
+    def on_stats(self, message: Stats) -> StageStats:
         self.stats.queued = self.queued
-        return StageStats(**{**self.stats.__dict__, "samples": list(self.stats.samples)})
+        return self.stats.copy()
 
     # -- items ---------------------------------------------------------------------------------------------------
 
-    def on_push(self, chunk: tuple) -> None:
-        self.stats.items_in += len(chunk[0])
+    @handles(Push)
+    def on_push(self, message: Push) -> None:
+        chunk = message.chunk
+        self.stats.items_in += len(chunk.rids)
         self.queue.append(chunk)
-        self.queued += len(chunk[0])
+        self.queued += len(chunk.rids)
         if self.queued > self.stats.peak_queued:
             self.stats.peak_queued = self.queued
         self._signal_backpressure()
@@ -188,24 +198,26 @@ class StageSupervisor(Actor):
             slot, n_ready = self._least_busy()
             if slot is None:
                 return
-            rids, items, attempts = self._take(self._batch_size(n_ready))
+            chunk = self._take(policies.batch_size(self.seconds_per_item, self.queued, n_ready, self.fanout,
+                                                   self.item_bytes))
             try:
-                message = wire.pack(("batch", rids, wire.out_of_band(items)))
+                packed = wire.pack(RunBatch(chunk.rids, wire.out_of_band(chunk.items)))
             except Exception:
-                self._reject_unpicklable(rids, items, attempts)
+                self._reject_unpicklable(chunk)
                 continue
-            self._measure_size(message.nbytes / len(items))
+            self._measure_size(packed.nbytes / len(chunk.items))
             idle = not slot.inflight
-            slot.inflight.append((rids, items, attempts))
+            slot.inflight.append(chunk)
             slot.given += 1
-            short = (not self.queued and message.nbytes <= SHORT_BATCH_BYTES
-                     and (self.ewma or 0.0) * len(items) <= SHORT_BATCH_SECONDS)
-            self.placement.took(slot.proc.pid, short)
+            if self.placement.enabled:
+                short = (not self.queued and packed.nbytes <= SHORT_BATCH_BYTES
+                         and (self.seconds_per_item or 0.0) * len(chunk.items) <= SHORT_BATCH_SECONDS)
+                self.placement.took(slot.proc.pid, short)
             if not idle:  # its actor sends it once the batches before it are answered
-                tell(slot.ref, "batch", slot.given, message)
+                tell(slot.ref, SendBatch(slot.given, packed))
                 continue
             try:  # the process waits for work: hand it over now; its actor wakes only for the result
-                slot.proc.conn.send_packed(message)
+                slot.proc.conn.send_packed(packed)
             except OSError:
                 pass  # the process died; its actor sees that and reports it
 
@@ -218,142 +230,138 @@ class StageSupervisor(Actor):
                 n_ready += 1
                 if best is None or len(slot.inflight) < len(best.inflight):
                     best = slot
-        return (best if best is not None and len(best.inflight) < DEPTH else None), n_ready
+        return (best if best is not None and len(best.inflight) < policies.DEPTH else None), n_ready
 
     def _measure_size(self, bytes_per_item: float) -> None:
         """Track pickled bytes per item (batches are cut to a byte budget); the first stage also tells the node
         when that size is first known or has changed twofold (the root sizes the node's credit by it)."""
-        known = self.item_bytes
-        self.item_bytes = bytes_per_item if known is None else 0.7 * known + 0.3 * bytes_per_item
+        self.item_bytes = policies.moving_average(self.item_bytes, bytes_per_item)
         hinted = self.hinted_bytes
         if self.index == 0 and (hinted is None or not hinted / 2 < bytes_per_item < hinted * 2):
             self.hinted_bytes = bytes_per_item
-            tell(self.node, "size_hint", bytes_per_item)
+            tell(self.node, SizeHint(self.node_name, bytes_per_item))
 
-    def _batch_size(self, n_ready: int) -> int:
-        size = 1 if self.ewma is None else int(TARGET_BATCH_SECONDS / max(self.ewma, 1e-7))
-        fair = math.ceil(self.queued / max(1, n_ready * DEPTH))
-        if self.ewma is not None:  # splitting work that is quick anyway only adds messages
-            fair = max(fair, int(MIN_BATCH_SECONDS / max(self.ewma, 1e-7)))
-        by_bytes = MAX_BATCH_BYTES / self.item_bytes if self.item_bytes else MAX_BATCH
-        return max(1, min(size, int(MAX_BATCH / max(self.fanout, 1.0)), int(by_bytes), fair))
-
-    def _take(self, size: int) -> tuple:
+    def _take(self, size: int) -> Chunk:
         """Cut up to `size` items from the front of the queue."""
-        if len(self.queue) == 1 and len(self.queue[0][0]) <= size:  # all of it (one item at a time, say): as is
+        if len(self.queue) == 1 and len(self.queue[0].rids) <= size:  # all of it (one item at a time, say): as is
             chunk = self.queue.popleft()
             self.queued = 0
             self._signal_backpressure()
             return chunk
-        rids: list = []
+        rids: list[int] = []
         items: list = []
-        attempts: list | None = None
+        attempts: list[int] | None = None
         while self.queue and len(rids) < size:
-            c_rids, c_items, c_att = self.queue[0]
+            part = self.queue[0]
             room = size - len(rids)
-            if len(c_rids) > room:
-                self.queue[0] = (c_rids[room:], c_items[room:], c_att[room:] if c_att else None)
-                c_rids, c_items, c_att = c_rids[:room], c_items[:room], (c_att[:room] if c_att else None)
+            if len(part.rids) > room:
+                self.queue[0] = Chunk(part.rids[room:], part.items[room:], part.attempts[room:] if part.attempts else None)
+                part = Chunk(part.rids[:room], part.items[:room], part.attempts[:room] if part.attempts else None)
             else:
                 self.queue.popleft()
-            if c_att or attempts is not None:
-                attempts = (attempts if attempts is not None else [0] * len(rids)) + (c_att or [0] * len(c_rids))
-            rids.extend(c_rids)
-            items.extend(c_items)
+            if part.attempts or attempts is not None:  # attempts stay None while every item is on its first try
+                attempts = (attempts if attempts is not None else [0] * len(rids)) + (part.attempts or
+                                                                                      [0] * len(part.rids))
+            rids.extend(part.rids)
+            items.extend(part.items)
         self.queued -= len(rids)
         self._signal_backpressure()
-        return rids, items, attempts
+        return Chunk(rids, items, attempts)
 
-    def _reject_unpicklable(self, rids: list, items: list, attempts: list | None) -> None:
+    def _reject_unpicklable(self, chunk: Chunk) -> None:
         """A batch that cannot be pickled: the items that cannot are dead letters, the others go back in line."""
         good: list[int] = []
         dead: list[DeadLetter] = []
-        for i, item in enumerate(items):
+        for i, item in enumerate(chunk.items):
             try:
                 cloudpickle.dumps(item)
                 good.append(i)
             except Exception as exc:
                 self.stats.failed += 1
-                dead.append(DeadLetter(repr(item), self.stage.name, self.index, (attempts[i] if attempts else 0) + 1,
+                dead.append(DeadLetter(repr(item), self.stage.name, self.index, _attempts(chunk, i) + 1,
                                        "exception", "PicklingError",
                                        f"stage {self.stage.name!r}: item {item!r:.200} cannot be pickled: {exc}",
-                                       traceback.format_exc(), self.node_name, rid=rids[i], refeedable=False))
-        self._report([], [d.rid for d in dead], None, dead)
+                                       traceback.format_exc(), self.node_name, rid=chunk.rids[i], refeedable=False))
+        self._report([], [chunk.rids[i] for i in range(len(chunk.rids)) if i not in good], None, dead)
         if good:
-            self._requeue(([rids[i] for i in good], [items[i] for i in good],
-                           [attempts[i] for i in good] if attempts else None))
+            self._requeue(_select(chunk, good))
 
-    def _requeue(self, chunk: tuple) -> None:
+    def _requeue(self, chunk: Chunk) -> None:
         self.queue.appendleft(chunk)
-        self.queued += len(chunk[0])
+        self.queued += len(chunk.rids)
 
-    def on_batch_done(self, wid: int, result: tuple) -> None:
-        slot = self.slots.get(wid)
+    @handles(BatchDone)
+    def on_batch_done(self, message: BatchDone) -> None:
+        slot = self.slots.get(message.wid)
         if slot is None or not slot.inflight or self.state == "stopping":
             return
-        rids, items, attempts = slot.inflight.popleft()
+        chunk = slot.inflight.popleft()
         self.placement.done(slot.proc.pid)
-        outs, tree, errors, dropped, (seconds, timed, samples) = result
+        result = message.result
+        outs, timing = result.outputs, result.timing
         self.crash_streak = 0
         self.stats.items_out += len(outs)
-        self.stats.dropped += dropped
-        self.stats.add_timing(seconds, timed, samples)
-        if timed:
-            mean = seconds / timed
-            self.ewma = mean if self.ewma is None else 0.7 * self.ewma + 0.3 * mean
-            fanout = len(outs) / timed  # a rise counts at once (it bounds memory), a fall slowly
-            self.fanout = max(fanout, 0.7 * self.fanout + 0.3 * fanout)
-        # the worker worked out the trees' net change: each output's root item, births beyond an input's first
-        # output, deaths of inputs that gave nothing (None: one output per input, nothing changed)
-        out_rids, born, died = (rids, [], []) if tree is None else tree
-        failed = {index: (etype, message, tb, retryable) for index, etype, message, tb, retryable in errors}
+        self.stats.dropped += result.dropped
+        self.stats.add_timing(timing.seconds, timing.count, timing.samples)
+        if timing.count:
+            self.seconds_per_item = policies.moving_average(self.seconds_per_item, timing.seconds / timing.count)
+            fanout = len(outs) / timing.count  # a rise counts at once (it bounds memory), a fall slowly
+            self.fanout = max(fanout, policies.moving_average(self.fanout, fanout))
+        if result.tree is None:  # one output per input: nothing changed in the trees
+            out_rids, born, died = chunk.rids, [], []
+        else:
+            out_rids, born, died = result.tree
+        failed = {error.index for error in result.errors}
         dead: list[DeadLetter] = []
         if self.last:  # every item leaves the pipeline here
             born = []
-            died = [r for i, r in enumerate(rids) if i not in failed] if failed else rids
-        for index, (etype, message, tb, retryable) in failed.items():
-            self._charge(rids[index], items[index], attempts[index] if attempts else 0, died, dead,
-                         "exception", retryable, error_type=etype, message=message, traceback=tb, pid=slot.proc.pid)
+            died = [rid for i, rid in enumerate(chunk.rids) if i not in failed] if failed else chunk.rids
+        for error in result.errors:
+            self._charge(chunk, error.index, died, dead, "exception", error.retryable, error_type=error.error_type,
+                         message=error.message, traceback=error.traceback, pid=slot.proc.pid)
         self._report(born, died, (out_rids, outs) if self.last and outs else None, dead)
-        if outs and not self.last:
-            tell(self.next_stage, "push", (out_rids, outs, None))
+        if outs and not self.last and self.next_stage is not None:
+            tell(self.next_stage, Push(Chunk(out_rids, outs)))
         self._dispatch()
 
-    def on_batch_unreadable(self, wid: int, error: str, tb: str) -> None:
+    @handles(BatchUnreadable)
+    def on_batch_unreadable(self, message: BatchUnreadable) -> None:
         """The worker could not unpickle the batch, or we its reply: its items fail for good with that cause."""
-        slot = self.slots.get(wid)
+        slot = self.slots.get(message.wid)
         if slot is None or not slot.inflight or self.state == "stopping":
             return
-        rids, items, attempts = slot.inflight.popleft()
+        chunk = slot.inflight.popleft()
         self.placement.done(slot.proc.pid)
-        died: list = []
+        died: list[int] = []
         dead: list[DeadLetter] = []
-        for i, (rid, item) in enumerate(zip(rids, items)):
-            self._charge(rid, item, attempts[i] if attempts else 0, died, dead, "exception", False,
-                         error_type="UnpicklingError", message=f"stage {self.stage.name!r}: {error}", traceback=tb,
+        for i in range(len(chunk.rids)):
+            self._charge(chunk, i, died, dead, "exception", False, error_type="UnpicklingError",
+                         message=f"stage {self.stage.name!r}: {message.error}", traceback=message.traceback,
                          pid=slot.proc.pid)
         self._report([], died, None, dead)
         self._dispatch()
 
-    def _charge(self, rid: int, item: Any, attempts: int, died: list, dead: list[DeadLetter], cause: str,
-                retryable: bool, **detail: Any) -> None:
-        """Count one failed attempt: re-queue the item if it has tries left, else end it as a failure
-        (appended to `died`, and to `dead` unless the stage drops failures)."""
-        attempts += 1
+    def _charge(self, chunk: Chunk, i: int, died: list[int], dead: list[DeadLetter], cause: str, retryable: bool,
+                **detail: Any) -> None:
+        """Count one failed attempt of item `i` of `chunk`: re-queue it if it has tries left, else end it as a
+        failure (appended to `died`, and to `dead` unless the stage drops failures)."""
+        rid, item = chunk.rids[i], chunk.items[i]
+        attempts = _attempts(chunk, i) + 1
         if retryable and attempts < self.sup.max_attempts:
             self.stats.retried += 1
-            self._requeue(([rid], [item], [attempts]))
+            self._requeue(Chunk([rid], [item], [attempts]))
             return
         self.stats.failed += 1
         died.append(rid)
         letter = DeadLetter(item, self.stage.name, self.index, attempts, cause, node=self.node_name, rid=rid,
                             **detail)
         if self.sup.on_failure == "drop":
-            tell(self.node, "log_failure", letter)
+            tell(self.node, DroppedFailure(letter))
         else:
             dead.append(letter)
 
-    def _report(self, born: list, died: list, outputs: tuple | None, dead: list[DeadLetter]) -> None:
+    def _report(self, born: list[int], died: list[int], outputs: tuple[list[int], list] | None,
+                dead: list[DeadLetter]) -> None:
         """Record in the node's ledger which root items gained live items (`born`, one rid per new item) and
         lost some (`died`). Recorded before the outputs move on to the next stage, so a count never meets early.
         """
@@ -362,30 +370,29 @@ class StageSupervisor(Actor):
 
     # -- failures of workers -----------------------------------------------------------------------------------------
 
-    def on_worker_died(self, wid: int, death: Death) -> None:
-        slot = self.slots.pop(wid, None)
+    @handles(WorkerDied)
+    def on_worker_died(self, message: WorkerDied) -> None:
+        slot = self.slots.pop(message.wid, None)
         if slot is None:
             return
+        death = message.death
         slot.ref.stop(block=False)  # its actor reaps the process and frees the socket and progress record
         self.placement.gone(slot.proc.pid)
         if self.state != "running":
             return
         self.stats.workers = sum(s.ready for s in self.slots.values())
-        batches = list(slot.inflight)
-        finished: list = []
+        finished: list[int] = []
         dead: list[DeadLetter] = []
-        for position, (rids, items, attempts) in enumerate(batches):
+        for position, chunk in enumerate(slot.inflight):
             blamed = death.index if position == 0 and death.cause != "init_failed" else -1
-            if 0 <= blamed < len(rids):
-                self.last_item = items[blamed]
-                self._charge(rids[blamed], items[blamed], attempts[blamed] if attempts else 0, finished, dead,
-                             death.cause, True, message=death.message, traceback=death.traceback,
-                             pid=death.pid, exit_code=death.exit_code, signal=death.signal)
-                keep = [i for i in range(len(rids)) if i != blamed]
-                rids, items = [rids[i] for i in keep], [items[i] for i in keep]
-                attempts = [attempts[i] for i in keep] if attempts else None
-            if rids:
-                self._requeue((rids, items, attempts))
+            if 0 <= blamed < len(chunk.rids):  # only the item it was running is charged; the rest go back uncharged
+                self.last_item = chunk.items[blamed]
+                self._charge(chunk, blamed, finished, dead, death.cause, True, message=death.message,
+                             traceback=death.traceback, pid=death.pid, exit_code=death.exit_code,
+                             signal=death.signal)
+                chunk = _select(chunk, [i for i in range(len(chunk.rids)) if i != blamed])
+            if chunk.rids:
+                self._requeue(chunk)
         self._report([], finished, None, dead)
         self._restart_after(death)
         self._dispatch()
@@ -404,8 +411,8 @@ class StageSupervisor(Actor):
             self.restart_times.popleft()
         if len(self.restart_times) > self.sup.max_restarts:
             if self.sup.on_exhausted == "degrade" and self.slots:
-                tell(self.node, "log", f"stage {self.stage.name!r}: restart budget exhausted, "
-                                       f"going on with {len(self.slots)} worker(s)")
+                tell(self.node, NodeLog(f"stage {self.stage.name!r}: restart budget exhausted, "
+                                        f"going on with {len(self.slots)} worker(s)"))
                 return
             self._fail(f"more than {self.sup.max_restarts} worker restarts in {self.sup.restart_window} s; "
                        f"last: {death.cause} ({death.message})", death.traceback)
@@ -414,7 +421,7 @@ class StageSupervisor(Actor):
         low, high = self.sup.backoff
         delay = min(high, low * (2 ** self.crash_streak)) * random.uniform(0.5, 1.0)
         self.crash_streak += 1
-        timer = threading.Timer(delay, tell, (self.actor_ref, "respawn"))
+        timer = threading.Timer(delay, tell, (self.actor_ref, Respawn()))
         timer.daemon = True
         timer.start()
 
@@ -422,4 +429,15 @@ class StageSupervisor(Actor):
         self.state = "failed"
         for slot in self.slots.values():
             slot.proc.kill()
-        tell(self.node, "stage_failed", StageFailed(self.stage.name, cause, self.last_item, detail))
+        tell(self.node, StageFailure(StageFailed(self.stage.name, cause, self.last_item, detail)))
+
+
+def _attempts(chunk: Chunk, i: int) -> int:
+    """Attempts item `i` of `chunk` has had so far."""
+    return chunk.attempts[i] if chunk.attempts else 0
+
+
+def _select(chunk: Chunk, keep: list[int]) -> Chunk:
+    """The items of `chunk` at the positions `keep`."""
+    return Chunk([chunk.rids[i] for i in keep], [chunk.items[i] for i in keep],
+                 [chunk.attempts[i] for i in keep] if chunk.attempts else None)

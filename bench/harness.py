@@ -42,10 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per workload and system; medians are shown")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every input count (0.01 for a smoke run)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write machine, rows and trials as JSON")
+    parser.add_argument("--placement", action="store_true",
+                        help="run pipeline_cluster's clusters and node servers with placement=True (the opt-in)")
     return parser
 
 
-def plan(workloads: list[str], systems: list[str], round_no: int, scale: float) -> list[dict[str, Any]]:
+def plan(workloads: list[str], systems: list[str], round_no: int, scale: float,
+         placement: bool = False) -> list[dict[str, Any]]:
     """The trial specs of one round: each workload on each applicable system, systems rotated by the round."""
     specs = []
     for name in workloads:
@@ -53,7 +56,7 @@ def plan(workloads: list[str], systems: list[str], round_no: int, scale: float) 
         mine = [s for s in systems if s in workload.systems]
         shift = round_no % len(mine) if mine else 0
         for system in mine[shift:] + mine[:shift]:
-            base = {"workload": name, "system": system, "round": round_no}
+            base = {"workload": name, "system": system, "round": round_no, "placement": placement}
             specs.append({**base, "variant": "main", "inputs": scaled(workload.inputs, scale)})
             if name == "W5":
                 specs.append({**base, "variant": "small", "inputs": scaled(W5_SMALL_INPUTS, scale)})
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     trials: list[dict[str, Any]] = []
     for round_no in range(args.rounds):
-        for spec in plan(args.workloads, args.systems, round_no, args.scale):
+        for spec in plan(args.workloads, args.systems, round_no, args.scale, args.placement):
             try:
                 result = measure.run_trial(spec, env)
             except RuntimeError as exc:

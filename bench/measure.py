@@ -100,7 +100,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 def run_trial(spec: dict[str, Any], env: dict[str, str], timeout: float = TRIAL_TIMEOUT) -> dict[str, Any]:
-    """Run `python -m bench.trial SPEC` (or `pipeline_cluster.bench.trial` when installed) from the repo root; return its result with `peak_rss_mb` added.
+    """Run `python -m bench.trial SPEC` from the repo root; return its result with `peak_rss_mb` added.
 
     A trial that fails or times out raises RuntimeError with the end of its stderr.
     """

@@ -87,8 +87,6 @@ def _notes(row: dict[str, Any]) -> str:
             notes.append("two pool.apply calls per item; chunksize does not apply")
         elif system == "localev":
             notes.append("awaited on the caller's own Event, set by the output handler")
-        elif system == "localco":
-            notes.append("awaited on the caller's own Event, with boot(colocate=True)")
         elif workload == "W4" and system in ("local", "node"):
             notes.append("awaited with cluster.wait_empty()")
         if workload == "W2":

@@ -127,13 +127,14 @@ class ClusterRunner:
     """Runs workloads on a pipeline_cluster cluster made by `make_cluster()` (LocalCluster or connected nodes).
 
     W4 awaits each item with `cluster.wait_empty()`, or (`own_event`) on the caller's own Event that the output
-    handler sets, optionally with `boot(colocate=True)`.
+    handler sets. `placement=True` makes clusters with `placement=True` (node servers are started with
+    `--placement` by the trial).
     """
 
-    def __init__(self, run_dir: str, own_event: bool = False, colocate: bool = False) -> None:
+    def __init__(self, run_dir: str, own_event: bool = False, placement: bool = False) -> None:
         self.run_dir = run_dir
         self.own_event = own_event
-        self.colocate = colocate
+        self.placement = placement
         self._runs = itertools.count()
 
     def make_cluster(self) -> pc.Cluster:
@@ -162,7 +163,7 @@ class ClusterRunner:
         timing = LatencyTiming(time.perf_counter())
         with self.make_cluster() as cluster:
             cluster.setup(f"bench-{workload.name}", "1", pipeline_of(workload))
-            cluster.boot(output_handler=on_output if self.own_event else got.append, colocate=self.colocate)
+            cluster.boot(output_handler=on_output if self.own_event else got.append)
             for item in range(count):
                 arrived.clear()
                 sent = time.perf_counter()
@@ -186,19 +187,19 @@ class LocalRunner(ClusterRunner):
 
     def make_cluster(self) -> pc.Cluster:
         """A LocalCluster whose run directory sits under this trial's temp dir."""
-        return pc.LocalCluster(run_dir=self._next_run_dir())
+        return pc.LocalCluster(run_dir=self._next_run_dir(), placement=self.placement)
 
 
 class NodeRunner(ClusterRunner):
     """`pc.Cluster.connect(addresses)` to node servers that are already running."""
 
-    def __init__(self, run_dir: str, addresses: list[tuple[str, int]]) -> None:
-        super().__init__(run_dir)
+    def __init__(self, run_dir: str, addresses: list[tuple[str, int]], placement: bool = False) -> None:
+        super().__init__(run_dir, placement=placement)
         self.addresses = addresses
 
     def make_cluster(self) -> pc.Cluster:
         """A root connected to every node address (the authkey comes from PIPELINE_CLUSTER_AUTHKEY)."""
-        return pc.Cluster.connect(self.addresses, run_dir=self._next_run_dir())
+        return pc.Cluster.connect(self.addresses, run_dir=self._next_run_dir(), placement=self.placement)
 
 
 class PoolRunner:
@@ -295,7 +296,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def node_servers(hosts: list[str], workers: int, log_dir: str) -> Iterator[list[tuple[str, int]]]:
+def node_servers(hosts: list[str], workers: int, log_dir: str,
+                 placement: bool = False) -> Iterator[list[tuple[str, int]]]:
     """Start `python -m pipeline_cluster.cli node` on each loopback host (port 0); yield their addresses; stop them.
 
     The servers inherit PIPELINE_CLUSTER_AUTHKEY from this process and run with the repo as working directory,
@@ -309,7 +311,7 @@ def node_servers(hosts: list[str], workers: int, log_dir: str) -> Iterator[list[
             with open(log_path, "w") as log:
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "pipeline_cluster.cli", "node", "--host", host, "--port", "0",
-                     "--workers", str(workers)],
+                     "--workers", str(workers)] + (["--placement"] if placement else []),
                     stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True, cwd=REPO))
             logs.append(log_path)
         yield [_read_ready(proc, log) for proc, log in zip(procs, logs)]

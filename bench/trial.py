@@ -24,14 +24,14 @@ NODE_HOST = "127.0.0.2"
 
 
 @contextlib.contextmanager
-def runner_for(system: str, workload: Workload, tmp: str) -> Iterator[Any]:
+def runner_for(system: str, workload: Workload, tmp: str, placement: bool) -> Iterator[Any]:
     """The runner of `system`; for "node", one node server on loopback that is stopped afterwards."""
     cores = os.cpu_count() or 1
-    if system in ("local", "localev", "localco"):
-        yield runners.LocalRunner(tmp, own_event=system != "local", colocate=system == "localco")
+    if system in ("local", "localev"):
+        yield runners.LocalRunner(tmp, own_event=system == "localev", placement=placement)
     elif system == "node":
-        with runners.node_servers([NODE_HOST], cores, tmp) as addresses:
-            yield runners.NodeRunner(tmp, addresses)
+        with runners.node_servers([NODE_HOST], cores, tmp, placement) as addresses:
+            yield runners.NodeRunner(tmp, addresses, placement)
     elif system == "pool1":
         yield runners.PoolRunner(1)
     elif system == "pooltuned":
@@ -58,7 +58,7 @@ def _stream_result(workload: Workload, timing: runners.StreamTiming, count: int)
             "items_per_s": timing.outputs / timing.elapsed}
 
 
-def stream_trial(workload: Workload, system: str, count: int, tmp: str) -> dict[str, Any]:
+def stream_trial(workload: Workload, system: str, count: int, tmp: str, placement: bool) -> dict[str, Any]:
     """W1, W2, W3, W5: stream `count` lazily generated inputs through the workload and compute its figure.
 
     For W2 the burn loop is calibrated to ~10 ms in this process first; the efficiency takes as time per item
@@ -70,7 +70,7 @@ def stream_trial(workload: Workload, system: str, count: int, tmp: str) -> dict[
     if workload.name == "W2":  # calibrated here and now: the machine's speed drifts between trials
         iterations = calibrate_burn()
         time_per_item = time_burn(iterations)
-    with runner_for(system, workload, tmp) as runner:
+    with runner_for(system, workload, tmp, placement) as runner:
         timing = runner.stream(workload, _inputs(workload, count, iterations), workload.outputs_for(count))
     result = _stream_result(workload, timing, count)
     if workload.name == "W2":
@@ -88,9 +88,9 @@ def stream_trial(workload: Workload, system: str, count: int, tmp: str) -> dict[
     return result
 
 
-def latency_trial(workload: Workload, system: str, count: int, tmp: str) -> dict[str, Any]:
+def latency_trial(workload: Workload, system: str, count: int, tmp: str, placement: bool) -> dict[str, Any]:
     """W4: one item at a time through the two stages; p50 and p99 of the round trips."""
-    with runner_for(system, workload, tmp) as runner:
+    with runner_for(system, workload, tmp, placement) as runner:
         timing = runner.latency(workload, count)
     cuts = statistics.quantiles(timing.latencies, n=100, method="inclusive")
     p50, p99 = statistics.median(timing.latencies) * 1e3, cuts[98] * 1e3
@@ -98,7 +98,7 @@ def latency_trial(workload: Workload, system: str, count: int, tmp: str) -> dict
             "figure": p50}
 
 
-def scale_out_trial(workload: Workload, count: int, tmp: str) -> dict[str, Any]:
+def scale_out_trial(workload: Workload, count: int, tmp: str, placement: bool) -> dict[str, Any]:
     """W6: 8 node servers x 4 workers on 127.0.0.2..9, a 20 ms sleep per item; then 1 of them for the root's CPU.
 
     The 1-node comparison runs count/8 inputs so it lasts as long as the 8-node run. The root's CPU per input is
@@ -108,12 +108,14 @@ def scale_out_trial(workload: Workload, count: int, tmp: str) -> dict[str, Any]:
     hosts = [f"127.0.0.{2 + i}" for i in range(W6_NODES)]
     ideal = W6_NODES * W6_WORKERS_PER_NODE / NAP_SECONDS
     small = max(2, count // W6_NODES)
-    with runners.node_servers(hosts, W6_WORKERS_PER_NODE, tmp) as addresses:
+    with runners.node_servers(hosts, W6_WORKERS_PER_NODE, tmp, placement) as addresses:
         cpu = time.process_time()
-        many = runners.NodeRunner(os.path.join(tmp, "nodes8"), addresses).stream(workload, ints(count), count)
+        many = runners.NodeRunner(os.path.join(tmp, "nodes8"), addresses, placement).stream(workload, ints(count),
+                                                                                             count)
         cpu_many = (time.process_time() - cpu) / count
         cpu = time.process_time()
-        one = runners.NodeRunner(os.path.join(tmp, "nodes1"), addresses[:1]).stream(workload, ints(small), small)
+        one = runners.NodeRunner(os.path.join(tmp, "nodes1"), addresses[:1], placement).stream(workload, ints(small),
+                                                                                                small)
         cpu_one = (time.process_time() - cpu) / small
     result = _stream_result(workload, many, count)
     _stream_result(workload, one, small)
@@ -132,12 +134,13 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     workload = WORKLOADS[spec["workload"]]
     system = spec["system"]
     count = int(spec["inputs"])
+    placement = bool(spec.get("placement", False))
     with tempfile.TemporaryDirectory(prefix="pcbench-") as tmp:
         if workload.name == "W6":
-            return scale_out_trial(workload, count, tmp)
+            return scale_out_trial(workload, count, tmp, placement)
         if workload.name == "W4":
-            return latency_trial(workload, system, count, tmp)
-        return stream_trial(workload, system, count, tmp)
+            return latency_trial(workload, system, count, tmp, placement)
+        return stream_trial(workload, system, count, tmp, placement)
 
 
 def main(argv: list[str]) -> int:

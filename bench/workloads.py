@@ -113,8 +113,8 @@ class Workload:
 
 STANDARD_SYSTEMS = ("local", "node", "pool1", "pooltuned", "loop")
 # W4 only: "localev" awaits each item on the caller's own Event (set by the output handler) rather than in
-# cluster.wait_empty(), and "localco" does so with boot(colocate=True)
-ALL_SYSTEMS = ("local", "localev", "localco", "node", "pool1", "pooltuned", "loop")
+# cluster.wait_empty()
+ALL_SYSTEMS = ("local", "localev", "node", "pool1", "pooltuned", "loop")
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("W1", "tiny: generator x -> (x, x), then identity", 200_000,

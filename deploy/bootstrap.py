@@ -22,14 +22,15 @@ from typing import Any, Callable, TypeVar
 
 import paramiko
 
-from pipeline_cluster import __version__, wire
-from pipeline_cluster.auth import client_handshake
+from pipeline_cluster import __version__
+from pipeline_cluster.transport import wire
+from pipeline_cluster.transport.auth import client_handshake
 from pipeline_cluster.deploy.channelsock import ChannelSocket
 from pipeline_cluster.deploy.config import DeployConfig, NodeSpec
 from pipeline_cluster.deploy.errors import DeployError, HostError
 from pipeline_cluster.deploy.remote import Connector, remote_argv, run_hostscript, tail
 from pipeline_cluster.deploy.wheel import build_wheel
-from pipeline_cluster.nodelink import RemoteLink
+from pipeline_cluster.transport.links import RemoteLink
 
 logger = logging.getLogger("pipeline_cluster.deploy")
 

@@ -22,8 +22,8 @@ import pipeline_cluster
 
 DIST = "pipeline_cluster"
 # The packages of setup.cfg's `packages` (a test checks the two agree).
-PACKAGES = ("pipeline_cluster", "pipeline_cluster.actors", "pipeline_cluster.deploy", "pipeline_cluster.examples",
-            "pipeline_cluster.bench")
+PACKAGES = ("pipeline_cluster", "pipeline_cluster.logs", "pipeline_cluster.transport", "pipeline_cluster.worker",
+            "pipeline_cluster.actors", "pipeline_cluster.deploy")
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 
 

@@ -15,8 +15,8 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "Cluster": "pipeline_cluster.cluster",
     "LocalCluster": "pipeline_cluster.cluster",
-    "Results": "pipeline_cluster.results",
-    "DeadLetter": "pipeline_cluster.deadletters",
+    "Results": "pipeline_cluster.run",
+    "DeadLetter": "pipeline_cluster.messages",
     "ClusterError": "pipeline_cluster.errors",
     "StageFailed": "pipeline_cluster.errors",
     "Pipeline": "pipeline_cluster.model",

@@ -5,6 +5,7 @@ import argparse
 import collections
 import importlib
 import json
+import os
 import sys
 import time
 from typing import Any, Iterable, Iterator
@@ -22,7 +23,7 @@ def _progress(iterable: Iterable[Any], total: int | None, desc: str) -> Iterable
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the word-count example on the local cluster and print per-stage stats."""
     import pipeline_cluster as pc
-    from pipeline_cluster.examples import wordcount
+    from pipeline_cluster import demo as wordcount
     from pipeline_cluster.stats import format_table
 
     started = time.monotonic()
@@ -103,18 +104,19 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_node(args: argparse.Namespace) -> int:
     """Serve as a node: host stages for roots that connect with the shared authkey."""
-    from pipeline_cluster import node
+    from pipeline_cluster.transport import server
 
     log_addr = (args.log_host, args.log_port) if args.log_port else None
-    return node.main(args.host, args.port, log_addr, args.authkey_file, args.workers, args.stdin_config)
+    return server.main(args.host, args.port, log_addr, args.authkey_file, args.workers, args.stdin_config,
+                       args.placement)
 
 
 def cmd_log(args: argparse.Namespace) -> int:
     """Serve as the log server, appending every record to a file."""
-    from pipeline_cluster import multiprocess_logging
+    from pipeline_cluster.logs.server import LogServer
 
     key = open(args.authkey_file, "rb").read().strip() if args.authkey_file else None
-    server = multiprocess_logging.LogServer((args.host, args.port), args.outfile, key)
+    server = LogServer((args.host, args.port), args.outfile, key)
     print(f"PCREADY {json.dumps({'host': server.address[0], 'port': server.address[1]})}", flush=True)
     try:
         server.serve_forever()
@@ -124,9 +126,14 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    """Run the benchmark harness (the repo's bench/, installed as pipeline_cluster.bench) with its own options."""
-    from pipeline_cluster.bench.harness import main as bench_main
-
+    """Run the benchmark harness (the repo's bench/ folder: run it from a checkout) with its own options."""
+    sys.path.insert(0, os.getcwd())
+    try:
+        from bench.harness import main as bench_main
+    except ImportError:
+        print("error: the benchmark lives in the repository's bench/ folder, not in the installed package; "
+              "run `pipeline-cluster bench` (or `python -m bench`) from a checkout", file=sys.stderr)
+        return 2
     return bench_main(argv)
 
 
@@ -140,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Split sentences into words (generator stage), normalise them (class stage "
                                       "with args), drop stop words (a stage returning None), on the local cluster.")
     demo.add_argument("--count", type=int, default=3000, help="number of input sentences (default 3000)")
-    demo.add_argument("--workers", type=int, default=None, help="worker processes per stage (default: CPU count)")
+    demo.add_argument("--workers", type=int, default=None, help="worker processes per stage (default: the CPUs this process may use)")
     demo.set_defaults(func=cmd_demo)
 
     run = sub.add_parser("run", help="run module:attr over the lines of a file, outputs as JSON lines",
@@ -149,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("pipeline", metavar="module:attr")
     run.add_argument("--input", required=True, help="input file, one item per line ('-' for stdin)")
     run.add_argument("--output", default=None, help="output file for JSON lines (default stdout)")
-    run.add_argument("--workers", type=int, default=None, help="worker processes per stage (default: CPU count)")
+    run.add_argument("--workers", type=int, default=None, help="worker processes per stage (default: the CPUs this process may use)")
     run.add_argument("--cluster", default=None, metavar="FILE",
                      help="run on the nodes of this cluster.toml, started over SSH (default: this machine)")
     run.set_defaults(func=cmd_run)
@@ -164,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--log-host", default="127.0.0.1", help="log server address")
     node.add_argument("--log-port", type=int, default=None, help="log server port (default: logs go to the root)")
     node.add_argument("--authkey-file", default=None, help="file holding the shared authkey")
-    node.add_argument("--workers", type=int, default=None, help="worker processes per stage (default: CPU count)")
+    node.add_argument("--workers", type=int, default=None,
+                      help="worker processes per stage (default: the CPUs this process may use)")
+    node.add_argument("--placement", action="store_true",
+                      help="run the node's own threads on one CPU, beside lone short batches (see the README)")
     node.add_argument("--stdin-config", action="store_true",
                       help='read {"authkey": HEX, "run_dir": PATH} as one JSON line from stdin; serve one root and '
                            "exit when it is gone or stdin closes (how `deploy` starts nodes)")

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from pipeline_cluster.deadletters import DeadLetter
+from pipeline_cluster.messages import DeadLetter
 
 
 def runs_root() -> Path:

@@ -1,7 +1,7 @@
 """Per-stage item accounting: counts, time per item (mean and p95 from a bounded sample), workers, restarts."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterable
 
 SAMPLE_LIMIT = 4096
@@ -33,6 +33,10 @@ class StageStats:
         self.samples.extend(samples)
         if len(self.samples) > SAMPLE_LIMIT:
             del self.samples[::2]
+
+    def copy(self) -> StageStats:
+        """A snapshot that later batches do not change."""
+        return replace(self, samples=list(self.samples))
 
     @property
     def mean_seconds(self) -> float | None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import configparser
+import importlib
 import io
 import json
 import os
@@ -18,7 +19,7 @@ from pipeline_cluster.deploy.errors import ConfigError
 from pipeline_cluster.deploy.wheel import PACKAGES, build_wheel
 from tests.conftest import wait_until
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 GOOD = """
 [cluster]
 name = "lab"
@@ -162,7 +163,7 @@ def test_wheel_is_reproducible_and_holds_every_module():
     assert set(PACKAGES) == set(setup["options"]["packages"].split())
     names = set(zipfile.ZipFile(io.BytesIO(first.data)).namelist())
     for package in PACKAGES:
-        directory = REPO / setup["options"]["package_dir"].split(package + " = ")[1].split()[0]
+        directory = Path(importlib.import_module(package).__file__).parent
         for module in directory.glob("*.py"):
             assert f"{package.replace('.', '/')}/{module.name}" in names
     info = f"pipeline_cluster-{first.version}.dist-info"

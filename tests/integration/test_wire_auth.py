@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 
-from pipeline_cluster import auth, wire
-from pipeline_cluster.auth import AuthenticationError, ProtocolVersionError, resolve_authkey
-from pipeline_cluster.wire import Channel, FrameTooLargeError, Listener, connect
+from pipeline_cluster.transport import auth, wire
+from pipeline_cluster.transport.auth import AuthenticationError, ProtocolVersionError, resolve_authkey
+from pipeline_cluster.transport.wire import Channel, FrameTooLargeError, Listener, connect
 
 KEY = b"test-key-0123456789"
 
@@ -39,7 +39,7 @@ def blocked_call(call: Callable[[], object], unblock: Callable[[], None]) -> lis
     thread.join(5)
     assert not thread.is_alive()
     return errors
-WIRE_LOGGER = "pipeline_cluster.wire"
+WIRE_LOGGER = "pipeline_cluster.transport.wire"
 
 
 class Blob:
@@ -560,7 +560,7 @@ def test_resolve_authkey_warns_about_a_readable_key_file(key_env: pytest.MonkeyP
                                                          caplog: pytest.LogCaptureFixture) -> None:
     key = resolve_authkey()
     auth.default_authkey_path().chmod(0o644)
-    caplog.set_level(logging.WARNING, logger="pipeline_cluster.auth")
+    caplog.set_level(logging.WARNING, logger="pipeline_cluster.transport.auth")
     assert resolve_authkey() == key
     assert any("readable by other users" in r.getMessage() for r in caplog.records)
 

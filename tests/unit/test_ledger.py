@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from pipeline_cluster.actors.ledger import TreeLedger
-from pipeline_cluster.deadletters import DeadLetter
+from pipeline_cluster.messages import DeadLetter
 
 STAGES = 3
 
@@ -62,7 +62,7 @@ def _simulate(seed: int, roots: int, fanout: tuple[int, ...], fail_rate: float) 
                     queues[stage + 1].append((rid, serial))
         ledger.record(0, born, died, (out_rids, outs) if out_rids else None, dead)
         while reports:
-            _, name, done, outputs, letters = reports.pop()
+            name, done, outputs, letters = reports.pop()
             assert name == "n"
             by_root: dict[int, list] = defaultdict(list)
             for output in outputs:

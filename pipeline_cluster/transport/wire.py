@@ -1,6 +1,6 @@
 """Authenticated, framed TCP message channels between cluster processes.
 
-`connect` and `Listener.accept` hand out a `Channel` only after the handshake of `pipeline_cluster.auth` succeeded,
+`connect` and `Listener.accept` hand out a `Channel` only after the handshake of `pipeline_cluster.transport.auth` succeeded,
 so nothing is ever unpickled from an unauthenticated peer.
 
 Wire format after the handshake: frames of an 8-byte big-endian header, whose top byte is the frame kind and whose
@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 import cloudpickle
 
-from pipeline_cluster.auth import client_handshake, server_handshake
+from pipeline_cluster.transport.auth import client_handshake, server_handshake
 
 __all__ = ["DEFAULT_MAX_FRAME", "Channel", "FrameTooLargeError", "Listener", "Packed", "UnpicklingFailed", "connect",
            "out_of_band", "pack"]
@@ -350,13 +350,13 @@ class Listener:
     """A TCP server socket handing out authenticated Channels, one handshake thread per incoming connection.
 
     Handshakes run concurrently in short-lived threads, so a slow or silent client never delays the others; a failed
-    handshake is logged (WARNING, logger ``pipeline_cluster.wire``) with the peer address and reason, and dropped.
+    handshake is logged (WARNING, logger ``pipeline_cluster.transport.wire``) with the peer address and reason, and dropped.
     """
 
     def __init__(self, address: tuple[str, int], authkey: bytes, handshake_timeout: float = 5.0,
                  backlog: int = 128, *, max_handshakes: int = 64, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         if not isinstance(authkey, bytes) or not authkey:
-            raise ValueError("authkey must be non-empty bytes (see pipeline_cluster.auth.resolve_authkey)")
+            raise ValueError("authkey must be non-empty bytes (see pipeline_cluster.transport.auth.resolve_authkey)")
         self._authkey = authkey
         self.handshake_timeout = handshake_timeout
         self.max_handshakes = max_handshakes

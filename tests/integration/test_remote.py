@@ -15,6 +15,7 @@ import pipeline_cluster as pc
 import pipeline_cluster.node
 import pipeline_cluster.root
 from pipeline_cluster import multiprocess_logging as mpl
+from pipeline_cluster.logs import route
 from tests.conftest import wait_until
 
 from tests.nodeproc import KEY, NodeProcess
@@ -57,7 +58,7 @@ def test_seed_usage_flow(nodes, tmp_path):
         assert received[-1] == "X"
     finally:
         cluster.close()
-        mpl.attach_local(None)
+        route.attach_local(None)
     assert wait_until(lambda: log_file.read_text().count("] wait_more hello world!") == 4, 10), log_file.read_text()
     text = log_file.read_text()
     assert "hello world!" in text and text.count("] wait hello world!") == 2
@@ -163,7 +164,7 @@ def test_log_without_server_falls_back_to_stderr_once(capsys):
         mpl.log("second")
         assert time.monotonic() - started < 5
     finally:
-        mpl.attach_local(None)
+        route.attach_local(None)
     err = capsys.readouterr().err
     assert err.count("unreachable") == 1 and "first" in err and "second" in err
 

@@ -1,6 +1,6 @@
-"""Thread placement: the framework's threads share one home CPU; user code, its threads and worker processes keep
-the CPUs the main thread may use. The framework's threads (but the worker actors) and the workers are SCHED_BATCH
-tasks, user threads not."""
+"""Placement, the opt-in (`placement=True`): the framework's threads share one home CPU, a caller waiting in the
+framework sits there for the wait only, a lone short batch runs there; user code, its threads and worker processes
+keep the CPUs the main thread may use. The defaults, which change nothing, are tested in test_manners."""
 from __future__ import annotations
 
 import os
@@ -11,9 +11,9 @@ from typing import Any, Iterator
 import pytest
 
 import pipeline_cluster as pc
-from pipeline_cluster import affinity
+EVERYTHING = frozenset(os.sched_getaffinity(0))
 
-pytestmark = pytest.mark.skipif(not affinity.supported(), reason="placement needs Linux and more than one CPU")
+pytestmark = pytest.mark.skipif(len(EVERYTHING) < 2, reason="placement needs Linux and more than one CPU")
 
 
 def _worker_pids() -> list[int]:
@@ -64,32 +64,10 @@ def _framework(threads: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(60)
-def test_batch_policy_for_framework_threads_and_workers_not_worker_actors_or_user_threads(monkeypatch, tmp_path):
-    monkeypatch.delenv(affinity.ENV_SWITCH, raising=False)
-    with pc.LocalCluster(run_dir=str(tmp_path / "run")) as cluster:
-        threads, workers, probe = placement_and_policy_during_a_run(cluster)
-    framework = _framework(threads)
-    worker_actors = {name: policy for name, (_, policy) in framework.items() if name.startswith("WorkerActor")}
-    assert worker_actors and all(policy == os.SCHED_OTHER for policy in worker_actors.values()), worker_actors
-    assert all(policy == os.SCHED_BATCH for name, (_, policy) in framework.items() if name not in worker_actors), \
-        framework  # a worker actor stays a normal task: it must preempt a busy worker to feed its own at once
-    assert workers and all(policy == os.SCHED_BATCH for _, policy in workers), workers
-    assert threads["MainThread"][1] == os.SCHED_OTHER and probe[1] == os.SCHED_OTHER
-    assert threads["pipeline-cluster-feeder"][1] == os.SCHED_OTHER  # it runs the user's iterable
-
-    monkeypatch.setenv(affinity.ENV_SWITCH, "0")  # switched off: every thread and worker keeps the normal policy
-    with pc.LocalCluster(run_dir=str(tmp_path / "run2")) as cluster:
-        threads, workers, _ = placement_and_policy_during_a_run(cluster)
-    assert all(policy == os.SCHED_OTHER for _, policy in _framework(threads).values()), threads
-    assert workers and all(policy == os.SCHED_OTHER for _, policy in workers), workers
-
-
-@pytest.mark.timeout(60)
-def test_framework_threads_share_one_cpu_and_user_code_keeps_all(monkeypatch, tmp_path):
-    monkeypatch.delenv(affinity.ENV_SWITCH, raising=False)
-    with pc.LocalCluster(run_dir=str(tmp_path / "run")) as cluster:
+def test_framework_threads_share_one_cpu_and_user_code_keeps_all(tmp_path):
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), placement=True) as cluster:
         threads, workers, probe = placement_during_a_run(cluster)
-    everything = set(affinity.ALLOWED)
+    everything = EVERYTHING
     framework = _framework(threads)
     assert any(name.startswith("StageSupervisor") for name in framework), threads
     homes = set().union(*framework.values())
@@ -107,10 +85,9 @@ def _cpus_of_task(item: float) -> tuple[float, set[int]]:
 
 
 @pytest.mark.timeout(60)
-def test_a_lone_short_item_runs_beside_the_framework_and_parallel_work_on_every_cpu(monkeypatch, tmp_path):
-    monkeypatch.delenv(affinity.ENV_SWITCH, raising=False)
+def test_a_lone_short_item_runs_beside_the_framework_and_parallel_work_on_every_cpu(tmp_path):
     outputs: list[tuple[float, set[int]]] = []
-    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=2) as cluster:
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), placement=True, workers=2) as cluster:
         cluster.setup("where", "1", [_cpus_of_task])
         cluster.boot(output_handler=outputs.append)
         cluster.feed(*[0.02] * 20)  # two busy workers, and 20 ms batches: each may use every CPU
@@ -121,8 +98,8 @@ def test_a_lone_short_item_runs_beside_the_framework_and_parallel_work_on_every_
         home = {cpus for name, cpus in _thread_cpus().items() if name.startswith("StageSupervisor")}
     assert len(home) == 1 and len(next(iter(home))) == 1, home
     parallel, lone = [cpus for _, cpus in outputs[:20]], [cpus for _, cpus in outputs[20:]]
-    assert len(parallel) == 20 and set(affinity.ALLOWED) in parallel, parallel
-    assert all(cpus in (set(affinity.ALLOWED), next(iter(home))) for cpus in parallel), parallel
+    assert len(parallel) == 20 and EVERYTHING in parallel, parallel
+    assert all(cpus in (EVERYTHING, next(iter(home))) for cpus in parallel), parallel
     assert lone[-5:] == [next(iter(home))] * 5, lone  # 20 ms measured per item takes a few batches to forget
 
 
@@ -137,31 +114,19 @@ def _thread_cpus() -> dict[str, set[int]]:
 
 
 @pytest.mark.timeout(60)
-def test_workers_follow_a_restriction_made_after_import(monkeypatch, tmp_path):
-    monkeypatch.delenv(affinity.ENV_SWITCH, raising=False)
-    restricted = {max(affinity.ALLOWED)}
+def test_workers_follow_a_restriction_made_after_import(tmp_path):
+    restricted = {max(EVERYTHING)}
     os.sched_setaffinity(0, restricted)  # the main thread: the user's own restriction, made after the import
     try:
-        with pc.LocalCluster(run_dir=str(tmp_path / "run")) as cluster:
+        with pc.LocalCluster(run_dir=str(tmp_path / "run"), placement=True) as cluster:
             _, workers, _ = placement_during_a_run(cluster)
     finally:
-        os.sched_setaffinity(0, affinity.ALLOWED)
+        os.sched_setaffinity(0, EVERYTHING)
     assert workers and all(cpus == restricted for cpus in workers), workers
 
 
 @pytest.mark.timeout(60)
-def test_placement_can_be_switched_off(monkeypatch, tmp_path):
-    monkeypatch.setenv(affinity.ENV_SWITCH, "0")
-    with pc.LocalCluster(run_dir=str(tmp_path / "run")) as cluster:
-        threads, workers, _ = placement_during_a_run(cluster)
-    stages = [cpus for name, cpus in threads.items() if name.startswith("StageSupervisor")]
-    assert stages and all(cpus == set(affinity.ALLOWED) for cpus in stages), threads
-    assert workers and all(cpus == set(affinity.ALLOWED) for cpus in workers)
-
-
-@pytest.mark.timeout(60)
-def test_a_thread_started_by_the_output_handler_keeps_every_cpu(monkeypatch, tmp_path):
-    monkeypatch.delenv(affinity.ENV_SWITCH, raising=False)
+def test_a_thread_started_by_the_output_handler_keeps_every_cpu(tmp_path):
     seen: list[set[int]] = []
     done = threading.Event()
 
@@ -171,42 +136,19 @@ def test_a_thread_started_by_the_output_handler_keeps_every_cpu(monkeypatch, tmp
         probe.join()
         done.set()
 
-    with pc.LocalCluster(run_dir=str(tmp_path / "run")) as cluster:
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), placement=True) as cluster:
         cluster.setup("probe", "1", [lambda x: x])
         cluster.boot(output_handler=handler)
         cluster.feed(1)
         assert done.wait(30)
-    assert seen == [set(affinity.ALLOWED)]
+    assert seen == [EVERYTHING]
 
 
 @pytest.mark.timeout(60)
-def test_colocate_puts_the_caller_and_the_delivery_thread_on_the_home_cpu_until_the_run_ends(monkeypatch, tmp_path):
-    monkeypatch.delenv(affinity.ENV_SWITCH, raising=False)
-    everything = set(affinity.ALLOWED)
-    outputs: list[tuple[float, set[int]]] = []
-    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=2) as cluster:
-        cluster.setup("colocated", "1", [_cpus_of_task])
-        cluster.boot(output_handler=outputs.append, colocate=True)
-        home = {cpus for name, cpus in _thread_cpus().items() if name.startswith("StageSupervisor")}
-        during = _thread_cpus()
-        delivery = frozenset(os.sched_getaffinity(_delivery_thread(cluster).native_id))
-        cluster.feed(*[0.02] * 20)  # two busy workers: they still get every CPU, not the caller's new one
-        cluster.wait_empty(timeout=30)
-        cluster.feed(0.0)
-        cluster.wait_empty(timeout=30)
-        after_waits = frozenset(os.sched_getaffinity(0))  # a wait in the framework does not undo colocate
-    assert len(home) == 1 and during["MainThread"] in home and delivery in home, (during, delivery)
-    assert after_waits in home
-    assert everything in [cpus for _, cpus in outputs[:20]], outputs[:20]
-    assert os.sched_getaffinity(0) == everything  # given back when the run ended
-
-
-@pytest.mark.timeout(60)
-def test_a_run_loop_hands_every_output_over_on_the_callers_own_cpus(monkeypatch, tmp_path):
-    monkeypatch.delenv(affinity.ENV_SWITCH, raising=False)
-    everything = set(affinity.ALLOWED)
+def test_a_run_loop_hands_every_output_over_on_the_callers_own_cpus(tmp_path):
+    everything = EVERYTHING
     seen: list[set[int]] = []
-    with pc.LocalCluster(run_dir=str(tmp_path / "run")) as cluster:
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), placement=True) as cluster:
         for output in cluster.run([lambda x: x], range(20_000)):  # the loop waits for outputs between batches
             seen.append(os.sched_getaffinity(0))
             if output == 15_000:
@@ -225,9 +167,8 @@ def _pass_once_exists(item: int, path: str) -> int:
 
 
 @pytest.mark.timeout(60)
-def test_a_thread_waiting_in_the_framework_sits_on_the_home_cpu_only_while_it_waits(monkeypatch, tmp_path):
-    monkeypatch.delenv(affinity.ENV_SWITCH, raising=False)
-    everything = set(affinity.ALLOWED)
+def test_a_thread_waiting_in_the_framework_sits_on_the_home_cpu_only_while_it_waits(tmp_path):
+    everything = EVERYTHING
     gate = tmp_path / "gate"
     in_handler: list[set[int]] = []
     seen: dict[str, set[int]] = {}
@@ -240,7 +181,7 @@ def test_a_thread_waiting_in_the_framework_sits_on_the_home_cpu_only_while_it_wa
         seen.update(caller=os.sched_getaffinity(main), delivery=os.sched_getaffinity(delivery))
         gate.touch()
 
-    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=1) as cluster:
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), placement=True, workers=1) as cluster:
         cluster.setup("gated", "1", [pc.Stage(_pass_once_exists, args=(str(gate),))])
         cluster.boot(output_handler=lambda output: in_handler.append(os.sched_getaffinity(0)))
         home = {cpus for name, cpus in _thread_cpus().items() if name.startswith("StageSupervisor")}
@@ -275,13 +216,12 @@ class _CrashOnceThenCpus:
 
 
 @pytest.mark.timeout(60)
-def test_a_worker_started_while_the_caller_waits_in_the_framework_gets_every_cpu(monkeypatch, tmp_path):
-    monkeypatch.delenv(affinity.ENV_SWITCH, raising=False)
+def test_a_worker_started_while_the_caller_waits_in_the_framework_gets_every_cpu(tmp_path):
     outputs: list[set[int]] = []
-    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=1) as cluster:
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), placement=True, workers=1) as cluster:
         cluster.setup("respawn", "1", [pc.Stage(_CrashOnceThenCpus, args=(str(tmp_path / "crashed"),))])
         cluster.boot(output_handler=outputs.append)
         cluster.feed(1)
         cluster.wait_empty(timeout=30)  # the worker dies and its replacement starts during this wait
         restarts = cluster.stats()["_CrashOnceThenCpus"]["restarts"]
-    assert restarts == 1 and outputs == [set(affinity.ALLOWED)], (restarts, outputs)
+    assert restarts == 1 and outputs == [EVERYTHING], (restarts, outputs)

@@ -1,10 +1,9 @@
 """The program inside a worker process: builds one stage's task and runs batches of items through it.
 
-Started by a WorkerActor as a fresh interpreter (`python -c LAUNCH SOCK_FD PROGRESS_FD`),
-like multiprocessing's spawn but without re-importing the user's `__main__`. It talks to its WorkerActor over a
-socket pair (framed by `wire.Channel`: one copy from the kernel, none to send), and writes the index and start time
-of the item it is running into a small shared memory file, so the supervisor can blame exactly that item when the
-process dies or hangs.
+Started by `WorkerProcess` as a fresh interpreter (`python -c LAUNCH PACKAGE_ROOT SOCK_FD PROGRESS_FD`). It talks to
+its WorkerActor over a socket pair (framed by `wire.Channel`: one copy from the kernel, none to send), and writes the
+index and start time of the item it is running into a small shared memory file, so the supervisor can blame exactly
+that item when the process dies or hangs.
 """
 from __future__ import annotations
 
@@ -18,18 +17,29 @@ import struct
 import sys
 import time
 import traceback
-from itertools import chain, repeat
-from operator import sub
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import cloudpickle
 
-from pipeline_cluster import affinity, multiprocess_logging, wire
+from pipeline_cluster.logs import route
+from pipeline_cluster.messages import (BatchResult, InitFailed, ItemError, RunBatch, Started, Stop, Stopped, Timing,
+                                       TreeChange, Unreadable, WorkerInit)
+from pipeline_cluster.transport import wire
 
 PROGRESS = struct.Struct("<qd")  # index of the running item in its batch (-1: idle), its start (time.monotonic)
 PROGRESS_SIZE = PROGRESS.size
 SAMPLES_PER_BATCH = 64  # item durations sent back per batch, for the p95 estimate
 MAX_FRAME = 1 << 40  # the socket pair to the node carries batches of any size the node's memory allows
+
+
+class Ran(NamedTuple):
+    """A batch as run here: outputs, outputs per item (None: one each), errors, dropped count, timing."""
+
+    outputs: list
+    counts: list[int] | None
+    errors: list[ItemError]
+    dropped: int
+    timing: Timing
 
 
 class TaskRunner:
@@ -51,34 +61,33 @@ class TaskRunner:
             args, kwargs = spec["args"], spec["kwargs"]
             self.call = (lambda item: task(item, *args, **kwargs)) if args or kwargs else task
 
-    def run_batch(self, items: list) -> tuple:
-        """Run every item; returns (outputs, counts or None, errors, dropped, (seconds, n, samples)).
+    def run_batch(self, items: list) -> Ran:
+        """Run every item, catching each one's failure separately.
 
-        counts (outputs per item) is None when every item gave exactly one output, the common case. Only a
-        strided sample of items is timed one by one (for the p95); the mean comes from the batch's total time.
+        Only a strided sample of items is timed one by one (for percentiles); the mean comes from the batch's
+        total time.
         """
         outs: list = []
-        counts: list[int] | None = None
-        errors: list = []
+        counts: list[int] | None = None  # outputs per item, made only once an item gives other than one
+        errors: list[ItemError] = []
         samples: list[float] = []
         dropped = 0
-        call, generator, index_slot, start_slot = self.call, self.generator, self.index_slot, self.start_slot
         clock = time.monotonic
         stride = max(1, len(items) // SAMPLES_PER_BATCH)
         batch_start = clock()
         for index, item in enumerate(items):
-            if start_slot is not None:
-                start_slot[1] = clock()  # written before the index: the parent never pairs it with a stale start
-            index_slot[0] = index
+            if self.start_slot is not None:
+                self.start_slot[1] = clock()  # written before the index: the parent never pairs it with a stale start
+            self.index_slot[0] = index
             sampled = index % stride == 0
             if sampled:
                 started = clock()
             try:
-                result = call(item)
+                result = self.call(item)
                 if result is None:
                     dropped += 1
                     n = 0
-                elif generator:
+                elif self.generator:
                     produced = self._expand(result, item)
                     outs.extend(produced)
                     n = len(produced)
@@ -86,8 +95,8 @@ class TaskRunner:
                     outs.append(result)
                     n = 1
             except Exception as exc:
-                errors.append((index, type(exc).__name__, _message(exc), traceback.format_exc(),
-                               isinstance(exc, self.retry_on)))
+                errors.append(ItemError(index, type(exc).__name__, _message(exc), traceback.format_exc(),
+                                        isinstance(exc, self.retry_on)))
                 n = 0
             if sampled:
                 samples.append(clock() - started)
@@ -96,9 +105,9 @@ class TaskRunner:
             elif n != 1:
                 counts = [1] * index
                 counts.append(n)
-        index_slot[0] = -1
+        self.index_slot[0] = -1
         busy = sum(samples) if stride == 1 else clock() - batch_start  # every item timed: use exactly those times
-        return outs, counts, errors, dropped, (busy, len(items), samples)
+        return Ran(outs, counts, errors, dropped, Timing(busy, len(items), samples))
 
     def _expand(self, result: Any, item: Any) -> list:
         if isinstance(result, (str, bytes, bytearray)) or not hasattr(result, "__iter__"):
@@ -125,49 +134,52 @@ def _short(item: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def tree_changes(rids: list[int], counts: list[int] | None, errors: list) -> tuple | None:
-    """What a batch did to its root items' trees: None when every item gave exactly one output (nothing changed),
-    else (root item of each output, a root item per item born beyond the first output of an input, a root item
-    per input that ended here with no output and no error). Computed here so the node does no per-item work."""
+def tree_changes(rids: list[int], counts: list[int] | None, errors: list[ItemError]) -> TreeChange | None:
+    """What a batch did to its root items' trees (None: every item gave exactly one output, nothing changed).
+    Worked out here so the node does no per-item work."""
     if counts is None:
         return None
-    out_rids = list(chain.from_iterable(map(repeat, rids, counts)))
-    born = list(chain.from_iterable(map(repeat, rids, map(sub, counts, repeat(1)))))
-    failed = {error[0] for error in errors}
-    died = [rid for index, (rid, n) in enumerate(zip(rids, counts)) if not n and index not in failed]
-    return out_rids, born, died
+    out_rids: list[int] = []
+    born: list[int] = []
+    died: list[int] = []
+    failed = {error.index for error in errors}
+    for index, (rid, n) in enumerate(zip(rids, counts)):
+        if n:
+            out_rids.extend([rid] * n)
+            born.extend([rid] * (n - 1))
+        elif index not in failed:
+            died.append(rid)
+    return TreeChange(out_rids, born, died)
 
 
-def encode_result(result: tuple, rids: list[int], items: list, stage: str) -> wire.Packed:
-    """Pickle a batch result as (outputs, tree changes, errors, dropped, timing), big `bytes` outputs out-of-band.
-
-    Messages travel with cloudpickle (`wire.pack`): `__main__` classes travel by value and keep their identity on
-    the way back. Outputs that cannot be pickled fail their own item, not the batch.
-    """
-    outs, counts, errors, dropped, timing = result
+def encode_result(ran: Ran, rids: list[int], items: list, stage: str) -> wire.Packed:
+    """Pickle a batch's BatchResult, big `bytes` outputs out-of-band. Outputs that cannot be pickled fail their own
+    item, not the batch."""
     try:
-        return wire.pack(("result", (wire.out_of_band(outs), tree_changes(rids, counts, errors), errors, dropped,
-                                     timing)))
+        return wire.pack(BatchResult(wire.out_of_band(ran.outputs), tree_changes(rids, ran.counts, ran.errors),
+                                     ran.errors, ran.dropped, ran.timing))
     except Exception:
         pass
-    counts = counts if counts is not None else [1] * len(items)
+    counts = ran.counts if ran.counts is not None else [1] * len(items)
+    errors = list(ran.errors)
     kept: list = []
     kept_counts: list[int] = []
     position = 0
     for index, n in enumerate(counts):
-        mine = outs[position:position + n]
+        mine = ran.outputs[position:position + n]
         position += n
         try:
             wire.pack(mine)
         except Exception as exc:
-            errors.append((index, "PicklingError", f"stage {stage!r}: an output of item {_short(items[index])} "
-                           f"cannot be pickled: {exc}", traceback.format_exc(), False))
+            errors.append(ItemError(index, "PicklingError", f"stage {stage!r}: an output of item "
+                                    f"{_short(items[index])} cannot be pickled: {exc}", traceback.format_exc(),
+                                    False))
             n, mine = 0, []
         kept.extend(mine)
         kept_counts.append(n)
     errors.sort()
-    return wire.pack(("result", (wire.out_of_band(kept), tree_changes(rids, kept_counts, errors), errors, dropped,
-                                 timing)))
+    return wire.pack(BatchResult(wire.out_of_band(kept), tree_changes(rids, kept_counts, errors), errors,
+                                 ran.dropped, ran.timing))
 
 
 def _die_with_parent() -> None:
@@ -185,39 +197,36 @@ def main(argv: list[str]) -> int:
     _die_with_parent()
     if os.getppid() != parent or parent == 1:
         return 1
-    affinity.batch_policy()  # handed a batch, it runs once the node's thread that sent it blocks, not before
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the node's to handle; it stops us cleanly
     conn = wire.Channel(socket.socket(fileno=int(argv[0])), max_frame=MAX_FRAME)
     progress = mmap.mmap(int(argv[1]), PROGRESS_SIZE)
     send = conn.send  # thread-safe: log records may come from the task's own threads
 
-    kind, init = conn.recv()
-    assert kind == "init", kind
-    sys.path[:] = init["sys_path"] + [p for p in sys.path if p not in init["sys_path"]]
-    multiprocess_logging.attach_worker(lambda record: send(("log", record)),
-                                       node=init["node"], stage=init["stage"], level=init["log_level"])
+    init = conn.recv()
+    assert isinstance(init, WorkerInit), init
+    sys.path[:] = init.sys_path + [p for p in sys.path if p not in init.sys_path]
+    route.attach_worker(send, node=init.node, stage=init.stage, level=init.log_level)
     try:
-        spec = cloudpickle.loads(init["spec"])
-        runner = TaskRunner(spec, cloudpickle.loads(init["retry_on"]), progress, init["timed"])
+        spec = cloudpickle.loads(init.spec)
+        runner = TaskRunner(spec, cloudpickle.loads(init.retry_on), progress, init.timed)
     except BaseException as exc:  # the stage cannot start: report why, with the traceback
-        send(("init_failed", f"{type(exc).__name__}: {_message(exc)}", traceback.format_exc()))
+        send(InitFailed(f"{type(exc).__name__}: {_message(exc)}", traceback.format_exc()))
         return 3
-    send(("ready", os.getpid()))
+    send(Started(os.getpid()))
     while True:
         try:
             message = conn.recv()
         except wire.UnpicklingFailed as exc:  # e.g. an item's class is missing here: its batch fails, we go on
-            send(("unreadable", str(exc), traceback.format_exc()))
+            send(Unreadable(str(exc), traceback.format_exc()))
             continue
         except (EOFError, OSError):
             return 0
-        if message[0] == "batch":
-            _, rids, items = message
-            conn.send_packed(encode_result(runner.run_batch(items), rids, items, runner.name))
-        elif message[0] == "stop":
+        if isinstance(message, RunBatch):
+            conn.send_packed(encode_result(runner.run_batch(message.items), message.rids, message.items,
+                                           runner.name))
+        elif isinstance(message, Stop):
             try:
                 runner.close()
             except Exception:
                 logging.getLogger("pipeline_cluster.worker").exception("close() of stage %r failed", runner.name)
-            send(("stopped",))
+            send(Stopped())
             return 0

@@ -1,28 +1,52 @@
 """How the root reaches its nodes: `LocalLink` (a NodeActor in this process) and `RemoteLink` (a node server).
 
-A RemoteLink is one persistent, authenticated connection. Root-to-node messages are `("tell", name, args)` and
-`("ask", id, name, args)`; the node answers asks with `("reply", id, ok, value)`, forwards log records as
-`("log", record)`, and sends its ledger's and NodeActor's reports (`completed`, `node_ready`, `failed`) as they are.
-Both sides send `("ping",)` every `heartbeat` seconds and give the other up after `dead_after` seconds of silence,
-so a stopped or partitioned node (no FIN ever arrives) is noticed too.
+A RemoteLink is one persistent, authenticated connection. The root sends the node `Submit`s and tells (`Boot`,
+`Pause`), and asks as `Request(id, body)`; the node answers each Request with a `Reply`, forwards log records, and
+sends its reports (`Completed`, `NodeReady`, `NodeFailed`, `SizeHint`) as they come. Both sides send `Ping` every
+`heartbeat` seconds and give the other up after `dead_after` seconds of silence, so a stopped or partitioned node
+(no FIN ever arrives) is noticed too.
 """
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import cloudpickle
 import pykka
 
-from pipeline_cluster import affinity, wire
 from pipeline_cluster.actors.base import ask, tell
 from pipeline_cluster.actors.ledger import TreeLedger
-from pipeline_cluster.deadletters import DeadLetter
 from pipeline_cluster.errors import ClusterError
-from pipeline_cluster.multiprocess_logging import Record
+from pipeline_cluster.logs.records import Record
+from pipeline_cluster.messages import (NODE_TO_ROOT, Completed, DeadLetter, Hello, NodeLost, Ping, Reply, Request,
+                                       Setup, Submit)
+from pipeline_cluster.placement import Placement
+from pipeline_cluster.transport import wire
+
+logger = logging.getLogger("pipeline_cluster.links")
+
+
+class NodeLink(Protocol):
+    """How the root reaches one node, in-process or over the network."""
+
+    name: str
+    alive: bool
+
+    def submit(self, submit: Submit) -> None:
+        """Hand root items to the node."""
+
+    def tell(self, message: Any) -> None:
+        """Send a message to the node."""
+
+    def ask(self, message: Any, timeout: float | None = None) -> Any:
+        """Send a message and wait for the node's answer."""
+
+    def close(self) -> None:
+        """Stop using the node."""
 
 
 class LocalLink:
@@ -35,17 +59,17 @@ class LocalLink:
         self.ref = ref
         self.ledger = ledger
 
-    def submit(self, rids: list[int], items: list, stage: int) -> None:
+    def submit(self, submit: Submit) -> None:
         """Hand root items to the node."""
-        self.ledger.submit(rids, items, stage)
+        self.ledger.submit(submit.rids, submit.items, submit.stage)
 
-    def tell(self, name: str, *args: Any) -> None:
+    def tell(self, message: Any) -> None:
         """Send a message to the node."""
-        tell(self.ref, name, *args)
+        tell(self.ref, message)
 
-    def ask(self, name: str, *args: Any, timeout: float | None = None) -> Any:
+    def ask(self, message: Any, timeout: float | None = None) -> Any:
         """Send a message and wait for the node's answer."""
-        return ask(self.ref, name, *args, timeout=timeout)
+        return ask(self.ref, message, timeout=timeout)
 
     def close(self) -> None:
         """Stop the node actor (and with it every worker)."""
@@ -71,7 +95,8 @@ class RemoteLink:
 
     def __init__(self, address: tuple[str, int], authkey: bytes, root: pykka.ActorRef,
                  log_sink: Callable[[Record], None], connect_timeout: float = 10.0, heartbeat: float = 1.0,
-                 dead_after: float = 10.0, *, channel: wire.Channel | None = None, name: str | None = None) -> None:
+                 dead_after: float = 10.0, *, channel: wire.Channel | None = None, name: str | None = None,
+                 placement: Placement | None = None) -> None:
         self.address = (address[0], int(address[1]))
         self.name = name or f"{self.address[0]}:{self.address[1]}"
         self.root = root
@@ -90,40 +115,41 @@ class RemoteLink:
         self._ids = itertools.count(1)
         self._replies: dict[int, _Reply] = {}
         self._lock = threading.Lock()
-        self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
-        self._reader = affinity.start_thread(self._read, name=f"pipeline-cluster-link-{self.name}")
-        affinity.start_thread(self._write, name=f"pipeline-cluster-writer-{self.name}")
+        self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()  # None: stop writing
+        placement = placement or Placement()
+        self._reader = placement.start_thread(self._read, name=f"pipeline-cluster-link-{self.name}")
+        placement.start_thread(self._write, name=f"pipeline-cluster-writer-{self.name}")
         try:
-            self.info = self.ask("hello", self.name, heartbeat, dead_after, timeout=connect_timeout)
+            self.info = self.ask(Hello(self.name, heartbeat, dead_after), timeout=connect_timeout)
         except BaseException:
             self.close()
             raise
-        affinity.start_thread(self._beat, name=f"pipeline-cluster-heartbeat-{self.name}")
+        placement.start_thread(self._beat, name=f"pipeline-cluster-heartbeat-{self.name}")
 
-    def submit(self, rids: list[int], items: list, stage: int) -> None:
+    def submit(self, submit: Submit) -> None:
         """Hand root items to the node (they are pickled by the writer thread, big bytes items out-of-band)."""
-        self.tell("submit", rids, wire.out_of_band(items), stage)
+        self._outbox.put(submit._replace(items=wire.out_of_band(submit.items)))
 
-    def tell(self, name: str, *args: Any) -> None:
+    def tell(self, message: Any) -> None:
         """Send a message to the node without waiting; a lost node is handled by the reader, not here."""
-        self._outbox.put(("tell", name, args))
+        self._outbox.put(message)
 
-    def ask(self, name: str, *args: Any, timeout: float | None = None) -> Any:
+    def ask(self, message: Any, timeout: float | None = None) -> Any:
         """Send a message and wait for the node's answer (its exception is re-raised here).
 
         A pipeline travels cloudpickled inside the message, so the node unpickles it where a failure can be answered.
         """
-        if name == "setup":
-            args = (cloudpickle.dumps(args[0]),)
+        if isinstance(message, Setup):
+            message = Setup(cloudpickle.dumps(message.pipeline))
         reply = _Reply()
         with self._lock:
             if not self.alive:
                 raise ClusterError(f"node {self.name} is lost")
             rid = next(self._ids)
             self._replies[rid] = reply
-        self._outbox.put(("ask", rid, name, args))
+        self._outbox.put(Request(rid, message))
         if not reply.event.wait(timeout):
-            raise TimeoutError(f"node {self.name} did not answer {name!r} within {timeout} s")
+            raise TimeoutError(f"node {self.name} did not answer {type(message).__name__} within {timeout} s")
         if not reply.ok:
             raise reply.value
         return reply.value
@@ -133,19 +159,20 @@ class RemoteLink:
             while True:
                 message = self.channel.recv()
                 self.last_heard = time.monotonic()
-                kind = message[0]
-                if kind == "ping":
-                    continue
-                if kind == "reply":
+                kind = type(message)
+                if kind is Reply:
                     with self._lock:
-                        reply = self._replies.pop(message[1], None)
+                        reply = self._replies.pop(message.id, None)
                     if reply is not None:
-                        reply.ok, reply.value = message[2], message[3]
+                        reply.ok, reply.value = message.ok, message.value
                         reply.event.set()
-                elif kind == "log":
-                    self.log_sink(message[1])
+                elif kind is Record:
+                    self.log_sink(message)
+                elif kind in NODE_TO_ROOT:
+                    if kind is not Ping:
+                        self.root.tell(message)
                 else:
-                    self.root.tell(message)
+                    logger.warning("node %s sent a message of unknown kind %s: ignored", self.name, kind.__name__)
         except (EOFError, OSError) as exc:
             reason = str(exc)
         except Exception as exc:  # a message we cannot read: the link is unusable
@@ -166,27 +193,29 @@ class RemoteLink:
             except Exception as exc:  # the message cannot be pickled: fail it alone, the link stays up
                 self._unsendable(message, exc)
 
-    def _unsendable(self, message: tuple, error: Exception) -> None:
+    def _unsendable(self, message: Any, error: Exception) -> None:
         """Submitted items that cannot be pickled become dead letters (the rest go out); a failed ask is answered."""
-        if message[:2] == ("tell", "submit"):
-            rids, items, stage = message[2]
-            good, bad = [], []
-            for rid, item in zip(rids, items):
+        if isinstance(message, Submit):
+            good: list[tuple[int, Any]] = []
+            bad: list[DeadLetter] = []
+            for rid, item in zip(message.rids, message.items):
                 try:
                     cloudpickle.dumps(item)
                     good.append((rid, item))
                 except Exception as exc:
-                    bad.append(DeadLetter(repr(item), f"stage {stage}", stage, 1, "exception", "PicklingError",
+                    bad.append(DeadLetter(repr(item), f"stage {message.stage}", message.stage, 1, "exception",
+                                          "PicklingError",
                                           f"item {item!r:.200} cannot be pickled to send to node {self.name}: {exc}",
                                           node=self.name, rid=rid, refeedable=False))
             if good:
-                self._outbox.put(("tell", "submit", ([r for r, _ in good], [i for _, i in good], stage)))
-            self.root.tell(("completed", self.name, [letter.rid for letter in bad], [], bad))
-        elif message[0] == "ask":
+                self._outbox.put(Submit([rid for rid, _ in good], [item for _, item in good], message.stage))
+            self.root.tell(Completed(self.name, [letter.rid for letter in bad if letter.rid is not None], [], bad))
+        elif isinstance(message, Request):
             with self._lock:
-                reply = self._replies.pop(message[1], None)
+                reply = self._replies.pop(message.id, None)
             if reply is not None:
-                reply.ok, reply.value = False, TypeError(f"cannot send {message[2]!r} to node {self.name}: {error}")
+                reply.ok = False
+                reply.value = TypeError(f"cannot send {type(message.body).__name__} to node {self.name}: {error}")
                 reply.event.set()
 
     def _beat(self) -> None:
@@ -196,7 +225,7 @@ class RemoteLink:
             if silent > self.dead_after:
                 self._lost(f"no heartbeat for {silent:.1f} s (dead after {self.dead_after} s)")
                 return
-            self._outbox.put(("ping",))
+            self._outbox.put(Ping())
 
     def _lost(self, reason: str) -> None:
         with self._lock:
@@ -211,7 +240,7 @@ class RemoteLink:
         self._outbox.put(None)
         self.channel.close()
         if was_alive:
-            tell(self.root, "node_lost", self.name, reason)
+            tell(self.root, NodeLost(self.name, reason))
 
     def close(self) -> None:
         """Close the connection; the node server stops this session's workers."""

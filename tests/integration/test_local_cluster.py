@@ -13,8 +13,8 @@ import time
 import pytest
 
 import pipeline_cluster as pc
-import pipeline_cluster.actors.stage
-import pipeline_cluster.feeder
+import pipeline_cluster.actors.policies
+import pipeline_cluster.run
 from pipeline_cluster import multiprocess_logging as mpl
 from tests.conftest import live_children, wait_until
 
@@ -122,7 +122,7 @@ def test_endless_input_take_some_then_close_quickly(tmp_path):
     taken = list(itertools.islice(results, 1000))
     assert len(taken) == 1000
     # inputs are pulled only as fast as the pipeline drains: bounded by capacity, not by the endless source
-    assert len(pulled) <= 1000 + cluster.capacity + pc.feeder.CHUNK
+    assert len(pulled) <= 1000 + cluster.capacity + pc.run.FEED_CHUNK
     started = time.monotonic()
     results.close()
     assert list(results) == []  # close() ends the iteration at once, even inside a batch of outputs
@@ -374,7 +374,7 @@ def test_generator_fan_out_is_held_back_by_the_next_stage(cluster):
     # flight at the first stage (2 workers x 2 batches x 2 inputs x 2,000) and of those it cut before the throttle
     # message reached it (28,000-40,000 measured)
     most_queued = cluster.stats()["slowish"]["peak_queued"]
-    assert pc.actors.stage.HIGH_WATER <= most_queued < 60000, most_queued
+    assert pc.actors.policies.HIGH_WATER <= most_queued < 60000, most_queued
 
 
 @pytest.mark.timeout(60)

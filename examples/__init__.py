@@ -1,1 +1,0 @@
-"""Small runnable pipelines used by the README and `pipeline-cluster demo`."""

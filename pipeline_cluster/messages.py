@@ -1,0 +1,409 @@
+"""Every message that crosses a thread, process or network boundary, in one place.
+
+Follow one item: `Feed` reaches the RootActor, which sends `Submit` to a node (straight into its ledger when the
+node is in this process); the ledger `Push`es a `Chunk` to the first StageSupervisor, which hands a `RunBatch` to a
+worker process; the worker answers with a `BatchResult`, which its WorkerActor passes on as `BatchDone`; the stage
+pushes the outputs to the next stage, and the last stage's outputs reach the ledger, which reports `Completed` to the
+root once an input's whole tree is done.
+
+Actor messages are NamedTuples dispatched by type (see `actors.base.handles`). Between root and node only the kinds
+in `ROOT_TO_NODE` and `NODE_TO_ROOT` are accepted; anything else is refused and logged.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    import pykka
+
+    from pipeline_cluster.run import RunState
+    from pipeline_cluster.transport.links import NodeLink
+    from pipeline_cluster.transport.wire import Packed
+
+
+# -- records carried inside messages ----------------------------------------------------------------------------------
+
+@dataclass
+class DeadLetter:
+    """One failed item: where it failed, how often, and why (exception, crash, timeout or node_lost)."""
+
+    item: Any
+    stage: str
+    stage_index: int
+    attempts: int
+    cause: str
+    error_type: str | None = None
+    message: str = ""
+    traceback: str = ""
+    node: str | None = None
+    pid: int | None = None
+    exit_code: int | None = None
+    signal: str | None = None
+    time: float = field(default_factory=time.time)
+    rid: int | None = None
+    refeedable: bool = True  # False when `item` is only a repr (the item itself could not be pickled)
+
+    def to_json(self) -> str:
+        """One JSON line for the run directory's dead-letter file (the item as its repr when not JSON)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}  # not asdict: it deep-copies the item
+        try:
+            json.dumps(data["item"])
+        except (TypeError, ValueError):
+            data["item"] = repr(self.item)
+        return json.dumps(data)
+
+
+class Chunk(NamedTuple):
+    """Items queued for a stage, as parallel lists: root item ids, the items, attempts so far (None: all 0)."""
+
+    rids: list[int]
+    items: list
+    attempts: list[int] | None = None
+
+
+class ItemError(NamedTuple):
+    """One item of a batch raised: its index in the batch, the error, and whether `retry_on` covers it."""
+
+    index: int
+    error_type: str
+    message: str
+    traceback: str
+    retryable: bool
+
+
+class TreeChange(NamedTuple):
+    """What a batch did to its root items' trees, when it was more than one output per input: the root item of each
+    output, one root item per item born beyond an input's first output, one per input that ended with nothing."""
+
+    out_rids: list[int]
+    born: list[int]
+    died: list[int]
+
+
+class Timing(NamedTuple):
+    """Seconds a batch took in the worker, items timed, and a sample of per-item seconds (for percentiles)."""
+
+    seconds: float
+    count: int
+    samples: list[float]
+
+
+class BatchResult(NamedTuple):
+    """A worker's answer to a batch; `tree` is None when every item gave exactly one output."""
+
+    outputs: list
+    tree: TreeChange | None
+    errors: list[ItemError]
+    dropped: int
+    timing: Timing
+
+
+@dataclass
+class Death:
+    """Why and where a worker process ended: cause is "crash", "timeout" or "init_failed"."""
+
+    cause: str
+    index: int = -1  # item index in the running batch, -1 when it was idle
+    exit_code: int | None = None
+    signal: str | None = None
+    pid: int | None = None
+    message: str = ""
+    traceback: str = ""
+
+
+# -- to the RootActor -------------------------------------------------------------------------------------------------
+
+class AddNode(NamedTuple):
+    """A node joins the cluster."""
+
+    link: NodeLink
+
+
+class Begin(NamedTuple):
+    """A run starts: its state object and the pipeline's stage names."""
+
+    state: RunState
+    stage_names: list[str]
+
+
+class Feed(NamedTuple):
+    """Root items from the caller; `stage` > 0 for dead letters fed again into the stage they failed in."""
+
+    items: list
+    stage: int = 0
+
+
+class Unfinished(NamedTuple):
+    """Ask: how many root items are fed but not finished."""
+
+
+class NodeLost(NamedTuple):
+    """A node's link broke or fell silent; its unfinished root items go elsewhere."""
+
+    node: str
+    reason: str
+
+
+# reports a node sends to the root (in-process, or over the network)
+
+class Completed(NamedTuple):
+    """Root items `done` on `node` are finished, with all their outputs and dead letters."""
+
+    node: str
+    done: list[int]
+    outputs: list
+    dead: list[DeadLetter]
+
+
+class NodeReady(NamedTuple):
+    """Every stage of `node` has its workers up."""
+
+    node: str
+
+
+class NodeFailed(NamedTuple):
+    """The run cannot go on because of `error` on `node` (a stage out of restarts, an internal error)."""
+
+    node: str
+    error: BaseException
+
+
+class SizeHint(NamedTuple):
+    """Pickled bytes per input item as measured by `node`'s first stage (the root sizes credit by it)."""
+
+    node: str
+    bytes_per_item: float
+
+
+# -- shared by the root, node and stage actors ------------------------------------------------------------------------
+
+class Pause(NamedTuple):
+    """Stop starting new work (True) or go on (False)."""
+
+    paused: bool
+
+
+class Kill(NamedTuple):
+    """Stop at once: kill every worker, forget unfinished items."""
+
+
+class Shutdown(NamedTuple):
+    """Stop gracefully: workers run their close() and exit within `grace` seconds."""
+
+    grace: float
+
+
+class Stats(NamedTuple):
+    """Ask: the per-stage StageStats."""
+
+
+# -- to a NodeActor (and root-to-node over the network) ---------------------------------------------------------------
+
+class Hello(NamedTuple):
+    """The first request on a node connection: the node's name and the heartbeat settings."""
+
+    node: str
+    heartbeat: float
+    dead_after: float
+
+
+class Setup(NamedTuple):
+    """Build the stages of `pipeline` (over the network: the cloudpickled Pipeline, loaded where errors are
+    answered)."""
+
+    pipeline: Any
+
+
+class Boot(NamedTuple):
+    """Start every stage's workers."""
+
+
+class Submit(NamedTuple):
+    """Root items for a remote node's ledger, entering at `stage`."""
+
+    rids: list[int]
+    items: list
+    stage: int
+
+
+class StageReady(NamedTuple):
+    """Stage `index` has all its workers up."""
+
+    index: int
+
+
+class StageFailure(NamedTuple):
+    """A stage cannot go on (pc.StageFailed inside)."""
+
+    error: BaseException
+
+
+class NodeLog(NamedTuple):
+    """A warning of the node's own, for the cluster log."""
+
+    text: str
+
+
+class DroppedFailure(NamedTuple):
+    """An item failed for good in a stage whose failures are dropped: it is logged, not kept."""
+
+    letter: DeadLetter
+
+
+# -- to a StageSupervisor ---------------------------------------------------------------------------------------------
+
+class Link(NamedTuple):
+    """The stages before and after this one."""
+
+    previous: pykka.ActorRef | None
+    next: pykka.ActorRef | None
+
+
+class DownstreamFull(NamedTuple):
+    """Backpressure from the next stage: hold back (True) or go on (False)."""
+
+    full: bool
+
+
+class SpawnWorkers(NamedTuple):
+    """Start the stage's worker processes."""
+
+
+class Respawn(NamedTuple):
+    """Start one worker in place of a dead one (after its backoff)."""
+
+
+class Push(NamedTuple):
+    """Items for this stage."""
+
+    chunk: Chunk
+
+
+class WorkerReady(NamedTuple):
+    """Worker `wid` has built the stage's task and waits for batches."""
+
+    wid: int
+    pid: int
+
+
+class BatchDone(NamedTuple):
+    """Worker `wid` answered its oldest batch in flight."""
+
+    wid: int
+    result: BatchResult
+
+
+class BatchUnreadable(NamedTuple):
+    """Worker `wid` could not unpickle its oldest batch (or we its answer)."""
+
+    wid: int
+    error: str
+    traceback: str
+
+
+class WorkerDied(NamedTuple):
+    """Worker `wid`'s process ended, and why."""
+
+    wid: int
+    death: Death
+
+
+# -- to a WorkerActor -------------------------------------------------------------------------------------------------
+
+class SendBatch(NamedTuple):
+    """The supervisor's `number`th batch for a busy worker, sent once every batch before it is answered."""
+
+    number: int
+    packed: Packed
+
+
+class Readable(NamedTuple):
+    """The worker's socket has data (from the actor's own inbox)."""
+
+
+class Tick(NamedTuple):
+    """The running item's deadline may have passed (from the actor's own inbox)."""
+
+
+class StopWorker(NamedTuple):
+    """Ask the process to run close() and exit; kill it after `grace` seconds."""
+
+    grace: float
+
+
+# -- root <-> node connection frames ----------------------------------------------------------------------------------
+
+class Request(NamedTuple):
+    """An ask over the network: the answer comes back as a Reply with the same id."""
+
+    id: int
+    body: Any
+
+
+class Reply(NamedTuple):
+    """The answer to Request `id`: the value, or (ok False) the exception to raise."""
+
+    id: int
+    ok: bool
+    value: Any
+
+
+class Ping(NamedTuple):
+    """A heartbeat, both ways."""
+
+
+ROOT_TO_NODE_REQUESTS = (Hello, Setup, Boot, Stats, Pause, Shutdown, Kill)
+ROOT_TO_NODE = (Submit, Request, Ping, Boot, Pause)  # Request bodies must be among ROOT_TO_NODE_REQUESTS
+NODE_TO_ROOT = (Reply, Ping, Completed, NodeReady, NodeFailed, SizeHint)  # and logs.records.Record
+
+
+# -- node <-> worker process frames -----------------------------------------------------------------------------------
+
+class WorkerInit(NamedTuple):
+    """What a new worker process needs to build its stage's task."""
+
+    spec: bytes
+    retry_on: bytes
+    node: str
+    stage: str
+    log_level: int
+    sys_path: list[str]
+    timed: bool
+
+
+class Started(NamedTuple):
+    """The worker built its task and waits for batches."""
+
+    pid: int
+
+
+class InitFailed(NamedTuple):
+    """The worker could not build its task."""
+
+    message: str
+    traceback: str
+
+
+class RunBatch(NamedTuple):
+    """Items for the worker to run."""
+
+    rids: list[int]
+    items: list
+
+
+class Unreadable(NamedTuple):
+    """The worker could not unpickle a batch; it goes on with the next."""
+
+    message: str
+    traceback: str
+
+
+class Stop(NamedTuple):
+    """Run the stage's close() and exit."""
+
+
+class Stopped(NamedTuple):
+    """close() has run; the process exits now."""

@@ -1,0 +1,282 @@
+"""One run of a pipeline, as the caller sees it: its counters (RunState), the feeder that reads the inputs, and the
+Results iterator that hands outputs over.
+
+The caller's threads wait on RunState; the RootActor moves it (items handed to nodes, outputs delivered).
+"""
+from __future__ import annotations
+
+import enum
+import queue
+import threading
+import time
+from itertools import chain
+from typing import Any, Callable, Iterator, NamedTuple
+
+from pipeline_cluster.placement import Placement, start_thread
+
+FEED_CHUNK = 1024  # items per message from the feeder (or feed()) to the root
+FLUSH_SECONDS = 0.002  # a partial chunk goes out this long after its first item, even while the input blocks
+
+
+class RunPhase(enum.Enum):
+    """Where a cluster is in its life: no pipeline, set up, running, closed."""
+
+    IDLE = "idle"
+    SETUP = "setup"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+class Delivery(NamedTuple):
+    """Outputs of `roots` finished root items, in the order the caller gets them."""
+
+    outputs: list
+    roots: int
+
+
+class RunState:
+    """The counts of one run (fed, held by the root, consumed), the outputs waiting for the caller, and the first
+    fatal error; every change wakes the threads waiting on it."""
+
+    def __init__(self, placement: Placement) -> None:
+        self._placement = placement
+        self._cond = threading.Condition()
+        self._waiters = 0  # threads in wait(): changes wake them only when there are some
+        self._outputs: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()  # None: look at the state again
+        self.fed = 0  # root items accepted
+        self.at_root = 0  # fed but not yet handed to a node
+        self.consumed = 0  # root items whose outputs the caller has taken
+        self.capacity = 0  # root items allowed unfinished at once (the nodes' credit)
+        self.inputs_done = False
+        self.error: BaseException | None = None
+        self.ready_nodes: set[str] = set()
+
+    # -- changes (from the feeder, the RootActor and the caller's side) --------------------------------------------
+
+    def _changed(self) -> None:
+        if self._waiters:
+            self._cond.notify_all()
+
+    def fed_items(self, n: int) -> None:
+        """`n` root items were accepted and wait at the root."""
+        with self._cond:
+            self.fed += n
+            self.at_root += n
+            self._changed()
+
+    def sent_to_nodes(self, n: int) -> None:
+        """`n` root items left the root for nodes (negative: a lost node's items came back)."""
+        with self._cond:
+            self.at_root -= n
+            self._changed()
+
+    def consume(self, roots: int) -> None:
+        """The caller took the outputs of `roots` root items."""
+        with self._cond:
+            self.consumed += roots
+            self._changed()
+
+    def set_capacity(self, capacity: int) -> None:
+        """The root items the nodes may hold, plus backlog, changed."""
+        with self._cond:
+            self.capacity = capacity
+            self._cond.notify_all()
+
+    def node_ready(self, name: str, ready: bool = True) -> None:
+        """Node `name` has its workers up (or is gone)."""
+        with self._cond:
+            if ready:
+                self.ready_nodes.add(name)
+            else:
+                self.ready_nodes.discard(name)
+            self._cond.notify_all()
+
+    def inputs_finished(self) -> None:
+        """The input iterable is exhausted (or failed): nothing more will be fed by the feeder."""
+        with self._cond:
+            self.inputs_done = True
+            self._cond.notify_all()
+        self._outputs.put(None)
+
+    def deliver(self, outputs: list, roots: int) -> None:
+        """Hand the outputs of `roots` finished root items to the caller."""
+        self._outputs.put(Delivery(outputs, roots))
+
+    def wake(self) -> None:
+        """Make a thread waiting for outputs look at the state again (the run stops, say)."""
+        self._outputs.put(None)
+
+    def fail(self, error: BaseException) -> None:
+        """Record the first fatal error; every wait raises it from now on."""
+        with self._cond:
+            if self.error is None:
+                self.error = error
+            self._cond.notify_all()
+        self._outputs.put(None)
+
+    # -- queries and waits --------------------------------------------------------------------------------------
+
+    def room(self) -> int:
+        """Root items that may still be fed before the run holds its capacity."""
+        return self.capacity - (self.fed - self.consumed)
+
+    def all_consumed(self) -> bool:
+        """Every fed root item is finished and its outputs were handed over."""
+        return self.consumed == self.fed
+
+    def finished(self) -> bool:
+        """The inputs ended and every one of them was handed over."""
+        return self.inputs_done and self.consumed == self.fed
+
+    def wait(self, predicate: Callable[[], bool], timeout: float | None = None, what: str = "the cluster") -> None:
+        """Block until `predicate()` holds; raise the run's error, or TimeoutError naming `what`."""
+        if self.error is None and predicate():  # the usual case, without the lock
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._placement.waiting(), self._cond:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                if predicate():
+                    return
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+                self._waiters += 1
+                try:
+                    self._cond.wait(left)
+                finally:
+                    self._waiters -= 1
+
+    def next_delivery(self) -> Delivery | None:
+        """The next outputs for the caller, or None when the state should be looked at again."""
+        try:
+            return self._outputs.get_nowait()
+        except queue.Empty:
+            with self._placement.waiting():
+                return self._outputs.get()
+
+
+class Results:
+    """The outputs of `cluster.run(...)`, in completion order; leaving the loop early (or `close()`) stops the run."""
+
+    def __init__(self, state: RunState, on_end: Callable[[bool], None]) -> None:
+        self._current: list[list] = [[]]  # the batch being handed out, so close() can cut it short
+        self._batches = _batches(state, self._current, on_end)
+        self._outputs = chain.from_iterable(self._batches)  # Python runs once per batch, not per output (W1)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._outputs  # a for loop drives the iterator itself: no wrapper call per output
+
+    def __next__(self) -> Any:
+        return next(self._outputs)
+
+    def close(self) -> None:
+        """Stop the run now (unfinished items are dropped) and stop its workers; iteration ends at once."""
+        self._current[0].clear()  # the batch's list iterator inside chain stops at its next step
+        self._batches.close()
+
+
+def _batches(state: RunState, current: list[list], on_end: Callable[[bool], None]) -> Iterator[list]:
+    """Yield lists of outputs until every input is done; a root item's outputs count as consumed once the caller
+    asks for what follows them. A module-level generator, so nothing refers back to it: when the caller's loop lets
+    go of it (break, an exception), CPython closes it at once and `on_end(finished)` stops the run."""
+    finished = False
+    try:
+        while True:
+            if state.error is not None:
+                raise state.error
+            if state.finished():
+                finished = True
+                return
+            delivery = state.next_delivery()
+            if delivery is not None:
+                current[0] = delivery.outputs
+                yield delivery.outputs
+                state.consume(delivery.roots)
+    finally:
+        on_end(finished)
+
+
+class Feeder:
+    """Reads the caller's iterable lazily into a running cluster, as room allows, in chunks.
+
+    One thread pulls items (it runs the caller's iterable, so it is never placed); another sends a partial chunk
+    `FLUSH_SECONDS` after its first item, so a bursty source is never held back behind an item it has not produced
+    yet. The puller appends without the lock and locks only to start the flusher's clock and to send a full chunk;
+    only the puller replaces the chunk, so nothing is sent twice or skipped.
+    """
+
+    def __init__(self, inputs: Iterator[Any], state: RunState, send: Callable[[list], None],
+                 stop: threading.Event, placement: Placement) -> None:
+        self.inputs = inputs
+        self.state = state
+        self.send = send
+        self.stop = stop
+        self.placement = placement
+        self.cond = threading.Condition()
+        self.chunk: list = []
+        self.sent = 0  # items at the front of `chunk` that the flusher has sent already
+        self.first_at = 0.0  # when the oldest unsent item arrived
+        self.done = False
+
+    def start(self) -> list[threading.Thread]:
+        """Start pulling; returns the threads (they end when the inputs end or the run stops)."""
+        return [start_thread(self._pull, name="pipeline-cluster-feeder"),
+                self.placement.start_thread(self._flush_when_due, name="pipeline-cluster-flusher")]
+
+    def _room(self) -> int:
+        return self.state.room() - (len(self.chunk) - self.sent)
+
+    def _pull(self) -> None:
+        state = self.state
+        try:
+            while not self.stop.is_set() and state.error is None:
+                state.wait(lambda: self._room() > 0 or self.stop.is_set(), what="room to feed")
+                chunk = self.chunk
+                for _ in range(min(FEED_CHUNK, self._room())):
+                    chunk.append(next(self.inputs))
+                    if len(chunk) == self.sent + 1:  # the only unsent item: start the flusher's clock
+                        self._first_unsent()
+                with self.cond:
+                    self._send_unsent()
+                    self.chunk, self.sent = [], 0
+        except StopIteration:
+            pass
+        except BaseException as exc:  # the caller's input iterable raised: end the run with its error
+            state.fail(exc)
+        finally:
+            with self.cond:
+                self._send_unsent()
+                self.done = True
+                self.cond.notify()
+            state.inputs_finished()
+
+    def _first_unsent(self) -> None:
+        with self.cond:
+            if len(self.chunk) > self.sent:
+                self.first_at = time.monotonic()
+                self.cond.notify()
+
+    def _flush_when_due(self) -> None:
+        with self.cond:
+            while not self.done:
+                if len(self.chunk) == self.sent:
+                    self.cond.wait()
+                    continue
+                due = self.first_at + FLUSH_SECONDS - time.monotonic()
+                if due > 0:
+                    self.cond.wait(due)
+                else:
+                    self._send_unsent()
+
+    def _send_unsent(self) -> None:
+        """Send the chunk's unsent items (caller holds the lock); nothing goes out once the run is stopping."""
+        end = len(self.chunk)
+        items = self.chunk[self.sent:end]
+        if items and not self.stop.is_set():
+            self.state.fed_items(len(items))  # before `sent` moves: room is never overcounted
+            self.sent = end
+            self.send(items)
+        else:
+            self.sent = end

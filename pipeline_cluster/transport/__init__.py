@@ -1,0 +1,1 @@
+"""How processes reach each other: framed, authenticated channels (wire, auth), the root's links to its nodes, and the node server."""

@@ -1,0 +1,255 @@
+"""The node server: hosts a NodeActor for each root that connects (the older project's `node.Server`).
+
+    pipeline_cluster.node.Server(("127.0.0.2", 5600), log_addr).serve()
+    pipeline-cluster node --host 127.0.0.2 --port 5600
+
+Every connection is authenticated before a byte is unpickled, and only the message kinds a root may send
+(`messages.ROOT_TO_NODE`) are acted on. When the server listens it prints one line,
+`PCREADY {"host": ..., "port": ..., "pid": ...}`, on stdout, so scripts and tests can use port 0.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import cloudpickle
+
+from pipeline_cluster import __version__
+from pipeline_cluster.actors.base import ask, tell
+from pipeline_cluster.actors.ledger import TreeLedger
+from pipeline_cluster.actors.node import NodeActor
+from pipeline_cluster.cpus import usable_cpus
+from pipeline_cluster.errors import ClusterError
+from pipeline_cluster.logs import route
+from pipeline_cluster.logs.records import Record
+from pipeline_cluster.messages import (ROOT_TO_NODE, ROOT_TO_NODE_REQUESTS, Completed, Hello, NodeFailed, Ping,
+                                       Reply, Request, Setup, Submit)
+from pipeline_cluster.placement import Placement, make_placement, start_thread
+from pipeline_cluster.transport import wire
+from pipeline_cluster.transport.auth import resolve_authkey
+
+logger = logging.getLogger("pipeline_cluster.node")
+
+
+class Session:
+    """One root's connection: a NodeActor whose reports go back over the channel."""
+
+    def __init__(self, channel: wire.Channel, log_sink: Callable[[Record], None] | None, workers: int | None,
+                 placement: Placement) -> None:
+        self.channel = channel
+        self.workers = workers
+        self.placement = placement
+        self.log_sink = log_sink or self._send
+        self.node: Any = None
+        self.ledger: TreeLedger | None = None
+        self.last_heard = time.monotonic()
+        self.ended = threading.Event()
+
+    def _send(self, message: Any) -> None:
+        try:
+            self.channel.send(message)
+        except OSError:
+            pass  # the root is gone: the reader sees EOF and ends the session
+
+    def _report(self, message: Any) -> None:
+        """Send a report of the node's ledger or actor; finished outputs that are big bytes go out-of-band."""
+        if isinstance(message, Completed):
+            message = message._replace(outputs=wire.out_of_band(message.outputs))
+        self._send(message)
+
+    def serve(self) -> None:
+        """Read the root's messages until it disconnects, then stop every worker of this session."""
+        try:
+            while True:
+                try:
+                    message = self.channel.recv()
+                except (EOFError, OSError):
+                    raise
+                except Exception as exc:  # a message we cannot unpickle (a class or module missing here)
+                    self._send(NodeFailed(socket.gethostname(), ClusterError(
+                        f"node {socket.gethostname()} cannot read a message from the root: {type(exc).__name__}: "
+                        f"{exc} (classes of your items must be importable on every node)")))
+                    continue
+                self.last_heard = time.monotonic()
+                kind = type(message)
+                if kind is Submit:  # root items go straight into the ledger: no thread hand-off
+                    if self.ledger is not None:
+                        self.ledger.submit(message.rids, message.items, message.stage)
+                elif kind is Ping:
+                    self._send(Ping())
+                elif kind is Request and type(message.body) in ROOT_TO_NODE_REQUESTS:
+                    self.placement.start_thread(self._answer, message, name="pipeline-cluster-answer")
+                elif kind in ROOT_TO_NODE and kind is not Request and self.node is not None:
+                    tell(self.node, message)
+                else:
+                    logger.warning("refused a message of kind %s from the root at %s",
+                                   type(getattr(message, "body", message)).__name__, self.channel.peer)
+        except (EOFError, OSError):
+            pass
+        finally:
+            self.close()
+
+    def _answer(self, request: Request) -> None:
+        body = request.body
+        try:
+            if isinstance(body, Hello):
+                self.ledger = TreeLedger(body.node, self._report)
+                self.node = NodeActor.start(self.ledger, self.log_sink, self.workers, placement=self.placement)
+                self.placement.start_thread(self._watch_root, body.heartbeat, body.dead_after,
+                                            name="pipeline-cluster-watch-root")
+                value: Any = {"pid": os.getpid(), "cpus": usable_cpus(), "version": __version__,
+                              "python": sys.version.split()[0]}
+            else:
+                if isinstance(body, Setup):
+                    body = Setup(self._load_pipeline(body.pipeline))
+                value = ask(self.node, body, timeout=600)
+            self._send(Reply(request.id, True, value))
+        except BaseException as exc:
+            try:
+                cloudpickle.dumps(exc)
+            except Exception:
+                exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+            self._send(Reply(request.id, False, exc))
+
+    def _watch_root(self, heartbeat: float, dead_after: float) -> None:
+        """End the session when the root has been silent for `dead_after` s (a partition sends no FIN)."""
+        while not self.ended.wait(heartbeat):
+            if time.monotonic() - self.last_heard > dead_after:
+                logger.warning("root silent for more than %s s: ending its session", dead_after)
+                self.channel.close()
+                return
+
+    @staticmethod
+    def _load_pipeline(payload: bytes) -> Any:
+        try:
+            return cloudpickle.loads(payload)
+        except Exception as exc:
+            raise ClusterError(f"node {socket.gethostname()} cannot load the pipeline: {type(exc).__name__}: {exc} "
+                               "(functions from your own modules must be importable on every node)") from None
+
+    def close(self) -> None:
+        """Stop the node actor (killing its workers) and close the connection."""
+        self.ended.set()
+        if self.node is not None:
+            self.node.stop(block=True, timeout=60)
+            self.node = None
+        self.channel.close()
+
+
+class Server:
+    """A node server on `addr`; worker logs go to the log server at `log_addr`, or back to each root."""
+
+    def __init__(self, addr: tuple[str, int], log_addr: tuple[str, int] | None = None, *,
+                 authkey: bytes | str | None = None, workers: int | None = None, single_root: bool = False,
+                 placement: bool = False, conn_buffer_size: int | None = None,
+                 benchmark_folder: str | None = None) -> None:
+        """`conn_buffer_size` and `benchmark_folder` are the older project's options: accepted, and meaningless
+        here (connections need no buffer size; stats go to each root's run directory)."""
+        self.authkey = resolve_authkey(authkey)
+        self.log_addr = log_addr
+        self.workers = workers
+        self.single_root = single_root  # a deployed node serves one root and exits when that root is gone
+        self.placement = make_placement(placement)
+        self.listener = wire.Listener((addr[0], int(addr[1])), self.authkey)
+        self.address = self.listener.address
+        self.sessions: list[Session] = []
+        self._stopping = threading.Event()
+
+    def serve(self) -> None:
+        """Accept roots until `stop()` (or Ctrl-C, when serving in the main thread)."""
+        log_sink = None
+        if self.log_addr is not None:
+            route.configure(self.log_addr, self.authkey)
+            log_sink = route.emit
+        print("PCREADY " + json.dumps({"host": self.address[0], "port": self.address[1], "pid": os.getpid()}),
+              flush=True)
+        logger.info("node server listening on %s:%s", *self.address)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    channel = self.listener.accept()
+                except OSError:  # stop() closed the listener
+                    break
+                session = Session(channel, log_sink, self.workers, self.placement)
+                self.sessions = [s for s in self.sessions if not s.ended.is_set()] + [session]
+                self.placement.start_thread(self._serve_session, session, name="pipeline-cluster-session")
+        except KeyboardInterrupt:
+            logger.info("interrupted: stopping")
+        finally:
+            self.listener.close()
+            for session in self.sessions:
+                session.close()
+
+    def _serve_session(self, session: Session) -> None:
+        session.serve()
+        if self.single_root:
+            logger.info("root gone: stopping (this node serves a single root)")
+            self.stop()
+
+    def stop(self) -> None:
+        """Stop accepting, end every session and its workers."""
+        self._stopping.set()
+        self.listener.close()
+
+
+def _exit_on_stdin_eof(server: Server, grace: float) -> None:
+    """A deployed node's lifeline: when the root's SSH channel closes, stdin ends, and so does this node."""
+    sys.stdin.read()
+    logger.warning("stdin closed: the root is gone, stopping")
+    server.stop()
+    time.sleep(grace)  # the main thread normally exits well within the grace period
+    os._exit(1)
+
+
+def main(host: str, port: int, log_addr: tuple[str, int] | None, authkey_file: str | None,
+         workers: int | None, stdin_config: bool = False, placement: bool = False) -> int:
+    """`pipeline-cluster node`: serve until SIGINT/SIGTERM (or, with `stdin_config`, until the root is gone).
+
+    With `stdin_config` the first stdin line is JSON with the run's secrets and settings, `{"authkey": HEX,
+    "run_dir": PATH, "env": {NAME: VALUE}}`, so they never appear on a command line; `env` goes into the node's
+    environment (its workers inherit it; a PYTHONPATH there also extends sys.path). The node writes `node.pid` into
+    run_dir, serves a single root, and exits when that root disconnects, falls silent, or closes the node's stdin.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    authkey = None
+    run_dir = None
+    if stdin_config:
+        config = json.loads(sys.stdin.readline() or "{}")
+        authkey = bytes.fromhex(config["authkey"])
+        run_dir = config.get("run_dir")
+        env = {str(k): str(v) for k, v in config.get("env", {}).items()}
+        os.environ.update(env)
+        if env.get("PYTHONPATH"):
+            sys.path[:0] = env["PYTHONPATH"].split(os.pathsep)
+    elif authkey_file:
+        with open(authkey_file, "rb") as f:
+            authkey = f.read().strip()
+    server = Server((host, port), log_addr, authkey=authkey, workers=workers, single_root=stdin_config,
+                    placement=placement)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # this process is ours: stop cleanly on either
+        signal.signal(sig, lambda *_: server.stop())
+    pidfile = None
+    if run_dir:
+        os.makedirs(run_dir, mode=0o700, exist_ok=True)
+        pidfile = os.path.join(run_dir, f"node-{server.address[1]}.pid")
+        with open(pidfile, "w") as f:
+            f.write(str(os.getpid()))
+    if stdin_config:
+        start_thread(_exit_on_stdin_eof, server, 10.0, name="pipeline-cluster-stdin-watch")
+    started = time.monotonic()
+    try:
+        server.serve()
+    finally:
+        if pidfile:
+            with contextlib.suppress(OSError):
+                os.unlink(pidfile)
+    logger.info("node server stopped after %.1f s", time.monotonic() - started)
+    return 0

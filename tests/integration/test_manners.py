@@ -1,0 +1,121 @@
+"""Manners: with default settings the framework changes no CPU affinity, scheduling policy, signal handler or
+environment of the caller's threads, of the threads that run the caller's code, or of the worker processes (so task
+code, and what it starts, gets exactly what the caller has)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import pipeline_cluster as pc
+
+EVERYTHING = frozenset(os.sched_getaffinity(0))
+
+
+def _where_and_how(item: int) -> dict:
+    """A stage: what the task sees of its process (CPUs, policy, SIGINT handler, environment)."""
+    return {"cpus": frozenset(os.sched_getaffinity(0)), "policy": os.sched_getscheduler(0),
+            "sigint": signal.getsignal(signal.SIGINT) is signal.default_int_handler, "env": dict(os.environ)}
+
+
+@pytest.mark.timeout(60)
+def test_a_task_runs_with_the_callers_cpus_policy_signals_and_environment(tmp_path):
+    main_cpus = frozenset(os.sched_getaffinity(threading.main_thread().native_id))
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=2) as cluster:
+        seen = list(cluster.run([_where_and_how], range(20)))
+    assert len(seen) == 20
+    assert all(task["cpus"] == main_cpus for task in seen), seen[0]["cpus"]
+    assert all(task["policy"] == os.SCHED_OTHER for task in seen)
+    assert all(task["sigint"] for task in seen)  # the worker's SIGINT handler is Python's own, untouched
+    mine = _child_environment()
+    differences = [{k: (mine.get(k), task["env"].get(k)) for k in mine.keys() | task["env"].keys()
+                    if mine.get(k) != task["env"].get(k)} for task in seen]
+    assert differences == [{}] * 20  # not one variable added or changed
+
+
+def _child_environment() -> dict[str, str]:
+    """The environment any child process of this one gets (what a worker must see, no more, no less)."""
+    code = "import json, os; print(json.dumps(dict(os.environ)))"
+    return json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                     check=True).stdout)
+
+
+def _hold(item: float) -> float:
+    time.sleep(item)
+    return item
+
+
+class _Sampler:
+    """Samples a thread's CPUs and scheduling policy from another thread, until stopped."""
+
+    def __init__(self, native_id: int) -> None:
+        self.native_id = native_id
+        self.samples: list[tuple[frozenset[int], int]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.002):
+            self.samples.append((frozenset(os.sched_getaffinity(self.native_id)),
+                                 os.sched_getscheduler(self.native_id)))
+
+    def finish(self) -> list[tuple[frozenset[int], int]]:
+        self.stop.set()
+        self.thread.join()
+        return self.samples
+
+
+@pytest.mark.timeout(60)
+def test_the_callers_thread_keeps_every_cpu_while_it_waits_in_the_framework(tmp_path):
+    me = threading.get_native_id()
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=1) as cluster:
+        cluster.setup("waits", "1", [_hold])
+        cluster.boot()
+        sampler = _Sampler(me)
+        for _ in range(5):
+            cluster.feed(0.05)
+            cluster.wait_empty(timeout=30)  # each wait blocks ~50 ms while the sampler looks
+        waited = sampler.finish()
+        cluster.reset()
+        sampler = _Sampler(me)
+        count = 0
+        for _ in cluster.run([_hold], [0.01] * 30):  # the loop blocks between outputs
+            count += 1
+        looped = sampler.finish()
+    assert count == 30
+    assert len(waited) > 20 and len(looped) > 20, (len(waited), len(looped))
+    assert {cpus for cpus, _ in waited + looped} == {EVERYTHING}
+    assert {policy for _, policy in waited + looped} == {os.SCHED_OTHER}
+
+
+@pytest.mark.timeout(60)
+def test_a_thread_pool_made_after_boot_runs_on_every_cpu(tmp_path):
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=1) as cluster:
+        cluster.setup("pool", "1", [_hold])
+        cluster.boot()
+        cluster.feed(0.0)
+        cluster.wait_empty(timeout=30)
+        with ThreadPoolExecutor(4) as pool:
+            seen = set(pool.map(lambda _: frozenset(os.sched_getaffinity(0)), range(16)))
+    assert seen == {EVERYTHING}
+
+
+@pytest.mark.timeout(60)
+def test_the_framework_threads_are_left_where_the_process_is(tmp_path):
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=1) as cluster:
+        results = cluster.run([_hold], [0.0] * 100)
+        next(iter(results))
+        framework = {t.name: (frozenset(os.sched_getaffinity(t.native_id)), os.sched_getscheduler(t.native_id))
+                     for t in threading.enumerate() if t.native_id is not None and t is not threading.current_thread()}
+        list(results)
+    assert any(name.startswith("StageSupervisor") for name in framework), framework
+    assert {cpus for cpus, _ in framework.values()} == {EVERYTHING}
+    assert {policy for _, policy in framework.values()} == {os.SCHED_OTHER}
