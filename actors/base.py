@@ -12,7 +12,8 @@ import queue
 import select
 import traceback
 import weakref
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
+from collections.abc import Callable
 
 import pykka
 

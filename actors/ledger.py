@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import pykka
 
@@ -24,7 +25,8 @@ from pipeline_cluster.messages import Chunk, Completed, DeadLetter, Push
 class TreeLedger:
     """Root items in, completed root items (with outputs and dead letters) out through `report`."""
 
-    def __init__(self, name: str, report: Callable[[Completed], None]) -> None:
+    def __init__(self, name: str, report: Callable[[Any], None]) -> None:
+        """`report` takes what the node tells the root: Completed from here, and the NodeActor's reports."""
         self.name = name
         self.report = report
         self.lock = threading.Lock()
@@ -88,6 +90,7 @@ class TreeLedger:
                 else:
                     self._sort_outputs(outputs, done_set, finished_outputs)
             for letter in dead:  # reported with their root item, so a node lost before that reports nothing twice
+                assert letter.rid is not None
                 self.held_dead.setdefault(letter.rid, []).append(letter)
             finished_dead: list[DeadLetter] = []
             if self.held_dead:

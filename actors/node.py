@@ -6,7 +6,7 @@ item's whole tree is done; the actor itself sets the stages up, starts and stops
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import pykka
 
@@ -61,7 +61,7 @@ class NodeActor(Actor):
 
     @handles(StageReady)
     def on_stage_ready(self, message: StageReady) -> None:
-        self.ready.add(message.index)
+        self.ready.add(message.stage)
         if len(self.ready) == len(self.stages):
             self.report(NodeReady(self.name))
 

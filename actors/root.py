@@ -8,7 +8,7 @@ get deep queues for big batches and large items stay within a byte budget.
 from __future__ import annotations
 
 from collections import Counter, deque
-from typing import Callable
+from collections.abc import Callable
 
 from pipeline_cluster.actors import policies
 from pipeline_cluster.actors.base import Actor, handles

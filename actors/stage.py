@@ -15,7 +15,8 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import cloudpickle
 import pykka
@@ -255,7 +256,8 @@ class StageSupervisor(Actor):
             part = self.queue[0]
             room = size - len(rids)
             if len(part.rids) > room:
-                self.queue[0] = Chunk(part.rids[room:], part.items[room:], part.attempts[room:] if part.attempts else None)
+                attempts_left = part.attempts[room:] if part.attempts else None
+                self.queue[0] = Chunk(part.rids[room:], part.items[room:], attempts_left)
                 part = Chunk(part.rids[:room], part.items[:room], part.attempts[:room] if part.attempts else None)
             else:
                 self.queue.popleft()
@@ -302,22 +304,24 @@ class StageSupervisor(Actor):
         self.crash_streak = 0
         self.stats.items_out += len(outs)
         self.stats.dropped += result.dropped
-        self.stats.add_timing(timing.seconds, timing.count, timing.samples)
-        if timing.count:
-            self.seconds_per_item = policies.moving_average(self.seconds_per_item, timing.seconds / timing.count)
-            fanout = len(outs) / timing.count  # a rise counts at once (it bounds memory), a fall slowly
+        self.stats.add_timing(timing.seconds, timing.items, timing.samples)
+        if timing.items:
+            self.seconds_per_item = policies.moving_average(self.seconds_per_item, timing.seconds / timing.items)
+            fanout = len(outs) / timing.items  # a rise counts at once (it bounds memory), a fall slowly
             self.fanout = max(fanout, policies.moving_average(self.fanout, fanout))
+        born: list[int]
+        died: list[int]
         if result.tree is None:  # one output per input: nothing changed in the trees
             out_rids, born, died = chunk.rids, [], []
         else:
             out_rids, born, died = result.tree
-        failed = {error.index for error in result.errors}
+        failed = {error.position for error in result.errors}
         dead: list[DeadLetter] = []
         if self.last:  # every item leaves the pipeline here
             born = []
             died = [rid for i, rid in enumerate(chunk.rids) if i not in failed] if failed else chunk.rids
         for error in result.errors:
-            self._charge(chunk, error.index, died, dead, "exception", error.retryable, error_type=error.error_type,
+            self._charge(chunk, error.position, died, dead, "exception", error.retryable, error_type=error.error_type,
                          message=error.message, traceback=error.traceback, pid=slot.proc.pid)
         self._report(born, died, (out_rids, outs) if self.last and outs else None, dead)
         if outs and not self.last and self.next_stage is not None:

@@ -12,7 +12,8 @@ import time
 import traceback as traceback_module
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import pykka
 
@@ -62,6 +63,7 @@ class WorkerActor(Actor):
         self.pending: deque[SendBatch] = deque()  # batches waiting for the process
         self.poller = select.poll()  # made once: a wait with a deadline costs one poll call
         self.poller.register(proc.conn.fileno(), select.POLLIN)
+        self.inbox: PollingInbox = self.actor_inbox  # type: ignore[assignment]  # made by _create_actor_inbox
         self.placement = config.placement
         self.escalate = lambda text: tell(supervisor, WorkerDied(wid, Death("crash", message=text)))
 
@@ -81,7 +83,7 @@ class WorkerActor(Actor):
             return
         reply = self._wait_for((Started, InitFailed), time.monotonic() + config.start_timeout)
         if isinstance(reply, Started):
-            self.actor_inbox.watch(self.proc.conn.fileno(), self._time_left)
+            self.inbox.watch(self.proc.conn.fileno(), self._time_left)
             tell(self.supervisor, WorkerReady(self.wid, self.proc.pid))
         elif isinstance(reply, InitFailed):
             self.proc.reap()
@@ -142,7 +144,7 @@ class WorkerActor(Actor):
     def on_stop_worker(self, message: StopWorker) -> None:
         """Ask the process to run close() and exit; kill it after `grace` seconds."""
         if not self.dead:
-            self.actor_inbox.watch(None)
+            self.inbox.watch(None)
             try:
                 self.proc.conn.send(Stop())
                 self._wait_for((Stopped,), time.monotonic() + message.grace, report=False)
@@ -153,7 +155,7 @@ class WorkerActor(Actor):
         self.dead = True
 
     def on_stop(self) -> None:
-        self.actor_inbox.watch(None)
+        self.inbox.watch(None)
         self.proc.kill()
         self.proc.reap()
         self.proc.release()
@@ -198,7 +200,7 @@ class WorkerActor(Actor):
 
     def _died(self, cause: str, index: int = -1, message: str = "", traceback: str = "") -> None:
         self.dead = True
-        self.actor_inbox.watch(None)
+        self.inbox.watch(None)
         code, sig = describe_exit(self.proc.reap())
         if not message:
             message = f"worker process died ({f'signal {sig}' if sig else f'exit code {code}'})"

@@ -13,7 +13,8 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from . import runners
 from .workloads import (NAP_SECONDS, PAYLOAD_BYTES, W6_NODES, W6_WORKERS_PER_NODE, WORKLOADS, Workload,

@@ -9,7 +9,8 @@ import itertools
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 PAYLOAD_BYTES = 100_000
 BURN_SECONDS = 0.010

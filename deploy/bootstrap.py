@@ -18,7 +18,8 @@ import secrets
 import socket
 import threading
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, cast, TypeVar
+from collections.abc import Callable
 
 import paramiko
 
@@ -73,6 +74,24 @@ class RemoteNode:
         self.link: RemoteLink | None = None
         self.result = HostResult(spec.name, spec.address)
 
+    @property
+    def ssh(self) -> paramiko.SSHClient:
+        """The open SSH connection (from the connect phase on)."""
+        assert self.client is not None, "not connected yet"
+        return self.client
+
+    @property
+    def channel(self) -> paramiko.Channel:
+        """The node's exec channel (from the start phase on)."""
+        assert self.process is not None, "the node is not started yet"
+        return self.process
+
+    @property
+    def node_dir(self) -> str:
+        """The node's run directory on the host (from the ship phase on)."""
+        assert self.run_dir is not None, "not shipped yet"
+        return self.run_dir
+
     def fail(self, detail: str, exit_status: int | None = None, stderr: str = "") -> HostError:
         """A HostError for this node in its current phase."""
         return HostError(self.spec.name, self.spec.address, self.phase, detail, exit_status, tail(stderr))
@@ -96,7 +115,7 @@ class RemoteNode:
         """Run a hostscript command with the node's python; HostError with exit status and stderr when it fails."""
         python = self.spec.python
         try:
-            status, answer, err = run_hostscript(self.client, python, *args, timeout=COMMAND_TIMEOUT)
+            status, answer, err = run_hostscript(self.ssh, python, *args, timeout=COMMAND_TIMEOUT)
         except (TimeoutError, paramiko.SSHException, OSError) as exc:
             raise self.fail(f"{args[0]} on the host: {exc}") from None
         if status != 0 or answer is None:
@@ -120,12 +139,13 @@ class RemoteNode:
             self.result.ship = "existing"
             return spec.python
         python = f"{probe['venv']}/bin/python"
+        assert built is not None  # shipping: the wheel was built above
         if probe["cached"]:
             self.result.ship = "cached"
             return python
         target = f"{probe['workdir']}/wheels/{built.filename}"
         try:
-            with self.client.open_sftp() as sftp:
+            with self.ssh.open_sftp() as sftp:
                 sftp.get_channel().settimeout(max(60.0, self.config.start_timeout))  # a stalled host cannot hang us
                 with sftp.open(target + ".part", "wb") as f:
                     f.set_pipelined(True)
@@ -146,13 +166,13 @@ class RemoteNode:
         node = remote_argv(python, "-m", "pipeline_cluster.cli", "node",
                            "--host", listen, "--port", str(spec.node_port), "--stdin-config",
                            *(["--workers", str(spec.workers)] if spec.workers else []))
-        run_dir = remote_argv(self.run_dir)
+        run_dir = remote_argv(self.node_dir)
         command = f"umask 077 && mkdir -p {run_dir} && cd {run_dir} && exec {node} 2>>node.log"
         try:
-            self.process = self.client.get_transport().open_session(timeout=spec.ssh.connect_timeout)
-            self.process.exec_command(command)
+            self.process = self.ssh.get_transport().open_session(timeout=spec.ssh.connect_timeout)
+            self.channel.exec_command(command)
             secrets = {"authkey": authkey.hex(), "run_dir": self.run_dir, "env": dict(spec.env)}  # never on argv
-            self.process.sendall(json.dumps(secrets).encode() + b"\n")
+            self.channel.sendall(json.dumps(secrets).encode() + b"\n")
         except (paramiko.SSHException, OSError) as exc:
             raise self.fail(f"cannot run the node command: {exc}") from None
         ready = self._ready_line()
@@ -176,14 +196,14 @@ class RemoteNode:
                 self.phase = "ready"
                 self._stop_process(kill=True)
                 raise self.fail(f"no PCREADY line within {self.config.start_timeout} s", None, self._log_tail())
-            self.process.settimeout(remaining)
+            self.channel.settimeout(remaining)
             try:
-                chunk = self.process.recv(4096)
-            except socket.timeout:
+                chunk = self.channel.recv(4096)
+            except TimeoutError:
                 continue
             if not chunk:
-                status = self.process.recv_exit_status() if self.process.status_event.wait(5) else None
-                early = self.process.recv_stderr(65536) if self.process.recv_stderr_ready() else b""
+                status = self.channel.recv_exit_status() if self.channel.status_event.wait(5) else None
+                early = self.channel.recv_stderr(65536) if self.channel.recv_stderr_ready() else b""
                 raise self.fail("the node exited before it was ready", status,
                                 early.decode(errors="replace") + self._log_tail())
             buffer += chunk
@@ -191,8 +211,8 @@ class RemoteNode:
     def _log_tail(self) -> str:
         """The tail of the node's node.log (its stderr), fetched with a fresh command; empty if that fails."""
         try:
-            status, answer, _ = run_hostscript(self.client, self.spec.python, "logs",
-                                               self.run_dir.rsplit("/", 2)[0], self.spec.name, "40",
+            status, answer, _ = run_hostscript(self.ssh, self.spec.python, "logs",
+                                               self.node_dir.rsplit("/", 2)[0], self.spec.name, "40",
                                                self.run_id, timeout=self.spec.ssh.connect_timeout)
         except (TimeoutError, paramiko.SSHException, OSError):
             return ""
@@ -201,8 +221,8 @@ class RemoteNode:
     def _drain(self) -> None:
         """Keep reading the node's stdout so its channel window never fills; ends when the node does."""
         try:
-            self.process.settimeout(None)
-            while self.process.recv(65536):
+            self.channel.settimeout(None)
+            while self.channel.recv(65536):
                 pass
         except (OSError, EOFError, paramiko.SSHException):
             pass
@@ -231,8 +251,8 @@ class RemoteNode:
     def _open_channel(self, address: tuple[str, int], authkey: bytes, timeout: float) -> wire.Channel:
         if self.config.connect == "direct":
             return wire.connect(address, authkey, timeout=timeout)
-        tunnel = self.client.get_transport().open_channel("direct-tcpip", address, ("127.0.0.1", 0), timeout=timeout)
-        sock = ChannelSocket(tunnel, address)
+        tunnel = self.ssh.get_transport().open_channel("direct-tcpip", address, ("127.0.0.1", 0), timeout=timeout)
+        sock = cast(socket.socket, ChannelSocket(tunnel, address))  # it offers what the handshake and Channel use
         try:
             client_handshake(sock, authkey, timeout=timeout)
         except BaseException:
@@ -263,7 +283,7 @@ class RemoteNode:
         if not kill and process.status_event.wait(grace):
             return
         try:
-            run_hostscript(self.client, self.spec.python, "stop", self.run_dir, str(KILL_GRACE),
+            run_hostscript(self.ssh, self.spec.python, "stop", self.node_dir, str(KILL_GRACE),
                            timeout=KILL_GRACE + self.spec.ssh.connect_timeout)
         except (TimeoutError, paramiko.SSHException, OSError) as exc:
             logger.warning("node %s (%s): could not stop it by pidfile: %s", self.spec.name, self.spec.address, exc)
@@ -325,7 +345,7 @@ class Deployment:
         if errors:
             self._abort()
             raise DeployError(errors, len(self.nodes))
-        return [node.link for node in self.nodes]
+        return [node.link for node in self.nodes if node.link is not None]
 
     def _abort(self) -> None:
         """Close the links made so far and stop every node."""

@@ -7,7 +7,8 @@ no `recv_into`, no `recv` flags and no `family`; and its `send` returns 0 instea
 from __future__ import annotations
 
 import socket
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import paramiko
 

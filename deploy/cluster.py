@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from pipeline_cluster.cluster import Cluster
 from pipeline_cluster.deploy.bootstrap import Deployment, HostResult
@@ -31,7 +32,7 @@ class SSHCluster(Cluster):
             raise
 
     @classmethod
-    def from_config(cls, path: str | os.PathLike | Mapping[str, Any], **options: Any) -> "SSHCluster":
+    def from_config(cls, path: str | os.PathLike | Mapping[str, Any], **options: Any) -> SSHCluster:
         """Read `path` (a cluster.toml), start its nodes; `options` are Cluster's (credit, run_dir, log_file...)."""
         return cls(path, **options)
 

@@ -15,7 +15,8 @@ import getpass
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 from pipeline_cluster.config import load_toml, stage_overrides
 from pipeline_cluster.deploy.errors import ConfigError

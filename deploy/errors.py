@@ -31,7 +31,7 @@ class HostError(ClusterError):
             text += "\n    remote stderr:\n" + "\n".join("    | " + line for line in stderr_tail.rstrip().splitlines())
         super().__init__(text)
 
-    def __reduce__(self):  # keep the fields when the error is pickled
+    def __reduce__(self) -> tuple[type, tuple]:  # keep the fields when the error is pickled
         return (HostError, (self.node, self.host, self.phase, self.detail, self.exit_status, self.stderr_tail))
 
 

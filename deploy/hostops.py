@@ -6,7 +6,8 @@ process, after any crash of the root, and stop nothing that is not a node of tha
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import paramiko
 

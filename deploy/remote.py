@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import socket
 import threading
 import time
 from pathlib import Path
@@ -144,7 +143,7 @@ def run_command(client: paramiko.SSHClient, command: str, stdin: bytes, timeout:
         if not channel.status_event.wait(max(0.0, deadline - time.monotonic())):
             raise TimeoutError(f"{command!r} did not finish within {timeout} s")
         return channel.recv_exit_status(), stdout.decode(errors="replace"), b"".join(stderr).decode(errors="replace")
-    except socket.timeout:
+    except TimeoutError:
         raise TimeoutError(f"{command!r} did not finish within {timeout} s") from None
     finally:
         channel.close()

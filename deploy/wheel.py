@@ -45,7 +45,7 @@ def _sources() -> dict[str, bytes]:
     """Archive path -> bytes of every module of the packages, read from where they are imported from."""
     files = {}
     for package in PACKAGES:
-        directory = Path(importlib.import_module(package).__file__).parent
+        directory = Path(str(importlib.import_module(package).__file__)).parent
         prefix = package.replace(".", "/")
         for path in sorted(directory.glob("*.py")):
             files[f"{prefix}/{path.name}"] = path.read_bytes()
@@ -62,7 +62,7 @@ def _metadata(version: str) -> dict[str, bytes]:
     installed = importlib.metadata.distribution(DIST)
     requires = [r for r in installed.metadata.get_all("Requires-Dist") or [] if "extra ==" not in r]
     lines = ["Metadata-Version: 2.1", f"Name: {DIST}", f"Version: {version}",
-             f"Requires-Python: {installed.metadata.get('Requires-Python') or '>=3.10'}"]
+             f"Requires-Python: {(installed.metadata.get_all('Requires-Python') or ['>=3.10'])[0]}"]
     lines += [f"Requires-Dist: {r}" for r in requires]
     info = f"{DIST}-{version}.dist-info"
     return {

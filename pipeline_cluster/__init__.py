@@ -10,7 +10,7 @@ Names are imported on first use, so a worker process that only needs the task ru
 import importlib
 from typing import Any
 
-__version__ = "0.2.0"
+__version__ = "0.3.0.dev0"
 
 _EXPORTS = {
     "Cluster": "pipeline_cluster.cluster",

@@ -8,7 +8,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any
+from collections.abc import Iterable, Iterator
 
 from tqdm import tqdm
 
@@ -137,6 +138,9 @@ def cmd_bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+WORKERS_HELP = "worker processes per stage (default: the CPUs this process may use)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands and their options."""
     parser = argparse.ArgumentParser(prog="pipeline-cluster",
@@ -147,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Split sentences into words (generator stage), normalise them (class stage "
                                       "with args), drop stop words (a stage returning None), on the local cluster.")
     demo.add_argument("--count", type=int, default=3000, help="number of input sentences (default 3000)")
-    demo.add_argument("--workers", type=int, default=None, help="worker processes per stage (default: the CPUs this process may use)")
+    demo.add_argument("--workers", type=int, default=None, help=WORKERS_HELP)
     demo.set_defaults(func=cmd_demo)
 
     run = sub.add_parser("run", help="run module:attr over the lines of a file, outputs as JSON lines",
@@ -156,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("pipeline", metavar="module:attr")
     run.add_argument("--input", required=True, help="input file, one item per line ('-' for stdin)")
     run.add_argument("--output", default=None, help="output file for JSON lines (default stdout)")
-    run.add_argument("--workers", type=int, default=None, help="worker processes per stage (default: the CPUs this process may use)")
+    run.add_argument("--workers", type=int, default=None, help=WORKERS_HELP)
     run.add_argument("--cluster", default=None, metavar="FILE",
                      help="run on the nodes of this cluster.toml, started over SSH (default: this machine)")
     run.set_defaults(func=cmd_run)
@@ -171,8 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--log-host", default="127.0.0.1", help="log server address")
     node.add_argument("--log-port", type=int, default=None, help="log server port (default: logs go to the root)")
     node.add_argument("--authkey-file", default=None, help="file holding the shared authkey")
-    node.add_argument("--workers", type=int, default=None,
-                      help="worker processes per stage (default: the CPUs this process may use)")
+    node.add_argument("--workers", type=int, default=None, help=WORKERS_HELP)
     node.add_argument("--placement", action="store_true",
                       help="run the node's own threads on one CPU, beside lone short batches (see the README)")
     node.add_argument("--stdin-config", action="store_true",

@@ -12,7 +12,8 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
 from pipeline_cluster.actors.base import ask
 from pipeline_cluster.actors.ledger import TreeLedger

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import collections
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 import pipeline_cluster as pc
 from pipeline_cluster import multiprocess_logging as mpl

@@ -18,5 +18,5 @@ class StageFailed(ClusterError):
             text += f"\n{detail}"
         super().__init__(text)
 
-    def __reduce__(self):  # keep the fields when the error crosses a process boundary
+    def __reduce__(self) -> tuple[type, tuple]:  # keep the fields when the error crosses a process boundary
         return (StageFailed, (self.stage, self.cause, self.item, self.detail))

@@ -65,9 +65,9 @@ class Chunk(NamedTuple):
 
 
 class ItemError(NamedTuple):
-    """One item of a batch raised: its index in the batch, the error, and whether `retry_on` covers it."""
+    """One item of a batch raised: its position in the batch, the error, and whether `retry_on` covers it."""
 
-    index: int
+    position: int
     error_type: str
     message: str
     traceback: str
@@ -87,7 +87,7 @@ class Timing(NamedTuple):
     """Seconds a batch took in the worker, items timed, and a sample of per-item seconds (for percentiles)."""
 
     seconds: float
-    count: int
+    items: int
     samples: list[float]
 
 
@@ -230,9 +230,9 @@ class Submit(NamedTuple):
 
 
 class StageReady(NamedTuple):
-    """Stage `index` has all its workers up."""
+    """Stage number `stage` has all its workers up."""
 
-    index: int
+    stage: int
 
 
 class StageFailure(NamedTuple):

@@ -6,7 +6,8 @@ import dataclasses
 import inspect
 import math
 import os
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import cloudpickle
 
@@ -55,7 +56,7 @@ class Supervision:
             raise ValueError(f"supervision.on_failure must be one of {FAILURE_ACTIONS}, got {self.on_failure!r}")
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "Supervision":
+    def from_dict(cls, values: Mapping[str, Any]) -> Supervision:
         """Build from a TOML table; an unknown key is an error naming the key."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -165,6 +166,8 @@ class Stage:
             raise TypeError(f"{where}: task cannot be pickled to send to workers: {exc}") from exc
 
     def _check_signature(self, where: str) -> None:
+        extra: tuple[object, ...]
+        fixed: tuple[Any, ...]
         if self.is_class:
             try:
                 inspect.signature(self.task).bind(*self.args, **self.kwargs)
@@ -173,12 +176,13 @@ class Stage:
                                 f" kwargs={self.kwargs!r}: {exc}") from None
             except ValueError:
                 pass
-            call = next((k.__dict__["__call__"] for k in self.task.__mro__ if "__call__" in k.__dict__), None)
+            mro: tuple[type, ...] = getattr(self.task, "__mro__", ())
+            call = next((k.__dict__["__call__"] for k in mro if "__call__" in k.__dict__), None)
             if call is None or not callable(call):
                 raise TypeError(f"{where}: class {self.task.__name__} has no __call__(self, item) method")
             target, extra, fixed, named = call, (object(),), (), {}  # unbound __call__: self + item
         else:
-            target, extra, fixed, named = self.task, (), self.args, self.kwargs
+            target, extra, fixed, named = self.task, (), tuple(self.args), self.kwargs
         try:
             sig = inspect.signature(target)
         except (TypeError, ValueError):
@@ -236,13 +240,13 @@ class Pipeline:
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, version={self.version!r}, stages={[s.name for s in self.stages]})"
 
-    def configure(self, config: "str | os.PathLike | Mapping[str, Any]") -> "Pipeline":
+    def configure(self, config: str | os.PathLike | Mapping[str, Any]) -> Pipeline:
         """Apply the `[stages.NAME]` tables of a TOML file (or an already parsed dict) to this pipeline."""
         from pipeline_cluster.config import load_toml, stage_overrides
 
         return self.with_overrides(stage_overrides(load_toml(config)))
 
-    def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> "Pipeline":
+    def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> Pipeline:
         """Apply `[stages.NAME]` tables (workers, supervision) from a TOML config; unknown names are errors."""
         by_name = {s.name: s for s in self.stages}
         for name, table in overrides.items():

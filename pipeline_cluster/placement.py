@@ -18,7 +18,8 @@ import contextlib
 import ctypes
 import os
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 _CAN_PIN = hasattr(os, "sched_setaffinity") and hasattr(os, "sched_getaffinity")
 
@@ -94,14 +95,15 @@ class HomeCpu(Placement):
 
     @contextlib.contextmanager
     def spawning(self) -> Iterator[None]:
-        placed = self.home is not None and os.sched_getaffinity(0) == {self.home}
+        home = self.home
+        placed = home is not None and os.sched_getaffinity(0) == {home}
         if placed:
             os.sched_setaffinity(0, self._user_cpus())
         try:
             yield
         finally:
-            if placed:
-                os.sched_setaffinity(0, {self.home})
+            if home is not None and placed:
+                os.sched_setaffinity(0, {home})
 
     @contextlib.contextmanager
     def waiting(self) -> Iterator[None]:

@@ -10,7 +10,8 @@ import queue
 import threading
 import time
 from itertools import chain
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable, Generator, Iterator
 
 from pipeline_cluster.placement import Placement, start_thread
 
@@ -177,7 +178,8 @@ class Results:
         self._batches.close()
 
 
-def _batches(state: RunState, current: list[list], on_end: Callable[[bool], None]) -> Iterator[list]:
+def _batches(state: RunState, current: list[list],
+             on_end: Callable[[bool], None]) -> Generator[list, None, None]:
     """Yield lists of outputs until every input is done; a root item's outputs count as consumed once the caller
     asks for what follows them. A module-level generator, so nothing refers back to it: when the caller's loop lets
     go of it (break, an exception), CPython closes it at once and `on_end(finished)` stops the run."""

@@ -6,7 +6,8 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 from pipeline_cluster.messages import DeadLetter
 

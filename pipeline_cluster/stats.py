@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 SAMPLE_LIMIT = 4096
 
@@ -60,7 +61,7 @@ class StageStats:
         return data
 
     @classmethod
-    def combine(cls, parts: Iterable["StageStats"]) -> "StageStats":
+    def combine(cls, parts: Iterable[StageStats]) -> StageStats:
         """Sum the same stage over several nodes."""
         parts = list(parts)
         total = cls(parts[0].stage)

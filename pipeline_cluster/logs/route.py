@@ -11,7 +11,8 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from pipeline_cluster.logs.records import Record
 

@@ -13,7 +13,8 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
+from collections.abc import Callable
 
 import cloudpickle
 import pykka

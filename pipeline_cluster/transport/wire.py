@@ -1,7 +1,7 @@
 """Authenticated, framed TCP message channels between cluster processes.
 
-`connect` and `Listener.accept` hand out a `Channel` only after the handshake of `pipeline_cluster.transport.auth` succeeded,
-so nothing is ever unpickled from an unauthenticated peer.
+`connect` and `Listener.accept` hand out a `Channel` only after the handshake of `pipeline_cluster.transport.auth`
+succeeded, so nothing is ever unpickled from an unauthenticated peer.
 
 Wire format after the handshake: frames of an 8-byte big-endian header, whose top byte is the frame kind and whose
 low 56 bits are the payload length, followed by the payload. A message is either one BYTES frame (raw bytes), or
@@ -110,7 +110,8 @@ class Channel:
 
     Get one from `connect` or `Listener.accept`: wrapping a socket that did not pass the handshake would unpickle
     unauthenticated bytes. The one exception is a socket whose peer is trusted by construction: the socket pair
-    between a node and a worker process it started. `send` may be called from several threads at once; `recv` is meant for one reader thread.
+    between a node and a worker process it started. `send` may be called from several threads at once; `recv` is
+    meant for one reader thread.
     The socket has no user-space read buffer, so `select` on `fileno()` tells truthfully whether `recv` has data to
     read. `peer` is the remote address.
     """
@@ -350,7 +351,8 @@ class Listener:
     """A TCP server socket handing out authenticated Channels, one handshake thread per incoming connection.
 
     Handshakes run concurrently in short-lived threads, so a slow or silent client never delays the others; a failed
-    handshake is logged (WARNING, logger ``pipeline_cluster.transport.wire``) with the peer address and reason, and dropped.
+    handshake is logged (WARNING, logger ``pipeline_cluster.transport.wire``) with the peer address and reason, and
+    dropped.
     """
 
     def __init__(self, address: tuple[str, int], authkey: bytes, handshake_timeout: float = 5.0,

@@ -17,7 +17,8 @@ import struct
 import sys
 import time
 import traceback
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import cloudpickle
 
@@ -142,7 +143,7 @@ def tree_changes(rids: list[int], counts: list[int] | None, errors: list[ItemErr
     out_rids: list[int] = []
     born: list[int] = []
     died: list[int] = []
-    failed = {error.index for error in errors}
+    failed = {error.position for error in errors}
     for index, (rid, n) in enumerate(zip(rids, counts)):
         if n:
             out_rids.extend([rid] * n)
