@@ -99,7 +99,8 @@ class PollingInbox:
     def __init__(self) -> None:
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        weakref.finalize(self, os.close, self.wakeup)  # closed only when nobody can put() any more
+        closer = weakref.finalize(self, os.close, self.wakeup)  # closed only when nobody can put() any more
+        closer.atexit = False  # not at exit either: the actor's thread may still wait on it until its cluster closes
         self.poller = select.poll()
         self.poller.register(self.wakeup, select.POLLIN)
         self.watched: int | None = None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import IO
 
 from pipeline_cluster.actors.base import Actor, handles
@@ -13,8 +14,10 @@ class LogActor(Actor):
     """Writes each record as one line (time, level, node, pid, stage, message)."""
 
     def __init__(self, path: str | None, to_stderr: bool = False, stderr_level: int = 30,
-                 placement: Placement | None = None) -> None:
+                 placement: Placement | None = None, forward: Callable[[Record], None] | None = None) -> None:
+        """`forward` also gets every record (a log server's client, say)."""
         super().__init__()
+        self.forward = forward
         self.placement = placement or Placement()
         self.path = path
         self.to_stderr = to_stderr
@@ -33,6 +36,8 @@ class LogActor(Actor):
             self.file.write(line + "\n")
         if self.to_stderr or record.level >= self.stderr_level:
             sys.stderr.write(line + "\n")
+        if self.forward is not None:
+            self.forward(record)
 
     def on_stop(self) -> None:
         if self.file is not None:

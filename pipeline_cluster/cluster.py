@@ -23,7 +23,7 @@ from pipeline_cluster.actors.root import RootActor
 from pipeline_cluster.config import load_toml, stage_overrides
 from pipeline_cluster.errors import ClusterError
 from pipeline_cluster.logs.records import Record
-from pipeline_cluster.logs.route import attach_local, detach_local, make_record
+from pipeline_cluster.logs.route import LogClient, attach_local, detach_local, make_record
 from pipeline_cluster.messages import (AddNode, Begin, Boot, DeadLetter, Feed, Kill, Pause, Setup, Shutdown, Stats,
                                        Unfinished)
 from pipeline_cluster.model import Pipeline, as_pipeline
@@ -50,11 +50,13 @@ class Cluster:
 
     `placement=True` opts in to running the framework's threads on one CPU beside a waiting caller (see
     `pipeline_cluster.placement`); by default no thread or process has its CPUs or scheduling changed.
+    `log_server=(host, port)` also sends the cluster's log to a log server (`pipeline-cluster log`).
     """
 
     def __init__(self, *, credit: int | None = None, run_dir: str | None = None, log_file: str | None = None,
                  log_stderr: bool = False, start_timeout: float = 60.0, log_level: int = logging.INFO,
-                 config: str | os.PathLike | dict | None = None, placement: bool = False) -> None:
+                 config: str | os.PathLike | dict | None = None, placement: bool = False,
+                 log_server: tuple[str, int] | None = None) -> None:
         if credit is not None and (isinstance(credit, bool) or not isinstance(credit, int) or credit < 1):
             raise ValueError(f"credit must be a positive int (or None: adapt to item size), got {credit!r}")
         self.stage_config = {} if config is None else stage_overrides(load_toml(config))
@@ -62,7 +64,9 @@ class Cluster:
         self.rundir = RunDir(run_dir)
         self.start_timeout = start_timeout
         self.log_level = log_level
-        self.log_ref = LogActor.start(log_file or str(self.rundir.log_file), log_stderr, placement=self.placement)
+        forward = LogClient(log_server) if log_server is not None else None  # the older project's log server
+        self.log_ref = LogActor.start(log_file or str(self.rundir.log_file), log_stderr, placement=self.placement,
+                                      forward=forward)
         attach_local(self.log_sink, node="root")
         self.dead_letters: list[DeadLetter] = []
         self._dead_lock = threading.Lock()
@@ -216,18 +220,20 @@ class Cluster:
 
     @classmethod
     def connect(cls, addresses: Iterable[tuple[str, int]], *, authkey: bytes | str | None = None,
-                heartbeat: float = 1.0, dead_after: float = 10.0, **options: Any) -> Cluster:
+                heartbeat: float = 1.0, dead_after: float = 10.0, connect_timeout: float = 30.0,
+                **options: Any) -> Cluster:
         """A cluster over running node servers (`pipeline-cluster node`), one persistent connection each.
 
-        A node silent for `dead_after` seconds (heartbeats every `heartbeat` s) counts as lost: its unfinished
-        items go to the other nodes.
+        A node that is still starting (it refuses connections) is tried again with backoff for up to
+        `connect_timeout` seconds. A node silent for `dead_after` seconds (heartbeats every `heartbeat` s) counts
+        as lost: its unfinished items go to the other nodes.
         """
         cluster = cls(**options)
         try:
             key = resolve_authkey(authkey)
             for address in addresses:
-                cluster._add_link(RemoteLink(address, key, cluster.root, cluster.log_sink, heartbeat=heartbeat,
-                                             dead_after=dead_after, placement=cluster.placement))
+                cluster._add_link(RemoteLink(address, key, cluster.root, cluster.log_sink, connect_timeout,
+                                             heartbeat=heartbeat, dead_after=dead_after, placement=cluster.placement))
         except BaseException:
             cluster.close(drain=False)
             raise

@@ -59,9 +59,22 @@ def make_record(msg: Any, level: int = logging.INFO, logger: str = "task") -> Re
     return Record(time.time(), level, logger, str(msg), _route.node, os.getpid(), _route.stage)
 
 
-def log(msg: Any, level: int = logging.INFO) -> None:
-    """Log `msg` from anywhere: a task, the root, a node. Never blocks on a missing server."""
-    _route.emit(make_record(msg, level))
+_clients: dict[tuple[str, int], LogClient] = {}
+
+
+def log(msg: Any, addr: tuple[str, int] | None = None, level: int = logging.INFO) -> None:
+    """Log `msg` from anywhere: a task, the root, a node; to the log server at `addr` when given (the older
+    project's form). Never blocks on a missing server."""
+    record = make_record(msg, level)
+    if addr is None:
+        _route.emit(record)
+        return
+    key = (addr[0], int(addr[1]))
+    with _route.lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _clients[key] = LogClient(key)
+    client(record)
 
 
 def attach_worker(sink: Callable[[Record], None], node: str | None, stage: str | None, level: int) -> None:

@@ -48,9 +48,10 @@ class LogServer:
             self.file.close()
 
 
-def serve(addr: tuple[str, int], filename: str, detach: bool = False, authkey: bytes | str | None = None
-          ) -> LogServer:
-    """Run a log server on `addr` writing to `filename` (the seed's call); `detach=True` serves in a thread."""
+def serve(addr: tuple[str, int], filename: str, conn_buffer_size: int | None = None, detach: bool = False,
+          authkey: bytes | str | None = None) -> LogServer:
+    """Run a log server on `addr` writing to `filename` (the older project's call); `detach=True` serves in a
+    thread. `conn_buffer_size` is accepted for old scripts and means nothing here (connections need no buffer)."""
     server = LogServer(addr, filename, authkey)
     if detach:
         threading.Thread(target=server.serve_forever, daemon=True, name="pipeline-cluster-log-server").start()

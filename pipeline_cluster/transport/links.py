@@ -77,6 +77,21 @@ class LocalLink:
         self.ref.stop(block=True, timeout=30)
 
 
+def connect_retrying(address: tuple[str, int], authkey: bytes, timeout: float) -> wire.Channel:
+    """An authenticated channel to `address`; a node that refuses connections (it is still starting) is tried
+    again with backoff until `timeout` seconds have passed. A failed handshake is not retried."""
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        try:
+            return wire.connect(address, authkey, timeout=max(0.5, deadline - time.monotonic()))
+        except (ConnectionRefusedError, ConnectionResetError) as exc:
+            if time.monotonic() + delay >= deadline:
+                raise ConnectionRefusedError(f"{exc} (tried for {timeout} s)") from None
+            time.sleep(delay)
+            delay = min(1.0, delay * 2)
+
+
 class _Reply:
     """A pending answer to an ask."""
 
@@ -104,7 +119,7 @@ class RemoteLink:
         self.log_sink = log_sink
         if channel is None:
             try:
-                channel = wire.connect(self.address, authkey, timeout=connect_timeout)
+                channel = connect_retrying(self.address, authkey, connect_timeout)
             except (OSError, EOFError) as exc:
                 raise ClusterError(f"cannot connect to node {self.name}: {exc}") from exc
         self.channel = channel

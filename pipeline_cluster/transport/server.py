@@ -4,7 +4,7 @@
     pipeline-cluster node --host 127.0.0.2 --port 5600
 
 Every connection is authenticated before a byte is unpickled, and only the message kinds a root may send
-(`messages.ROOT_TO_NODE`) are acted on. When the server listens it prints one line,
+(`messages.ROOT_TO_NODE`) are acted on. `pipeline-cluster node` prints one line when it listens,
 `PCREADY {"host": ..., "port": ..., "pid": ...}`, on stdout, so scripts and tests can use port 0.
 """
 from __future__ import annotations
@@ -170,8 +170,6 @@ class Server:
         if self.log_addr is not None:
             route.configure(self.log_addr, self.authkey)
             log_sink = route.emit
-        print("PCREADY " + json.dumps({"host": self.address[0], "port": self.address[1], "pid": os.getpid()}),
-              flush=True)
         logger.info("node server listening on %s:%s", *self.address)
         try:
             while not self._stopping.is_set():
@@ -237,6 +235,8 @@ def main(host: str, port: int, log_addr: tuple[str, int] | None, authkey_file: s
                     placement=placement)
     for sig in (signal.SIGINT, signal.SIGTERM):  # this process is ours: stop cleanly on either
         signal.signal(sig, lambda *_: server.stop())
+    print("PCREADY " + json.dumps({"host": server.address[0], "port": server.address[1], "pid": os.getpid()}),
+          flush=True)
     pidfile = None
     if run_dir:
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
