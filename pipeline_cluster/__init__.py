@@ -19,6 +19,7 @@ _EXPORTS = {
     "DeadLetter": "pipeline_cluster.messages",
     "ClusterError": "pipeline_cluster.errors",
     "StageFailed": "pipeline_cluster.errors",
+    "InputFailed": "pipeline_cluster.errors",
     "Pipeline": "pipeline_cluster.model",
     "Stage": "pipeline_cluster.model",
     "Supervision": "pipeline_cluster.model",

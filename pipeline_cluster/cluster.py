@@ -80,6 +80,8 @@ class Cluster:
         self._handler_mode = False  # outputs go to a handler thread (boot) rather than a Results iterator (run)
         self._threads: list[threading.Thread] = []
         self._last_stats: dict[str, dict[str, Any]] = {}
+        self._last_error: BaseException | None = None  # what ended the last run, if it failed
+        self._run_lock = threading.RLock()  # one thread at a time ends a run
         self._stop = threading.Event()
         _open_clusters.add(self)
 
@@ -125,9 +127,9 @@ class Cluster:
 
         Outputs go to `output_handler(output)` (in a delivery thread), or to the list `cluster.outputs`.
         """
+        self._handler_mode = True
         self._start_run()
         handler = output_handler if output_handler is not None else self.outputs.append
-        self._handler_mode = True
         # it runs the user's handler: never placed (with placement on, it waits for outputs on the home CPU only)
         self._threads.append(start_thread(self._deliver, handler, self.state, name="pipeline-cluster-output"))
 
@@ -190,12 +192,14 @@ class Cluster:
 
         When nothing is unfinished, workers stop gracefully instead, so class stages' close() runs.
         """
-        if self._phase in (RunPhase.IDLE, RunPhase.CLOSED):
-            return {"unfinished": 0}
-        unfinished = self._finish_run(graceful=None)
-        self._phase = RunPhase.IDLE
-        self.pipeline = None
-        return {"unfinished": unfinished}
+        with self._run_lock:
+            if self._phase in (RunPhase.IDLE, RunPhase.CLOSED):
+                self.pipeline = None
+                return {"unfinished": 0}
+            unfinished = self._finish_run(graceful=None)
+            self._phase = RunPhase.IDLE
+            self.pipeline = None
+            return {"unfinished": unfinished}
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Finish queued and in-flight items (unless `drain=False`), stop every worker and actor.
@@ -208,9 +212,10 @@ class Cluster:
             if drain and self._phase is RunPhase.RUNNING and self.state.error is None and self._handler_mode:
                 self.wait_empty(timeout)
         finally:
-            if self._phase is RunPhase.RUNNING:
-                self._finish_run(graceful=None if drain else False)
-            self._phase = RunPhase.CLOSED
+            with self._run_lock:
+                if self._phase is RunPhase.RUNNING:
+                    self._finish_run(graceful=None if drain else False)
+                self._phase = RunPhase.CLOSED
             for link in self.links:
                 link.close()
             self.root.stop(block=True, timeout=30)
@@ -258,8 +263,8 @@ class Cluster:
         if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Iterable):
             raise TypeError(f"inputs must be an iterable of items, got {type(inputs).__name__}")
         self.setup(pipeline=pipeline)
-        self._start_run()
         self._handler_mode = False
+        self._start_run()
         state = self.state
         feeder = Feeder(iter(inputs), state, lambda chunk: self.root.tell(Feed(chunk)), self._stop, self.placement)
         self._threads += feeder.start()
@@ -269,8 +274,22 @@ class Cluster:
 
     def _end_results(self, state: RunState, finished: bool) -> None:
         """A Results iterator ended (finished, or let go of early): stop its run if it still is the current one."""
-        if self._phase is RunPhase.RUNNING and self.state is state:
-            self._finish_run(graceful=finished)
+        with self._run_lock:
+            if self._phase is RunPhase.RUNNING and self.state is state:
+                self._finish_run(graceful=finished)
+
+    def _run_failed(self, error: BaseException) -> None:
+        """A run's first fatal error (a stage out of restarts, the output handler raised, no node left). A run()
+        ends when its Results iterator raises it; a booted run has none, so it is ended here, and the cluster
+        can set up and boot again."""
+        self._last_error = error
+        if self._handler_mode:
+            start_thread(self._end_failed_run, self.state, name="pipeline-cluster-end-run")
+
+    def _end_failed_run(self, state: RunState) -> None:
+        with self._run_lock:
+            if self._phase is RunPhase.RUNNING and self.state is state:
+                self._finish_run(graceful=False)
 
     def _start_run(self) -> None:
         self._check_open()
@@ -278,7 +297,8 @@ class Cluster:
             raise ClusterError("call setup() before boot()" if self._phase is RunPhase.IDLE else
                                "this pipeline was already booted: reset() first")
         assert self.pipeline is not None
-        self.state = RunState(self.placement)
+        self.state = RunState(self.placement, on_fail=self._run_failed)
+        self._last_error = None
         self.outputs = []
         self._stop.clear()
         self._paused = False
@@ -415,7 +435,8 @@ class Cluster:
     def _check_running(self) -> None:
         self._check_open()
         if self._phase is not RunPhase.RUNNING:
-            raise ClusterError("no pipeline is running: call setup() and boot() first")
+            ended = f"; the last run ended with {self._last_error!r}" if self._last_error is not None else ""
+            raise ClusterError(f"no pipeline is running{ended}: call setup() and boot() (or run()) first")
 
 
 class LocalCluster(Cluster):

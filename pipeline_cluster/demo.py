@@ -1,6 +1,6 @@
 """The demo pipeline: split sentences into words (generator), normalise them (class with args), drop stop words.
 
-    python -m pipeline_cluster.examples.wordcount      # or: pipeline-cluster demo
+    python -m pipeline_cluster.demo      # or: pipeline-cluster demo
 """
 from __future__ import annotations
 

@@ -6,6 +6,16 @@ class ClusterError(RuntimeError):
     """The cluster cannot go on (no node left, an internal actor crashed, the cluster was closed)."""
 
 
+class InputFailed(ClusterError):
+    """The input iterable raised. Every item read before that was run to the end (its outputs delivered, its
+    failures dead-lettered) before this error reached the caller; `read` says how many there were."""
+
+    def __init__(self, read: int, error: BaseException) -> None:
+        self.read, self.error = read, error
+        super().__init__(f"the input iterable raised {type(error).__name__}: {error} after {read} item(s); "
+                         f"those {read} were run to the end (outputs delivered, failures dead-lettered)")
+
+
 class StageFailed(ClusterError):
     """A stage ran out of its restart budget (or cannot start at all); the run ends with this error."""
 

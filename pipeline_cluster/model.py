@@ -17,7 +17,7 @@ EXHAUSTED_ACTIONS = ("fail", "degrade")
 
 @dataclasses.dataclass(frozen=True)
 class Supervision:
-    """How a stage's supervisor treats failing items and crashing workers (DESIGN.md §6)."""
+    """How a stage's supervisor treats failing items and crashing workers (see the README's Supervision section)."""
 
     max_attempts: int = 3
     retry_on: tuple[type[BaseException], ...] = (Exception,)

@@ -13,6 +13,7 @@ from itertools import chain
 from typing import Any, NamedTuple
 from collections.abc import Callable, Generator, Iterator
 
+from pipeline_cluster.errors import InputFailed
 from pipeline_cluster.placement import Placement, start_thread
 
 FEED_CHUNK = 1024  # items per message from the feeder (or feed()) to the root
@@ -39,8 +40,10 @@ class RunState:
     """The counts of one run (fed, held by the root, consumed), the outputs waiting for the caller, and the first
     fatal error; every change wakes the threads waiting on it."""
 
-    def __init__(self, placement: Placement) -> None:
+    def __init__(self, placement: Placement, on_fail: Callable[[BaseException], None] | None = None) -> None:
+        """`on_fail(error)` is called once, when the run's first fatal error is recorded."""
         self._placement = placement
+        self._on_fail = on_fail
         self._cond = threading.Condition()
         self._waiters = 0  # threads in wait(): changes wake them only when there are some
         self._outputs: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()  # None: look at the state again
@@ -49,6 +52,7 @@ class RunState:
         self.consumed = 0  # root items whose outputs the caller has taken
         self.capacity = 0  # root items allowed unfinished at once (the nodes' credit)
         self.inputs_done = False
+        self.input_error: InputFailed | None = None  # the feeder's iterable raised: raised once the rest is done
         self.error: BaseException | None = None
         self.ready_nodes: set[str] = set()
 
@@ -110,10 +114,13 @@ class RunState:
     def fail(self, error: BaseException) -> None:
         """Record the first fatal error; every wait raises it from now on."""
         with self._cond:
-            if self.error is None:
+            first = self.error is None
+            if first:
                 self.error = error
             self._cond.notify_all()
         self._outputs.put(None)
+        if first and self._on_fail is not None:
+            self._on_fail(error)
 
     # -- queries and waits --------------------------------------------------------------------------------------
 
@@ -190,6 +197,8 @@ def _batches(state: RunState, current: list[list],
                 raise state.error
             if state.finished():
                 finished = True
+                if state.input_error is not None:
+                    raise state.input_error
                 return
             delivery = state.next_delivery()
             if delivery is not None:
@@ -232,27 +241,40 @@ class Feeder:
 
     def _pull(self) -> None:
         state = self.state
+        failure: BaseException | None = None
         try:
             while not self.stop.is_set() and state.error is None:
-                state.wait(lambda: self._room() > 0 or self.stop.is_set(), what="room to feed")
-                chunk = self.chunk
-                for _ in range(min(FEED_CHUNK, self._room())):
-                    chunk.append(next(self.inputs))
-                    if len(chunk) == self.sent + 1:  # the only unsent item: start the flusher's clock
-                        self._first_unsent()
+                try:
+                    state.wait(lambda: self._room() > 0 or self.stop.is_set(), what="room to feed")
+                except BaseException:  # the run failed: nothing more is read
+                    return
+                try:
+                    self._read(min(FEED_CHUNK, self._room()))
+                except StopIteration:
+                    return
+                except BaseException as exc:  # the caller's iterable raised: what it gave runs to the end first
+                    failure = exc
+                    return
                 with self.cond:
                     self._send_unsent()
                     self.chunk, self.sent = [], 0
-        except StopIteration:
-            pass
-        except BaseException as exc:  # the caller's input iterable raised: end the run with its error
-            state.fail(exc)
         finally:
             with self.cond:
                 self._send_unsent()
                 self.done = True
                 self.cond.notify()
+            if failure is not None:
+                state.input_error = InputFailed(state.fed, failure)
+                state.input_error.__cause__ = failure
             state.inputs_finished()
+
+    def _read(self, count: int) -> None:
+        """Append up to `count` items of the iterable to the chunk (StopIteration at its end)."""
+        chunk = self.chunk
+        for _ in range(count):
+            chunk.append(next(self.inputs))
+            if len(chunk) == self.sent + 1:  # the only unsent item: start the flusher's clock
+                self._first_unsent()
 
     def _first_unsent(self) -> None:
         with self.cond:

@@ -1,4 +1,4 @@
-"""The run directory: one per cluster run, holding its log, stats snapshot and dead letters (DESIGN.md §4)."""
+"""The run directory: one per cluster run, holding its log, stats snapshot and dead letters."""
 from __future__ import annotations
 
 import json

@@ -2,7 +2,7 @@
 
 Every TCP connection between cluster processes (root, node servers, log server) starts with the handshake below,
 done on raw sockets with small fixed-size frames, so that no byte from a peer is unpickled before the peer has proved
-it knows the authkey (DESIGN.md section 7).
+it knows the authkey (docs/ARCHITECTURE.md, "Security").
 
 Handshake frames are ``MAGIC (4 bytes) | kind (1 byte) | body length (1 byte) | body``, never longer than
 ``HANDSHAKE_FRAME_MAX`` bytes. The exchange, client ``C`` and server ``S``::
@@ -29,7 +29,7 @@ import struct
 import time
 from pathlib import Path
 
-PROTOCOL_VERSION: int = 2  # 2: read-only out-of-band buffer frames (wire._RBUFFER)
+PROTOCOL_VERSION: int = 3  # 3: typed messages (pipeline_cluster.messages)
 
 MAGIC = b"PCLU"
 HANDSHAKE_FRAME_MAX = 256
