@@ -26,9 +26,11 @@ class RootActor(Actor):
     """Ledger and router of root items; one per cluster."""
 
     def __init__(self, credit: int | None, dead_sink: Callable[[list[DeadLetter]], None],
-                 placement: Placement) -> None:
+                 placement: Placement, warn: Callable[[str], None] = lambda text: None) -> None:
+        """`dead_sink` takes finished root items' dead letters; `warn` a line for the person running the pipeline."""
         super().__init__()
         self.placement = placement
+        self.warn = warn
         self.fixed_credit = credit
         self.dead_sink = dead_sink
         self.links: dict[str, NodeLink] = {}
@@ -173,6 +175,10 @@ class RootActor(Actor):
             self.dead_sink(dead)
             self.state.deliver([], len(dead))  # those root items are finished, as failures
         self.state.node_ready(name, False)
+        moved = len(lost) - len(dead)
+        self.warn(f"node {name} lost: {reason}; {moved} unfinished item(s) moved to "
+                  f"{', '.join(sorted(self.links)) or 'no other node'}"
+                  + (f"; {len(dead)} dead-lettered after {MAX_NODE_LOSSES} node losses" if dead else ""))
         if not self.links:
             self.state.fail(ClusterError(f"no node left: the last one, {name}, was lost ({reason}); "
                                          f"{self.on_unfinished(Unfinished())} item(s) unfinished"))

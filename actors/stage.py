@@ -25,6 +25,7 @@ from pipeline_cluster.actors import policies
 from pipeline_cluster.actors.base import Actor, handles, tell
 from pipeline_cluster.actors.ledger import TreeLedger
 from pipeline_cluster.actors.worker import WorkerActor, WorkerConfig
+from pipeline_cluster.alerts import Alerts
 from pipeline_cluster.errors import StageFailed
 from pipeline_cluster.logs.records import Record
 from pipeline_cluster.messages import (BatchDone, BatchUnreadable, Chunk, DeadLetter, Death, DownstreamFull,
@@ -86,6 +87,7 @@ class StageSupervisor(Actor):
         self.item_bytes: float | None = None  # pickled bytes per item (moving average)
         self.hinted_bytes: float | None = None  # the size last told to the node (first stage only)
         self.last_item: Any = None  # the item the latest worker death was blamed on, for StageFailed
+        self.crash_alerts = Alerts(lambda text: tell(node, NodeLog(text)), "worker(s) crashed and were restarted")
         self.escalate = lambda text: tell(node, StageFailure(StageFailed(stage.name, "internal error", None, text)))
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -155,6 +157,7 @@ class StageSupervisor(Actor):
 
     def _stop_all(self) -> None:
         """Kill what still runs and stop every worker actor (each reaps its process and frees its resources)."""
+        self.crash_alerts.flush()
         for slot in self.slots.values():
             slot.proc.kill()
             self.placement.gone(slot.proc.pid)
@@ -422,6 +425,8 @@ class StageSupervisor(Actor):
                        f"last: {death.cause} ({death.message})", death.traceback)
             return
         self.stats.restarts += 1
+        self.crash_alerts.count(f"stage {self.stage.name!r}", 1,
+                                f"{death.cause}: {death.message}" + (f" (pid {death.pid})" if death.pid else ""))
         low, high = self.sup.backoff
         delay = min(high, low * (2 ** self.crash_streak)) * random.uniform(0.5, 1.0)
         self.crash_streak += 1

@@ -10,17 +10,15 @@ Relative paths (identity_file, known_hosts) are relative to the file's directory
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import getpass
 import os
 import re
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
-from pipeline_cluster.config import load_toml, stage_overrides
+from pipeline_cluster.config import Check, Problems, load_toml, positive_int
 from pipeline_cluster.deploy.errors import ConfigError
-from pipeline_cluster.model import Supervision
 
 POLICIES = ("strict", "accept-new", "insecure")
 CONNECT_MODES = ("tunnel", "direct")
@@ -99,9 +97,7 @@ class DeployConfig:
         raise KeyError(f"no node {name!r} in {self.source}; nodes: {[n.name for n in self.nodes]}")
 
 
-# -- value checkers: each returns a problem text, or None when the value is fine --------------------------------
-
-Check = Callable[[Any], "str | None"]
+# -- value checkers (`Check`): each returns a problem text, or None when the value is fine ------------------------
 
 
 def _text(value: Any) -> str | None:
@@ -117,11 +113,6 @@ def _name(value: Any) -> str | None:
 def _seconds(value: Any) -> str | None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
     return None if ok else f"must be a positive number of seconds, got {value!r}"
-
-
-def _positive_int(value: Any) -> str | None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-    return None if ok else f"must be a positive integer, got {value!r}"
 
 
 def _port(lowest: int) -> Check:
@@ -156,47 +147,15 @@ _SSH_KEYS: dict[str, Check] = {
     "host_key_policy": _choice(*POLICIES), "jump": _jump, "connect_timeout": _seconds, "keepalive": _seconds,
 }
 _NODE_DEFAULT_KEYS: dict[str, Check] = {
-    "python": _text, "workdir": _text, "env": _env, "workers": _positive_int, "ship": _choice(*SHIP_MODES),
+    "python": _text, "workdir": _text, "env": _env, "workers": positive_int, "ship": _choice(*SHIP_MODES),
     "node_port": _port(0),
 }
 _NODE_KEYS: dict[str, Check] = {"name": _name, "host": _text, "listen": _text, **_NODE_DEFAULT_KEYS, **_SSH_KEYS}
 _CLUSTER_KEYS: dict[str, Check] = {
     "name": _name, "connect": _choice(*CONNECT_MODES), "heartbeat": _seconds, "dead_after": _seconds,
-    "start_timeout": _seconds, "credit": _positive_int, **_NODE_DEFAULT_KEYS,
+    "start_timeout": _seconds, "credit": positive_int, **_NODE_DEFAULT_KEYS,
 }
 _TABLES = ("cluster", "ssh", "node", "stages")
-
-
-class _Problems:
-    """Collects every problem of a file instead of stopping at the first."""
-
-    def __init__(self) -> None:
-        self.items: list[str] = []
-
-    def add(self, where: str, text: str) -> None:
-        self.items.append(f"{where}: {text}")
-
-    def table(self, where: str, table: Any, keys: Mapping[str, Check]) -> dict[str, Any]:
-        """Check a table against its known keys; return its good entries."""
-        if not isinstance(table, Mapping):
-            self.add(where, f"must be a table, got {type(table).__name__}")
-            return {}
-        good = {}
-        for key, value in table.items():
-            if key not in keys:
-                self.add(f"{where}.{key}", "unknown key" + _did_you_mean(key, keys))
-                continue
-            problem = keys[key](value)
-            if problem:
-                self.add(f"{where}.{key}", problem)
-            else:
-                good[key] = value
-        return good
-
-
-def _did_you_mean(key: str, known: Any) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(sorted(known))}"
 
 
 def _local_path(value: str, base: Path) -> str:
@@ -222,30 +181,6 @@ def _parse_jump(text: str) -> Jump:
     return Jump(host=match["host"].strip("[]"), user=match["user"], port=int(port) if port else None)
 
 
-def _check_stages(config: Mapping[str, Any], problems: _Problems) -> dict[str, Any]:
-    """`[stages.NAME]` tables: the keys `Pipeline.with_overrides` takes, with valid values."""
-    try:
-        stages = stage_overrides(config)
-    except ValueError as exc:
-        problems.add("[stages]", str(exc))
-        return {}
-    for name, table in stages.items():
-        where = f"[stages.{name}]"
-        for key in sorted(set(table) - {"workers", "supervision"}):
-            problems.add(f"{where}.{key}", "unknown key" + _did_you_mean(key, ("workers", "supervision")))
-        problem = _positive_int(table["workers"]) if "workers" in table else None
-        if problem:
-            problems.add(f"{where}.workers", problem)
-        if "supervision" in table:
-            try:
-                if not isinstance(table["supervision"], Mapping):
-                    raise TypeError("must be a table")
-                Supervision.from_dict(table["supervision"])
-            except (TypeError, ValueError) as exc:
-                problems.add(f"{where}.supervision", str(exc))
-    return stages
-
-
 def load_config(source: str | os.PathLike | Mapping[str, Any]) -> DeployConfig:
     """Read and validate a cluster.toml (or an equivalent dict); ConfigError lists every problem at once."""
     label = "<dict>" if isinstance(source, Mapping) else str(source)
@@ -254,14 +189,12 @@ def load_config(source: str | os.PathLike | Mapping[str, Any]) -> DeployConfig:
         raw = load_toml(source)
     except (OSError, ValueError) as exc:
         raise ConfigError(label, [str(exc)]) from None
-    problems = _Problems()
-    for key in raw:
-        if key not in _TABLES:
-            problems.add(key, "unknown table" + _did_you_mean(key, _TABLES))
+    problems = Problems()
+    problems.top_level(raw, _TABLES, show=lambda table: "[[node]]" if table == "node" else f"[{table}]")
     cluster = problems.table("[cluster]", raw.get("cluster", {}), _CLUSTER_KEYS)
     ssh = problems.table("[ssh]", raw.get("ssh", {}), _SSH_KEYS)
     _check_file("[ssh].identity_file", ssh.get("identity_file"), base, problems)
-    stages = _check_stages(raw, problems)
+    stages = problems.stages(raw.get("stages", {}))
     node_defaults = {k: v for k, v in cluster.items() if k in _NODE_DEFAULT_KEYS}
     nodes = _nodes(raw.get("node"), ssh, node_defaults, base, problems)
     if "heartbeat" in cluster and "dead_after" in cluster and cluster["dead_after"] <= cluster["heartbeat"]:
@@ -275,7 +208,7 @@ def load_config(source: str | os.PathLike | Mapping[str, Any]) -> DeployConfig:
 
 
 def _nodes(tables: Any, ssh: Mapping[str, Any], defaults: Mapping[str, Any], base: Path,
-           problems: _Problems) -> list[NodeSpec]:
+           problems: Problems) -> list[NodeSpec]:
     """Every [[node]], with [ssh] and [cluster] defaults applied; names must be unique."""
     if tables is None:
         problems.add("[[node]]", "no nodes: add at least one [[node]] table with a host")
@@ -306,7 +239,7 @@ def _nodes(tables: Any, ssh: Mapping[str, Any], defaults: Mapping[str, Any], bas
     return nodes
 
 
-def _check_file(where: str, value: str | None, base: Path, problems: _Problems) -> None:
+def _check_file(where: str, value: str | None, base: Path, problems: Problems) -> None:
     """An identity file must exist (checked without connecting anywhere)."""
     if value is not None and not os.path.isfile(_local_path(value, base)):
         problems.add(where, f"no such file: {_local_path(value, base)}")

@@ -9,32 +9,37 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
 from typing import Any
 from collections.abc import Callable, Iterable, Sequence
 
+import pykka
+
 from pipeline_cluster.actors.base import ask
 from pipeline_cluster.actors.ledger import TreeLedger
 from pipeline_cluster.actors.log import LogActor
 from pipeline_cluster.actors.node import NodeActor
 from pipeline_cluster.actors.root import RootActor
+from pipeline_cluster.alerts import Alerts
 from pipeline_cluster.config import load_toml, stage_overrides
 from pipeline_cluster.errors import ClusterError
 from pipeline_cluster.logs.records import Record
 from pipeline_cluster.logs.route import LogClient, attach_local, detach_local, make_record
-from pipeline_cluster.messages import (AddNode, Begin, Boot, DeadLetter, Feed, Kill, Pause, Setup, Shutdown, Stats,
-                                       Unfinished)
+from pipeline_cluster.messages import (AddNode, Begin, Boot, DeadLetter, Feed, Kill, LogTo, Pause, Setup, Shutdown,
+                                       Stats, Unfinished)
 from pipeline_cluster.model import Pipeline, as_pipeline
 from pipeline_cluster.placement import Placement, make_placement, start_thread
 from pipeline_cluster.run import FEED_CHUNK, Feeder, Results, RunPhase, RunState
-from pipeline_cluster.rundir import RunDir
+from pipeline_cluster.rundir import DeadLetterStore, RunDir, WriteTrouble
 from pipeline_cluster.stats import StageStats
 from pipeline_cluster.transport.auth import resolve_authkey
 from pipeline_cluster.transport.links import LocalLink, NodeLink, RemoteLink
 
 STATS_REFRESH_SECONDS = 2.0
+LOG_BACKLOG = 10_000  # log records that may wait for the LogActor; more are dropped and counted
 
 _open_clusters: weakref.WeakSet[Cluster] = weakref.WeakSet()
 
@@ -61,16 +66,22 @@ class Cluster:
             raise ValueError(f"credit must be a positive int (or None: adapt to item size), got {credit!r}")
         self.stage_config = {} if config is None else stage_overrides(load_toml(config))
         self.placement: Placement = make_placement(placement)
+        self._run_dir_option = run_dir
+        self._runs = 0  # runs started (each gets a run directory of its own)
         self.rundir = RunDir(run_dir)
         self.start_timeout = start_timeout
         self.log_level = log_level
+        self._log_file_option = log_file
+        self._trouble = WriteTrouble()
+        self._log_room = threading.Semaphore(LOG_BACKLOG)
+        self._log_dropped = 0
         forward = LogClient(log_server) if log_server is not None else None  # the older project's log server
         self.log_ref = LogActor.start(log_file or str(self.rundir.log_file), log_stderr, placement=self.placement,
-                                      forward=forward)
+                                      forward=forward, trouble=self._trouble, room=self._log_room)
         attach_local(self.log_sink, node="root")
-        self.dead_letters: list[DeadLetter] = []
-        self._dead_lock = threading.Lock()
-        self.root = RootActor.start(credit, self._on_dead_letters, self.placement)
+        self._dead = DeadLetterStore(self.rundir.dead_letter_file, self._trouble)
+        self._dead_alerts = Alerts(self._warn, "item(s) dead-lettered")
+        self.root = RootActor.start(credit, self._on_dead_letters, self.placement, self._warn)
         self.links: list[NodeLink] = []
         self.pipeline: Pipeline | None = None
         self.state = RunState(self.placement)
@@ -88,8 +99,26 @@ class Cluster:
     # -- wiring --------------------------------------------------------------------------------------------------
 
     def log_sink(self, record: Record) -> None:
-        """Where every process's log records end: the LogActor."""
-        self.log_ref.tell(record)
+        """Where every process's log records end: the LogActor. At most LOG_BACKLOG records wait for it; beyond
+        that, records are dropped and counted (a stage that logs faster than the disk takes it cannot grow memory
+        without bound), and the count is reported when the run ends."""
+        if not self._log_room.acquire(blocking=False):
+            self._log_dropped += 1
+            return
+        try:
+            self.log_ref.tell(record)
+        except pykka.ActorDeadError:  # the cluster is closed: the line still goes somewhere
+            self._log_room.release()
+            sys.stderr.write(record.format() + "\n")
+
+    def _warn(self, text: str) -> None:
+        """A warning for the person running the pipeline: in the log, and on stderr."""
+        self.log_sink(make_record(text, logging.WARNING, "pipeline_cluster"))
+
+    @property
+    def run_id(self) -> str:
+        """The current (or last) run's id: the name of its run directory."""
+        return self.rundir.run_id
 
     def _report(self, message: Any) -> None:
         self.root.tell(message)
@@ -176,12 +205,12 @@ class Cluster:
             "phase": "sleeping" if self._paused and running else self._phase.value,
             "pipeline": None if self.pipeline is None else self.pipeline.name,
             "version": None if self.pipeline is None else self.pipeline.version,
-            "nodes": [link.name for link in self.links],
+            "nodes": [link.name for link in self._live_links()],
             "ready_nodes": sorted(state.ready_nodes),
             "fed": state.fed,
             "waiting_at_root": state.at_root,
             "unfinished": state.fed - state.consumed,
-            "failures": len(self.dead_letters),
+            "failures": len(self._dead),
             "error": None if state.error is None else str(state.error),
             "run_dir": str(self.rundir.path),
             "stages": self.stats() if self._phase is not RunPhase.CLOSED else self._last_stats,
@@ -221,6 +250,7 @@ class Cluster:
             self.root.stop(block=True, timeout=30)
             detach_local(self.log_sink)
             self.log_ref.stop(block=True, timeout=30)
+            self._trouble.summary()  # what the log lost while closing
             _open_clusters.discard(self)
 
     @classmethod
@@ -300,6 +330,7 @@ class Cluster:
         self.state = RunState(self.placement, on_fail=self._run_failed)
         self._last_error = None
         self.outputs = []
+        self._next_run_dir()
         self._stop.clear()
         self._paused = False
         ask(self.root, Begin(self.state, [stage.name for stage in self.pipeline.stages]))
@@ -335,13 +366,28 @@ class Cluster:
         while not self._stop.wait(STATS_REFRESH_SECONDS):
             try:
                 self._write_stats()
-            except Exception as exc:
-                self.log_sink(make_record(f"stats.json not refreshed: {exc!r}", logging.WARNING, "pipeline_cluster"))
+            except Exception as exc:  # a node that does not answer, say: said once a refresh, the thread goes on
+                self._warn(f"stats.json not refreshed: {exc!r}")
 
     def _write_stats(self) -> None:
         self.rundir.write_stats({"run_id": self.rundir.run_id, "time": time.time(),
                                  "pipeline": None if self.pipeline is None else self.pipeline.name,
-                                 "failures": len(self.dead_letters), "stages": self.stats()})
+                                 "failures": len(self._dead), "stages": self.stats()}, self._trouble)
+
+    def _next_run_dir(self) -> None:
+        """Give a run after the first a run directory of its own (the first has the one made with the cluster):
+        a new run id, or, under a `run_dir` the user chose, that path with `-2`, `-3`, ... added."""
+        self._runs += 1
+        if self._runs == 1:
+            return
+        if self._run_dir_option is None:
+            self.rundir = RunDir()
+        else:
+            base = str(self._run_dir_option).rstrip("/")
+            self.rundir = RunDir(f"{base}-{self._runs}", run_id=f"{os.path.basename(base)}-{self._runs}")
+        self._dead = DeadLetterStore(self.rundir.dead_letter_file, self._trouble)
+        if self._log_file_option is None:
+            self.log_ref.tell(LogTo(str(self.rundir.log_file)))
 
     def _finish_run(self, graceful: bool | None) -> int:
         """Stop the running pipeline: gracefully, at once (False), or gracefully only if nothing is left (None)."""
@@ -366,10 +412,12 @@ class Cluster:
             if thread is not threading.current_thread():
                 thread.join(timeout=5)
         self._threads.clear()
-        try:
-            self._write_stats()
-        except OSError:
-            pass
+        self._write_stats()
+        self._dead_alerts.flush()
+        if self._log_dropped:
+            dropped, self._log_dropped = self._log_dropped, 0
+            self._warn(f"{dropped} log record(s) were dropped: they came faster than the log could be written")
+        self._trouble.summary()
         return unfinished
 
     def stats(self) -> dict[str, dict[str, Any]]:
@@ -386,30 +434,26 @@ class Cluster:
         return {parts[0].stage: StageStats.combine(parts).public() for parts in zip(*per_node)}
 
     def failures(self) -> list[DeadLetter]:
-        """Dead letters of this cluster so far (also appended to the run directory's dead_letters.jsonl)."""
-        with self._dead_lock:
-            return list(self.dead_letters)
+        """Dead letters of the current (or last) run, read from its run directory's dead_letters.jsonl."""
+        return self._dead.read()
 
     def refeed(self, letters: Iterable[DeadLetter] | None = None) -> int:
         """Feed dead letters again, each into the stage it failed in (after fixing the cause); returns how many.
 
-        Without an argument every re-feedable dead letter so far is re-fed; re-fed letters leave `failures()`.
+        Without an argument every re-feedable dead letter of this run is re-fed; re-fed letters leave `failures()`.
         A letter of another pipeline, or one whose item could not be pickled (kept as its repr), is a ValueError.
         """
         self._check_running()
         assert self.pipeline is not None
         names = [stage.name for stage in self.pipeline.stages]
-        with self._dead_lock:
-            chosen = ([letter for letter in self.dead_letters if letter.refeedable] if letters is None
-                      else list(letters))
-            for letter in chosen:
-                if not letter.refeedable:
-                    raise ValueError(f"dead letter of {letter.item!r:.100} cannot be re-fed: only its repr was kept")
-                if letter.stage_index >= len(names) or names[letter.stage_index] != letter.stage:
-                    raise ValueError(f"dead letter from stage {letter.stage!r} does not belong to pipeline "
-                                     f"{self.pipeline.name!r} (stages {names})")
-            ids = {id(letter) for letter in chosen}
-            self.dead_letters = [letter for letter in self.dead_letters if id(letter) not in ids]
+        chosen = ([letter for letter in self._dead.read() if letter.refeedable] if letters is None else list(letters))
+        for letter in chosen:
+            if not letter.refeedable:
+                raise ValueError(f"dead letter of {letter.item!r:.100} cannot be re-fed: only its repr was kept")
+            if letter.stage_index >= len(names) or names[letter.stage_index] != letter.stage:
+                raise ValueError(f"dead letter from stage {letter.stage!r} does not belong to pipeline "
+                                 f"{self.pipeline.name!r} (stages {names})")
+        self._dead.forget(chosen)
         by_stage: dict[int, list] = {}
         for letter in chosen:
             by_stage.setdefault(letter.stage_index, []).append(letter.item)
@@ -418,12 +462,10 @@ class Cluster:
         return len(chosen)
 
     def _on_dead_letters(self, letters: list[DeadLetter]) -> None:
-        with self._dead_lock:
-            self.dead_letters.extend(letters)
-        try:
-            self.rundir.append_dead_letters(letters)
-        except OSError as exc:
-            self.log_sink(make_record(f"cannot write dead letters: {exc}", logging.ERROR, "pipeline_cluster"))
+        self._dead.add(letters)
+        for letter in letters:
+            error = f"{letter.error_type}: {letter.message}" if letter.error_type else f"{letter.cause}: {letter.message}"
+            self._dead_alerts.count(f"stage {letter.stage}", 1, f"{error:.300}")
 
     def _live_links(self) -> list[NodeLink]:
         return [link for link in self.links if link.alive]

@@ -11,10 +11,13 @@ in `ROOT_TO_NODE` and `NODE_TO_ROOT` are accepted; anything else is refused and 
 """
 from __future__ import annotations
 
+import base64
 import json
 import time
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+import cloudpickle
 
 if TYPE_CHECKING:
     import pykka
@@ -45,15 +48,34 @@ class DeadLetter:
     time: float = field(default_factory=time.time)
     rid: int | None = None
     refeedable: bool = True  # False when `item` is only a repr (the item itself could not be pickled)
+    seq: int | None = None  # its place in the run's dead-letter file
 
     def to_json(self) -> str:
-        """One JSON line for the run directory's dead-letter file (the item as its repr when not JSON)."""
+        """One JSON line for the run directory's dead-letter file. An item that is not JSON is shown as its repr,
+        and kept pickled (`item_pickle`, base64) so it can be fed again."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}  # not asdict: it deep-copies the item
         try:
-            json.dumps(data["item"])
+            return json.dumps(data)
         except (TypeError, ValueError):
             data["item"] = repr(self.item)
-        return json.dumps(data)
+        if self.refeedable:
+            try:
+                data["item_pickle"] = base64.b64encode(cloudpickle.dumps(self.item)).decode()
+            except Exception:
+                data["refeedable"] = False
+        return json.dumps(data, default=repr)
+
+    @classmethod
+    def from_json(cls, line: str) -> DeadLetter:
+        """A dead letter as written by `to_json`, its item unpickled when it was kept pickled."""
+        data = json.loads(line)
+        pickled = data.pop("item_pickle", None)
+        if pickled is not None:
+            try:
+                data["item"] = cloudpickle.loads(base64.b64decode(pickled))
+            except Exception:  # it cannot be loaded here (any more): its repr stays, and it cannot be fed again
+                data["refeedable"] = False
+        return cls(**data)
 
 
 class Chunk(NamedTuple):
@@ -332,6 +354,14 @@ class StopWorker(NamedTuple):
     """Ask the process to run close() and exit; kill it after `grace` seconds."""
 
     grace: float
+
+
+# -- to the LogActor (besides log records) ---------------------------------------------------------------------------
+
+class LogTo(NamedTuple):
+    """Write the log to this file from now on (a new run's directory)."""
+
+    path: str
 
 
 # -- root <-> node connection frames ----------------------------------------------------------------------------------

@@ -56,18 +56,50 @@ class Supervision:
             raise ValueError(f"supervision.on_failure must be one of {FAILURE_ACTIONS}, got {self.on_failure!r}")
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> Supervision:
-        """Build from a TOML table; an unknown key is an error naming the key."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+    def check(cls, values: Mapping[str, Any]) -> list[tuple[str | None, Exception]]:
+        """Every problem of a TOML supervision table, not just the first: (None, unknown keys) and (key, bad value)."""
+        from pipeline_cluster.config import close_match, did_you_mean
+
+        known = [f.name for f in dataclasses.fields(cls)]
+        found: list[tuple[str | None, Exception]] = []
+        unknown = sorted((k for k in values if k not in known), key=str)
         if unknown:
-            raise ValueError(f"unknown supervision key(s) {unknown}; known keys: {sorted(known)}")
-        values = dict(values)
-        if "retry_on" in values:
-            values["retry_on"] = tuple(_exception_type(name) for name in _as_list(values["retry_on"]))
-        if "backoff" in values:
-            values["backoff"] = tuple(values["backoff"])
-        return cls(**values)
+            if len(unknown) == 1:
+                hint = did_you_mean(unknown[0], known)
+            else:
+                close = {k: close_match(k, known) for k in unknown}
+                hint = ", ".join(f"{m!r} for {k!r}" for k, m in close.items() if m)
+                hint = f" (did you mean {hint}?)" if hint else ""
+                if not all(close.values()):
+                    hint += f"; known: {', '.join(map(repr, sorted(known)))}"
+            found.append((None, ValueError(f"unknown supervision key(s) {unknown}{hint}")))
+        for key in known:
+            if key in values:
+                try:  # each value alone, against the defaults, so one bad value does not hide the next
+                    cls(**_converted({key: values[key]}))
+                except (TypeError, ValueError) as exc:
+                    found.append((key, exc))
+        return found
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Supervision:
+        """Build from a TOML table; a bad table raises naming every bad key (a lone problem keeps its type)."""
+        problems = [exc for _, exc in cls.check(values)]
+        if len(problems) == 1:
+            raise problems[0]
+        if problems:
+            raise ValueError("; ".join(map(str, problems)))
+        return cls(**_converted(values))
+
+
+def _converted(values: Mapping[str, Any]) -> dict[str, Any]:
+    """TOML spellings to field values: exception names to classes, a backoff list to a tuple."""
+    values = dict(values)
+    if "retry_on" in values:
+        values["retry_on"] = tuple(_exception_type(name) for name in _as_list(values["retry_on"]))
+    if "backoff" in values and isinstance(values["backoff"], (list, tuple)):
+        values["backoff"] = tuple(values["backoff"])
+    return values
 
 
 def _as_list(value: Any) -> list:
@@ -81,11 +113,16 @@ def _exception_type(name: Any) -> type[BaseException]:
     import builtins
     import importlib
 
-    if "." not in name:
+    if not isinstance(name, str):
+        found = None
+    elif "." not in name:
         found = getattr(builtins, name, None)
     else:
         module, _, attr = name.rpartition(".")
-        found = getattr(importlib.import_module(module), attr, None)
+        try:
+            found = getattr(importlib.import_module(module), attr, None)
+        except ImportError as exc:
+            raise ValueError(f"supervision.retry_on: {name!r}: cannot import {module!r}: {exc}") from None
     if not (isinstance(found, type) and issubclass(found, BaseException)):
         raise ValueError(f"supervision.retry_on: {name!r} is not an exception type")
     return found
@@ -247,14 +284,22 @@ class Pipeline:
         return self.with_overrides(stage_overrides(load_toml(config)))
 
     def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> Pipeline:
-        """Apply `[stages.NAME]` tables (workers, supervision) from a TOML config; unknown names are errors."""
+        """Apply `[stages.NAME]` tables (workers, supervision), all checked first (one error names every bad key).
+
+        A table for a stage this pipeline lacks is skipped with a warning: one config file serves several pipelines.
+        """
+        from pipeline_cluster.config import close_match, log, stage_overrides
+
+        source = getattr(overrides, "source", None)
+        tables = stage_overrides({"stages": overrides}, source or "<overrides>")
         by_name = {s.name: s for s in self.stages}
-        for name, table in overrides.items():
+        for name, table in tables.items():
             if name not in by_name:
-                raise ValueError(f"config names stage {name!r}, but the pipeline has {sorted(by_name)}")
-            unknown = sorted(set(table) - {"workers", "supervision"})
-            if unknown:
-                raise ValueError(f"[stages.{name}]: unknown key(s) {unknown}; known: ['supervision', 'workers']")
+                close = close_match(name, by_name)
+                log.warning("%s[stages.%s] skipped: pipeline %r has no stage %r; its stages: %s%s",
+                            f"{source}: " if source else "", name, self.name, name, list(by_name),
+                            f" (did you mean {close!r}?)" if close else "")
+                continue
             stage = by_name[name]
             if "workers" in table:
                 stage.workers = table["workers"]

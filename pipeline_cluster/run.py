@@ -13,7 +13,7 @@ from itertools import chain
 from typing import Any, NamedTuple
 from collections.abc import Callable, Generator, Iterator
 
-from pipeline_cluster.errors import InputFailed
+from pipeline_cluster.errors import ClusterError, InputFailed
 from pipeline_cluster.placement import Placement, start_thread
 
 FEED_CHUNK = 1024  # items per message from the feeder (or feed()) to the root
@@ -283,6 +283,12 @@ class Feeder:
                 self.cond.notify()
 
     def _flush_when_due(self) -> None:
+        try:
+            self._flush_loop()
+        except BaseException as exc:  # never silently: a dead flusher would hold a partial chunk back for good
+            self.state.fail(ClusterError(f"internal error in the feeder: {exc!r}"))
+
+    def _flush_loop(self) -> None:
         with self.cond:
             while not self.done:
                 if len(self.chunk) == self.sent:

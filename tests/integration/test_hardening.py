@@ -1,8 +1,14 @@
-"""Faults found by an audit, each produced for real: an input iterable that raises, an output handler that raises."""
+"""Faults found by an audit, each produced for real: an input iterable that raises, an output handler that raises,
+a full disk under the run directory."""
 from __future__ import annotations
 
+import logging
+import os
+import re
+import subprocess
 from collections.abc import Iterator
 
+import psutil
 import pytest
 
 import pipeline_cluster as pc
@@ -59,3 +65,68 @@ def test_an_output_handler_that_raises_ends_the_run_and_the_cluster_goes_on(tmp_
         cluster.feed(1, 2)
         cluster.wait_empty(timeout=30)
         assert sorted(got) == [2, 3]
+
+
+def _good_or_loud_failure(x: int) -> int:
+    if x % 2:
+        logging.getLogger("task").warning("item %d fails: %s", x, "x" * 200)
+        raise ValueError(f"odd item {x}: " + "y" * 500)
+    return x
+
+
+@pytest.fixture
+def full_disk(tmp_path) -> Iterator[str]:
+    """A 1 MB tmpfs: a run directory there fills up within the run."""
+    if os.geteuid() != 0:
+        pytest.fail("the full-disk test needs root to mount a tmpfs (CI runs as root)")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        yield str(mount)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.mark.timeout(120)
+def test_a_full_disk_under_the_run_directory_loses_no_output(full_disk, capfd):
+    with pc.LocalCluster(run_dir=os.path.join(full_disk, "run"), workers=2) as cluster:
+        outputs = list(cluster.run([pc.Stage(_good_or_loud_failure, supervision={"max_attempts": 1})],
+                                   range(10_000)))
+        failures = cluster.failures()
+        status = cluster.status()
+    assert sorted(outputs) == list(range(0, 10_000, 2))  # every good output arrived
+    assert status["failures"] == 5_000 and len(failures) == 5_000  # kept in memory when the disk refused them
+    err = capfd.readouterr().err
+    for name in ("log.txt", "dead_letters.jsonl"):
+        path = os.path.join(full_disk, "run", name)
+        assert err.count(f"cannot write {path}: [Errno 28] No space left on device") == 1, err[-3000:]
+        assert re.search(rf"\d+ record\(s\) could not be written to {re.escape(path)}", err), err[-3000:]
+    with open(os.path.join(full_disk, "run", "dead_letters.jsonl")) as f:
+        assert all(line.endswith("\n") for line in f)  # no line cut in half
+
+
+def _noisy_failure(x: int) -> None:
+    log = logging.getLogger("task")
+    for line in range(10):
+        log.info("item %d, line %d: %s", x, line, "z" * 100)
+    raise ValueError(f"item {x} fails")
+
+
+@pytest.mark.timeout(180)
+def test_memory_stays_flat_with_many_dead_letters_and_log_lines(tmp_path):
+    """Dead letters live on disk and the log's backlog is bounded: 20,000 failures and 200,000 log lines cost the
+    driver no more memory than a few hundred do."""
+    stage = pc.Stage(_noisy_failure, supervision={"max_attempts": 1})
+    me = psutil.Process()
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=2) as cluster:
+        assert list(cluster.run([stage], range(500))) == []
+        small = me.memory_info().rss
+        assert list(cluster.run([stage], range(20_000))) == []
+        big = me.memory_info().rss
+        failures = cluster.failures()
+        run_dir = cluster.rundir.path
+    assert len(failures) == 20_000 and {letter.cause for letter in failures} == {"exception"}
+    assert big - small < 40 * 2**20, (small >> 20, big >> 20)
+    lines = (run_dir / "log.txt").read_text().count("] item ")
+    assert lines == 200_000 or "log record(s) were dropped" in (run_dir / "log.txt").read_text()
