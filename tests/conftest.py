@@ -1,37 +1,22 @@
-"""Shared fixtures: every test gets its own run directory and must leave no child process behind."""
+"""Shared fixtures: every test gets its own run directory and must leave no child process behind.
+
+Helpers that are not fixtures (wait_until, live_children, read_ready, NodeProcess, REPO) are in tests/helpers.py.
+"""
 from __future__ import annotations
 
-import os
-import time
-
-import psutil
 import pytest
 
-from tests.nodeproc import KEY, NodeProcess
+from tests.helpers import KEY, NodeProcess, live_children, wait_until
 
 pytest_plugins = ["tests.sshd"]  # the ssh_lab fixture: real sshd servers and network namespaces
 
 
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02):
-    """Poll `predicate` until it is truthy or `timeout` passes; returns its last value."""
-    deadline = time.monotonic() + timeout
-    value = predicate()
-    while not value and time.monotonic() < deadline:
-        time.sleep(interval)
-        value = predicate()
-    return value
-
-
-def live_children() -> list[psutil.Process]:
-    """Descendants of this test process that are still running (zombies excluded)."""
-    alive = []
-    for proc in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
+def pytest_collection_modifyitems(items):
+    """A test that needs sshd must say so (`pytest.mark.ssh`), so that `pytest -m "not ssh"` runs without it."""
+    unmarked = [item.nodeid for item in items
+                if "ssh_lab" in getattr(item, "fixturenames", ()) and item.get_closest_marker("ssh") is None]
+    if unmarked:
+        raise pytest.UsageError(f"tests using ssh_lab without pytest.mark.ssh: {unmarked}")
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.nodeproc import terminate
+from tests.helpers import terminate, wait_until
 
 SSHD = "/usr/sbin/sshd"
 
@@ -107,14 +107,16 @@ Subsystem sftp internal-sftp
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(prefix + [SSHD, "-D", "-e", "-f", str(config)], stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        proc = self.proc
+
+        def listening_or_exited() -> str | None:
             if "Server listening on" in self.log.read_text():
-                return True
-            if self.proc.poll() is not None:
-                return False
-            time.sleep(0.02)
-        self.stop()
+                return "listening"
+            return "exited" if proc.poll() is not None else None
+
+        if wait_until(listening_or_exited, 10) == "listening":
+            return True
+        self.stop()  # still silent after 10 s (a no-op when it exited: its port was taken)
         return False
 
     def known_hosts_line(self, key: Path | None = None) -> str:

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import REPO
 
 
-def cli(*args: str, cwd: str = REPO) -> subprocess.CompletedProcess:
+def cli(*args: str, cwd: str | os.PathLike = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline_cluster.cli", *args], capture_output=True, text=True,
                           timeout=120, cwd=cwd)
 

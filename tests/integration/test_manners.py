@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import pipeline_cluster as pc
+from tests.helpers import wait_until
 
 EVERYTHING = frozenset(os.sched_getaffinity(0))
 
@@ -52,46 +53,71 @@ def _hold(item: float) -> float:
     return item
 
 
-class _Sampler:
-    """Samples a thread's CPUs and scheduling policy from another thread, until stopped."""
+def _gated(item: str) -> str:
+    """A stage: mark that `item` (a path) started, then hold it until the file `item`.gate exists (30 s at most)."""
+    open(f"{item}.started", "w").close()
+    wait_until(lambda: os.path.exists(f"{item}.gate"), 30, 0.001)
+    return item
 
-    def __init__(self, native_id: int) -> None:
+
+class _Sampler:
+    """Samples a thread's CPUs and scheduling policy from another thread while `_gated` items run: as each item
+    starts, it takes `per_item` samples and only then opens the item's gate, so every sample falls in a time when
+    the thread waits for that item (in feed(), wait_empty() or the run loop)."""
+
+    def __init__(self, native_id: int, items: list[str], per_item: int) -> None:
         self.native_id = native_id
+        self.items = items
+        self.per_item = per_item
         self.samples: list[tuple[frozenset[int], int]] = []
-        self.stop = threading.Event()
+        self.gated: list[str] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
+    def _started(self) -> list[str]:
+        return [item for item in self.items if item not in self.gated and os.path.exists(f"{item}.started")]
+
     def _run(self) -> None:
-        while not self.stop.wait(0.002):
-            self.samples.append((frozenset(os.sched_getaffinity(self.native_id)),
-                                 os.sched_getscheduler(self.native_id)))
+        while len(self.gated) < len(self.items):
+            started = wait_until(self._started, 30, 0.001)
+            if not started:
+                return  # finish() reports the items never started
+            for item in started:
+                for _ in range(self.per_item):
+                    self.samples.append((frozenset(os.sched_getaffinity(self.native_id)),
+                                         os.sched_getscheduler(self.native_id)))
+                    time.sleep(0.002)  # spread the samples over the wait
+                open(f"{item}.gate", "w").close()
+                self.gated.append(item)
 
     def finish(self) -> list[tuple[frozenset[int], int]]:
-        self.stop.set()
-        self.thread.join()
+        self.thread.join(60)
+        assert not self.thread.is_alive() and sorted(self.gated) == sorted(self.items), self.gated
         return self.samples
 
 
 @pytest.mark.timeout(60)
 def test_the_callers_thread_keeps_every_cpu_while_it_waits_in_the_framework(tmp_path):
     me = threading.get_native_id()
+    per_item = 5
     with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=1) as cluster:
-        cluster.setup("waits", "1", [_hold])
+        cluster.setup("waits", "1", [_gated])
         cluster.boot()
-        sampler = _Sampler(me)
-        for _ in range(5):
-            cluster.feed(0.05)
-            cluster.wait_empty(timeout=30)  # each wait blocks ~50 ms while the sampler looks
+        items = [str(tmp_path / f"wait-{i}") for i in range(5)]
+        sampler = _Sampler(me, items, per_item)
+        for item in items:
+            cluster.feed(item)
+            cluster.wait_empty(timeout=30)  # each wait lasts until the sampler has looked `per_item` times
         waited = sampler.finish()
         cluster.reset()
-        sampler = _Sampler(me)
-        count = 0
-        for _ in cluster.run([_hold], [0.01] * 30):  # the loop blocks between outputs
-            count += 1
+        items = [str(tmp_path / f"loop-{i}") for i in range(30)]
+        sampler = _Sampler(me, items, per_item)
+        outputs = []
+        for output in cluster.run([_gated], items):  # the loop blocks between outputs
+            outputs.append(output)
         looped = sampler.finish()
-    assert count == 30
-    assert len(waited) > 20 and len(looped) > 20, (len(waited), len(looped))
+    assert sorted(outputs) == sorted(items)
+    assert (len(waited), len(looped)) == (5 * per_item, 30 * per_item)
     assert {cpus for cpus, _ in waited + looped} == {EVERYTHING}
     assert {policy for _, policy in waited + looped} == {os.SCHED_OTHER}
 

@@ -10,6 +10,7 @@ import time
 import pytest
 
 import pipeline_cluster as pc
+from tests.helpers import returns_within
 
 
 def tagged(x):
@@ -33,8 +34,12 @@ def test_sigkill_one_node_and_sigstop_another_mid_run(nodes):
         status = cluster.status()
     assert collections.Counter(outputs) == collections.Counter(range(3000))
     assert seen["c"] > 2000  # the survivor did most of the work
-    assert len(status["nodes"]) == 3 and status["ready_nodes"] == [servers["c"].address[0] + ":" +
-                                                                   str(servers["c"].address[1])]
+    survivor = servers["c"].address[0] + ":" + str(servers["c"].address[1])
+    assert status["nodes"] == [survivor] and status["ready_nodes"] == [survivor]  # lost nodes leave status()
+    log = (cluster.rundir.log_file).read_text()
+    for name in ("a", "b"):  # each loss said once, with where its items went
+        address = f"{servers[name].address[0]}:{servers[name].address[1]}"
+        assert log.count(f"node {address} lost: ") == 1 and f"moved to {survivor}" in log, log[-2000:]
 
 
 @pytest.mark.timeout(60)
@@ -44,8 +49,6 @@ def test_no_node_left_fails_clearly(nodes):
         results = cluster.run([tagged], iter(int, 1))  # endless
         next(results)
         threading.Timer(0.2, server.proc.send_signal, (signal.SIGKILL,)).start()
-        started = time.monotonic()
-        with pytest.raises(pc.ClusterError, match="no node left"):
+        with returns_within("a run that lost its only node"), pytest.raises(pc.ClusterError, match="no node left"):
             for _ in results:
                 pass
-        assert time.monotonic() - started < 10

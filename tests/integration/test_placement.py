@@ -6,11 +6,14 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 import pipeline_cluster as pc
+from tests.helpers import wait_until
+
 EVERYTHING = frozenset(os.sched_getaffinity(0))
 
 pytestmark = pytest.mark.skipif(len(EVERYTHING) < 2, reason="placement needs Linux and more than one CPU")
@@ -160,9 +163,7 @@ def test_a_run_loop_hands_every_output_over_on_the_callers_own_cpus(tmp_path):
 
 def _pass_once_exists(item: int, path: str) -> int:
     """A stage: hold the item until `path` exists (30 s at most)."""
-    deadline = time.monotonic() + 30
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_until(lambda: os.path.exists(path), 30, 0.005)
     return item
 
 
@@ -175,9 +176,7 @@ def test_a_thread_waiting_in_the_framework_sits_on_the_home_cpu_only_while_it_wa
     main = threading.get_native_id()
 
     def watch(delivery: int) -> None:  # while the caller waits: where it and the idle delivery thread may run
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and os.sched_getaffinity(main) == everything:
-            time.sleep(0.001)
+        wait_until(lambda: os.sched_getaffinity(main) != everything, 20, 0.001)
         seen.update(caller=os.sched_getaffinity(main), delivery=os.sched_getaffinity(delivery))
         gate.touch()
 

@@ -9,13 +9,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
+import psutil
 import pytest
 
 import pipeline_cluster as pc
-from tests.conftest import live_children, wait_until
+from tests.helpers import live_children, read_line, returns_within, wait_until
 
 FAST_RESTARTS = dict(max_restarts=1000, restart_window=60.0, backoff=(0.01, 0.05))
 
@@ -43,29 +43,27 @@ def test_chaos_kills_exits_and_a_poison_item(tmp_path):
     pipeline = pc.Pipeline([
         pc.Stage(chaos_stage_one, generator=True, args=(str(marks),), supervision=pc.Supervision(**FAST_RESTARTS)),
         pc.Stage(chaos_stage_two, supervision=pc.Supervision(**FAST_RESTARTS))])
-    stop = threading.Event()
+    rng = random.Random(1)
     killed = []
 
-    def killer():
-        rng = random.Random(1)
-        while not stop.wait(0.2):
-            workers = live_children()
-            if workers:
-                victim = rng.choice(workers)
-                try:
-                    victim.send_signal(signal.SIGKILL)
-                    killed.append(victim.pid)
-                except Exception:
-                    pass
+    def kill_a_worker() -> None:
+        """SIGKILL a random live worker (one that exits meanwhile is skipped for another)."""
+        workers = live_children()
+        for victim in rng.sample(workers, len(workers)):
+            try:
+                victim.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                continue
+            killed.append(victim.pid)
+            return
 
+    outputs = collections.Counter()
+    kill_at = {500, 1500, 2500}  # outputs in: the run is under way each time (3,998 outputs in all)
     with pc.LocalCluster(workers=2, run_dir=str(tmp_path / "run"), credit=64) as cluster:
-        thread = threading.Thread(target=killer, daemon=True)
-        thread.start()
-        try:
-            outputs = collections.Counter(cluster.run(pipeline, range(2000)))
-        finally:
-            stop.set()
-            thread.join()
+        for count, output in enumerate(cluster.run(pipeline, range(2000)), 1):
+            outputs[output] += 1
+            if count in kill_at:
+                kill_a_worker()
         stats = cluster.stats()
         failures = cluster.failures()
     expected = collections.Counter(y * 10 for x in range(2000) if x != 777 for y in (x, -x))
@@ -73,7 +71,7 @@ def test_chaos_kills_exits_and_a_poison_item(tmp_path):
     assert [f.item for f in failures] == [777]
     poison = failures[0]
     assert poison.cause == "exception" and "poison item 777" in poison.traceback and poison.attempts == 3
-    assert len(killed) >= 3
+    assert len(killed) == 3, killed
     restarts = stats["chaos_stage_one"]["restarts"] + stats["chaos_stage_two"]["restarts"]
     assert restarts >= 20 + len(killed) // 2  # 20 os._exit items plus the SIGKILLs that hit a worker
     assert stats["chaos_stage_one"]["failed"] == 1
@@ -111,9 +109,8 @@ def test_hung_item_is_dead_lettered_after_max_attempts_timeouts(tmp_path):
     stage = pc.Stage(sleeps_forever_on_3,
                      supervision=pc.Supervision(timeout=0.5, max_attempts=2, backoff=(0.01, 0.05)))
     with pc.LocalCluster(workers=2, run_dir=str(tmp_path / "run")) as cluster:
-        started = time.monotonic()
-        assert sorted(cluster.run([stage], range(20))) == [x for x in range(20) if x != 3]
-        assert time.monotonic() - started < 20
+        with returns_within("a run with an item that hangs forever"):
+            assert sorted(cluster.run([stage], range(20))) == [x for x in range(20) if x != 3]
         [letter] = cluster.failures()
     assert letter.item == 3 and letter.cause == "timeout" and letter.attempts == 2 and letter.signal == "SIGKILL"
 
@@ -129,10 +126,8 @@ class ExitsAtStart:
 @pytest.mark.timeout(60)
 def test_workers_that_exit_at_start_fail_the_run(tmp_path):
     with pc.LocalCluster(workers=2, run_dir=str(tmp_path / "run")) as cluster:
-        started = time.monotonic()
-        with pytest.raises(pc.StageFailed) as info:
+        with returns_within("a run whose workers exit at start"), pytest.raises(pc.StageFailed) as info:
             list(cluster.run([ExitsAtStart], range(5)))
-        assert time.monotonic() - started < 20
     assert info.value.stage == "ExitsAtStart" and "exit code 3" in str(info.value)
 
 
@@ -206,7 +201,7 @@ def test_on_failure_drop_logs_instead_of_keeping(tmp_path):
         assert sorted(cluster.run([stage], range(4))) == [0, 2]
         assert cluster.failures() == []
         assert cluster.stats()["fails_until_fixed"]["failed"] == 2
-    assert wait_until(lambda: log_file.read_text().count("dropped item") == 2, 5)
+    assert wait_until(lambda: log_file.read_text().count("dropped item") == 2, 10)
 
 
 def test_supervision_from_toml_names_bad_keys(tmp_path):
@@ -266,8 +261,7 @@ def test_ctrl_c_during_run_stops_everything(tmp_path):
     script.write_text(CTRL_C_SCRIPT)
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "run")], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "RUNNING"
-    import psutil
+    assert read_line(proc, 30) == "RUNNING"
     workers = psutil.Process(proc.pid).children(recursive=True)
     assert len(workers) == 4
     proc.send_signal(signal.SIGINT)
@@ -302,8 +296,7 @@ def test_an_item_or_output_that_cannot_be_loaded_fails_alone_not_the_worker(tmp_
         item_letters = cluster.failures()
         stats = cluster.stats()
         more = sorted(o for o in cluster.run([handle_for_3], range(8)) if isinstance(o, int))
-        every_letter = cluster.failures()
-        output_letters = every_letter[len(item_letters):]
+        output_letters = cluster.failures()  # of the last run: each run has its own dead letters and run directory
         written = (cluster.rundir.dead_letter_file).read_text().count("\n")
     assert set(outputs) <= {1, 2, 4}  # the batch that cannot be read fails whole: it may hold neighbours of item 3
     assert item_letters and all("FileNotFoundError" in letter.message for letter in item_letters)
@@ -311,7 +304,7 @@ def test_an_item_or_output_that_cannot_be_loaded_fails_alone_not_the_worker(tmp_
     assert stats["<lambda>"]["restarts"] == 0
     assert 3 not in more and len(more) + len(output_letters) == 8
     assert output_letters and all("FileNotFoundError" in letter.message for letter in output_letters)
-    assert written == len(every_letter)  # all are in the run directory's file, Handle items as their repr
+    assert written == len(output_letters)  # all are in the run directory's file, Handle items as their repr
 
 
 def tenfold(x):

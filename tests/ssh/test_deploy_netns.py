@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import collections
 import socket
-import time
 
 import pytest
 
 import pipeline_cluster as pc
 from pipeline_cluster import cli
-from tests.conftest import wait_until
+from tests.helpers import NO_HANG, wait_until
 from tests.sshd import NetLab, alive, tagger
+
+pytestmark = [pytest.mark.ssh, pytest.mark.netns]
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def test_two_hosts_run_exactly_once_and_down_leaves_nothing(ssh_lab, netlab, cap
     assert cli.main(["deploy", "down", str(path)]) == 0
     assert "no node was running" in capsys.readouterr().out
     for label, server in servers.items():
-        assert wait_until(lambda: server.sessions() == [], 10), (label, server.sessions())
+        assert wait_until(lambda server=server: server.sessions() == [], 10), (label, server.sessions())
 
 
 @pytest.mark.timeout(90)
@@ -57,17 +58,15 @@ def test_partition_is_detected_by_heartbeat_and_the_cut_off_node_exits(ssh_lab, 
             outputs.append((x, tag))
             if len(outputs) == 200:
                 netlab.set_link("a", up=False)  # no FIN, no RST: only heartbeats can tell
-                cut = time.monotonic()
         link_a = cluster.links[0]
         assert not link_a.alive and "no heartbeat" in link_a.lost_reason, link_a.lost_reason
         # the node on the far side noticed too: it ended its session and exited by itself
-        assert wait_until(lambda: not alive(node_a), max(0.0, cut + dead_after + 5 - time.monotonic())), \
-            "the partitioned node is still running"
+        assert wait_until(lambda: not alive(node_a), NO_HANG), "the partitioned node is still running"
         netlab.set_link("a", up=True)
     assert collections.Counter(x for x, _ in outputs) == collections.Counter(range(1500))
     assert collections.Counter(tag for _, tag in outputs)["b"] > 1300 - 200
     for server in servers.values():
-        assert wait_until(lambda: server.sessions() == [], 15), server.sessions()
+        assert wait_until(lambda server=server: server.sessions() == [], 15), server.sessions()
 
 
 @pytest.mark.timeout(90)

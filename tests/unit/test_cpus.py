@@ -5,15 +5,14 @@ import errno
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pipeline_cluster import cpus
+from tests.helpers import REPO, wait_until
 
-REPO = Path(__file__).resolve().parents[2]
 PROBE = "from pipeline_cluster.cpus import usable_cpus; print(usable_cpus())"
 
 # Real contents of /proc/self/mountinfo on a cgroup v2 host, a hybrid (v1 + unified) host, and in a container.
@@ -211,18 +210,21 @@ def _probe_in(cgroup: Path) -> subprocess.CompletedProcess[str]:
 
 
 def _rmdir(path: Path) -> None:
-    """Remove a cgroup, retrying briefly while the kernel still counts a just-reaped process in it."""
-    for _ in range(100):
+    """Remove a cgroup, retrying for up to 5 s while the kernel still counts a just-reaped process in it."""
+
+    def removed() -> bool:
         try:
             path.rmdir()
-            return
         except FileNotFoundError:
-            return
+            pass
         except OSError as e:
             if e.errno != errno.EBUSY:
                 raise
-            time.sleep(0.05)
-    path.rmdir()
+            return False
+        return True
+
+    if not wait_until(removed, timeout=5, interval=0.05):
+        path.rmdir()  # still busy: raise the kernel's error
 
 
 @pytest.fixture

@@ -17,9 +17,8 @@ from pipeline_cluster import cli
 from pipeline_cluster.deploy.config import load_config
 from pipeline_cluster.deploy.errors import ConfigError
 from pipeline_cluster.deploy.wheel import PACKAGES, build_wheel
-from tests.conftest import wait_until
+from tests.helpers import REPO, wait_until
 
-REPO = Path(__file__).resolve().parents[2]
 GOOD = """
 [cluster]
 name = "lab"
@@ -201,7 +200,7 @@ def test_host_stop_signals_only_processes_running_in_their_pidfile_dir(tmp_path)
         assert status == {"n1": True, "n2": False}
         report = {Path(e["pidfile"]).parent.name: e["result"] for e in hostscript("stop", str(runs), "5")}
         assert report == {"n1": "terminated", "n2": "not running"}
-        assert wait_until(lambda: ours.poll() is not None, 5)
+        assert wait_until(lambda: ours.poll() is not None, 10)
         assert stranger.poll() is None and not list(runs.rglob("*.pid"))
         assert hostscript("stop", str(runs), "5") == []  # idempotent
     finally:
