@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from itertools import repeat
+from operator import itemgetter
 from collections.abc import Callable
 from typing import Any
 
 import pykka
 
 from pipeline_cluster.actors.base import tell
-from pipeline_cluster.messages import Chunk, Completed, DeadLetter, Push
+from pipeline_cluster.messages import Chunk, Completed, DeadLetter, Outputs, Push
 
 
 class TreeLedger:
@@ -35,6 +37,7 @@ class TreeLedger:
         self.results: dict[int, list] = {}  # outputs of root items that are not finished yet
         self.held_dead: dict[int, list[DeadLetter]] = {}  # dead letters of root items not finished yet
         self.stages: list[pykka.ActorRef] = []
+        self.keyed = False
         self.generation = 0
 
     def reset(self) -> None:
@@ -48,10 +51,12 @@ class TreeLedger:
             self.stages = []
             self.generation += 1
 
-    def route(self, stages: list[pykka.ActorRef]) -> None:
-        """Send root items to these stages (of the current generation) from now on."""
+    def route(self, stages: list[pykka.ActorRef], keyed: bool = False) -> None:
+        """Send root items to these stages (of the current generation) from now on; `keyed`: report each output's
+        root item too."""
         with self.lock:
             self.stages = stages
+            self.keyed = keyed
 
     def submit(self, rids: list[int], items: list, stage: int = 0) -> None:
         """Root items from the root enter the pipeline at `stage`."""
@@ -60,10 +65,10 @@ class TreeLedger:
                 return  # sent before the pipeline was stopped: that run is over
             tell(self.stages[stage], Push(Chunk(rids, items)))
 
-    def record(self, generation: int, born: list[int], died: list[int],
-               outputs: tuple[list[int], list] | None, dead: list[DeadLetter]) -> None:
-        """A stage's report on one batch: items `born` and `died` (one rid each), outputs of the last stage as
-        (rids, outputs), dead letters. Reports the root items whose trees are now complete.
+    def record(self, generation: int, born: list[int], died: list[int], outputs: Outputs | None,
+               dead: list[DeadLetter]) -> None:
+        """A stage's report on one batch: items `born` and `died` (one rid each), outputs of the last stage, dead
+        letters. Reports the root items whose trees are now complete.
 
         Each output's root item is among `died` (its input left the pipeline with it), so when every root item
         in `died` is complete, so are all the outputs' ones.
@@ -80,15 +85,19 @@ class TreeLedger:
             elif died:
                 done, every = self._complete(died)
             done_set = set(done) if self.results or self.held_dead or dead or not every else set()
-            finished_outputs: list = []
-            if self.results:
-                for rid in self.results.keys() & done_set:  # outputs held from earlier batches come first
-                    finished_outputs.extend(self.results.pop(rid))
-            if outputs is not None:
-                if every:
-                    finished_outputs.extend(outputs[1])
-                else:
-                    self._sort_outputs(outputs, done_set, finished_outputs)
+            finished_rids: list[int] | None = None
+            if self.keyed:
+                finished_outputs, finished_rids = self._finish_in_order(done, outputs)
+            else:
+                finished_outputs = []
+                if self.results:
+                    for rid in self.results.keys() & done_set:  # outputs held from earlier batches come first
+                        finished_outputs.extend(self.results.pop(rid))
+                if outputs is not None:
+                    if every:
+                        finished_outputs.extend(outputs.items)
+                    else:
+                        self._sort_outputs(outputs, done_set, finished_outputs)
             for letter in dead:  # reported with their root item, so a node lost before that reports nothing twice
                 assert letter.rid is not None
                 self.held_dead.setdefault(letter.rid, []).append(letter)
@@ -97,7 +106,7 @@ class TreeLedger:
                 for rid in self.held_dead.keys() & done_set:
                     finished_dead.extend(self.held_dead.pop(rid))
         if done:  # outside the lock: a report may wait on the network
-            self.report(Completed(self.name, done, finished_outputs, finished_dead))
+            self.report(Completed(self.name, done, finished_outputs, finished_dead, finished_rids))
 
     def _complete(self, died: list[int]) -> tuple[list[int], bool]:
         """Count deaths in grown trees: the root items among `died` whose trees are now complete, and whether
@@ -114,10 +123,26 @@ class TreeLedger:
                 self.died[rid] = total
         return done, len(done) == len(deaths)
 
-    def _sort_outputs(self, outputs: tuple[list[int], list], done: set[int], finished: list) -> None:
+    def _sort_outputs(self, outputs: Outputs, done: set[int], finished: list) -> None:
         """Append the outputs of finished root items to `finished`; hold the others until their root item is done."""
-        for rid, output in zip(*outputs):
+        for rid, output in zip(outputs.rids, outputs.items):
             if rid in done:
                 finished.append(output)
             else:
                 self.results.setdefault(rid, []).append(output)
+
+    def _finish_in_order(self, done: list[int], outputs: Outputs | None) -> tuple[list, list[int]]:
+        """For ordered runs: the outputs of the finished root items `done`, each item's in the order of their paths
+        (the order a generator yielded them, whichever batch or worker ran them), with each output's root item."""
+        if outputs is not None:
+            for rid, output, path in zip(outputs.rids, outputs.items, outputs.paths or repeat(())):
+                self.results.setdefault(rid, []).append((path, output))
+        finished: list = []
+        finished_rids: list[int] = []
+        for rid in done:
+            held = self.results.pop(rid, None)
+            if held:
+                held.sort(key=itemgetter(0))
+                finished.extend(output for _, output in held)
+                finished_rids.extend([rid] * len(held))
+        return finished, finished_rids

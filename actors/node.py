@@ -46,12 +46,12 @@ class NodeActor(Actor):
         n = len(stages)
         self.stages = [
             StageSupervisor.start(i, stage, stage.workers or self.default_workers, i == n - 1, self.actor_ref,
-                                  self.ledger, self.placement, self.log_sink, self.log_level)
+                                  self.ledger, self.placement, self.log_sink, self.log_level, message.keyed)
             for i, stage in enumerate(stages)
         ]
         for i, ref in enumerate(self.stages):
             tell(ref, Link(self.stages[i - 1] if i else None, self.stages[i + 1] if i + 1 < n else None))
-        self.ledger.route(self.stages)
+        self.ledger.route(self.stages, message.keyed)
 
     @handles(Boot)
     def on_boot(self, message: Boot) -> None:

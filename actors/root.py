@@ -19,6 +19,7 @@ from pipeline_cluster.placement import Placement
 from pipeline_cluster.run import RunState
 from pipeline_cluster.transport.links import NodeLink
 
+_GONE = object()
 MAX_NODE_LOSSES = 3  # a root item held by this many lost nodes is a dead letter (cause node_lost), not re-sent
 
 
@@ -65,11 +66,12 @@ class RootActor(Actor):
         self.state.set_capacity(policies.capacity([self.credit[name] for name in self.links]))
 
     @handles(Begin)
-    def on_begin(self, message: Begin) -> None:
-        """Start a new run: forget the previous run's items."""
+    def on_begin(self, message: Begin) -> int:
+        """Start a new run: forget the previous run's items; returns the root item id its first input gets."""
         self.state = message.state
         self.stage_names = message.stage_names
         self._forget_items()
+        return self.next_rid
 
     def _forget_items(self) -> None:
         self.backlog.clear()
@@ -130,17 +132,14 @@ class RootActor(Actor):
                 letter.stage = self.stage_names[letter.stage_index]
         if dead:
             self.dead_sink(dead)
-        before = len(held)
-        for rid in message.done:
-            held.pop(rid, None)
-        finished = before - len(held)
+        finished = [rid for rid in message.done if held.pop(rid, _GONE) is not _GONE]
         if not finished:
             return  # reported after a reset: that run's items are gone already
         if self.losses or self.entry:
-            for rid in message.done:
+            for rid in finished:
                 self.losses.pop(rid, None)
                 self.entry.pop(rid, None)
-        self.state.deliver(message.outputs, finished)
+        self.state.deliver(message.outputs, finished, message.output_rids)
         self._dispatch()
 
     @handles(NodeLost)
@@ -173,7 +172,7 @@ class RootActor(Actor):
             self.state.sent_to_nodes(len(dead) - len(lost))
         if dead:
             self.dead_sink(dead)
-            self.state.deliver([], len(dead))  # those root items are finished, as failures
+            self.state.deliver([], [letter.rid for letter in dead if letter.rid is not None])  # finished: failed
         self.state.node_ready(name, False)
         moved = len(lost) - len(dead)
         self.warn(f"node {name} lost: {reason}; {moved} unfinished item(s) moved to "

@@ -28,10 +28,10 @@ from pipeline_cluster.actors.worker import WorkerActor, WorkerConfig
 from pipeline_cluster.alerts import Alerts
 from pipeline_cluster.errors import StageFailed
 from pipeline_cluster.logs.records import Record
-from pipeline_cluster.messages import (BatchDone, BatchUnreadable, Chunk, DeadLetter, Death, DownstreamFull,
-                                       DroppedFailure, Kill, Link, NodeLog, Pause, Push, Respawn, RunBatch,
-                                       SendBatch, Shutdown, SizeHint, SpawnWorkers, StageFailure, StageReady, Stats,
-                                       StopWorker, WorkerDied, WorkerReady)
+from pipeline_cluster.messages import (BatchDone, BatchResult, BatchUnreadable, Chunk, DeadLetter, Death,
+                                       DownstreamFull, DroppedFailure, Kill, Link, NodeLog, Outputs, Path, Pause,
+                                       Push, Respawn, RunBatch, SendBatch, Shutdown, SizeHint, SpawnWorkers,
+                                       StageFailure, StageReady, Stats, StopWorker, WorkerDied, WorkerReady)
 from pipeline_cluster.model import Stage
 from pipeline_cluster.placement import Placement
 from pipeline_cluster.stats import StageStats
@@ -58,8 +58,10 @@ class StageSupervisor(Actor):
 
     def __init__(self, index: int, stage: Stage, workers: int, last: bool, node: pykka.ActorRef,
                  ledger: TreeLedger, placement: Placement, log_sink: Callable[[Record], None],
-                 log_level: int) -> None:
+                 log_level: int, keyed: bool = False) -> None:
+        """`keyed`: the run wants ordered or keyed output, so each item's path in its tree travels with it."""
         super().__init__()
+        self.keyed = keyed
         self.index, self.stage, self.n_workers, self.last = index, stage, workers, last
         self.node, self.ledger, self.node_name, self.placement = node, ledger, ledger.name, placement
         self.generation = ledger.generation  # the node's setup this stage belongs to; its reports carry it
@@ -249,29 +251,20 @@ class StageSupervisor(Actor):
         """Cut up to `size` items from the front of the queue."""
         if len(self.queue) == 1 and len(self.queue[0].rids) <= size:  # all of it (one item at a time, say): as is
             chunk = self.queue.popleft()
-            self.queued = 0
-            self._signal_backpressure()
-            return chunk
-        rids: list[int] = []
-        items: list = []
-        attempts: list[int] | None = None
-        while self.queue and len(rids) < size:
-            part = self.queue[0]
-            room = size - len(rids)
-            if len(part.rids) > room:
-                attempts_left = part.attempts[room:] if part.attempts else None
-                self.queue[0] = Chunk(part.rids[room:], part.items[room:], attempts_left)
-                part = Chunk(part.rids[:room], part.items[:room], part.attempts[:room] if part.attempts else None)
-            else:
-                self.queue.popleft()
-            if part.attempts or attempts is not None:  # attempts stay None while every item is on its first try
-                attempts = (attempts if attempts is not None else [0] * len(rids)) + (part.attempts or
-                                                                                      [0] * len(part.rids))
-            rids.extend(part.rids)
-            items.extend(part.items)
-        self.queued -= len(rids)
+        else:
+            parts: list[Chunk] = []
+            taken = 0
+            while self.queue and taken < size:
+                part = self.queue.popleft()
+                if len(part.rids) > size - taken:
+                    part, rest = part.split(size - taken)
+                    self.queue.appendleft(rest)
+                parts.append(part)
+                taken += len(part.rids)
+            chunk = parts[0] if len(parts) == 1 else Chunk.join(parts)
+        self.queued -= len(chunk.rids)
         self._signal_backpressure()
-        return Chunk(rids, items, attempts)
+        return chunk
 
     def _reject_unpicklable(self, chunk: Chunk) -> None:
         """A batch that cannot be pickled: the items that cannot are dead letters, the others go back in line."""
@@ -289,7 +282,7 @@ class StageSupervisor(Actor):
                                        traceback.format_exc(), self.node_name, rid=chunk.rids[i], refeedable=False))
         self._report([], [chunk.rids[i] for i in range(len(chunk.rids)) if i not in good], None, dead)
         if good:
-            self._requeue(_select(chunk, good))
+            self._requeue(chunk.select(good))
 
     def _requeue(self, chunk: Chunk) -> None:
         self.queue.appendleft(chunk)
@@ -317,7 +310,8 @@ class StageSupervisor(Actor):
         if result.tree is None:  # one output per input: nothing changed in the trees
             out_rids, born, died = chunk.rids, [], []
         else:
-            out_rids, born, died = result.tree
+            out_rids, born, died, _ = result.tree
+        out_paths = self._output_paths(chunk, result) if self.keyed else None
         failed = {error.position for error in result.errors}
         dead: list[DeadLetter] = []
         if self.last:  # every item leaves the pipeline here
@@ -326,10 +320,21 @@ class StageSupervisor(Actor):
         for error in result.errors:
             self._charge(chunk, error.position, died, dead, "exception", error.retryable, error_type=error.error_type,
                          message=error.message, traceback=error.traceback, pid=slot.proc.pid)
-        self._report(born, died, (out_rids, outs) if self.last and outs else None, dead)
+        self._report(born, died, Outputs(out_rids, outs, out_paths) if self.last and outs else None, dead)
         if outs and not self.last and self.next_stage is not None:
-            tell(self.next_stage, Push(Chunk(out_rids, outs)))
+            tell(self.next_stage, Push(Chunk(out_rids, outs, None, out_paths)))
         self._dispatch()
+
+    def _output_paths(self, chunk: Chunk, result: BatchResult) -> list[Path]:
+        """Each output's path in its root item's tree: a generator's j-th output of an item adds j to the item's
+        path; a one-to-one stage passes paths on (ordered runs only)."""
+        paths = chunk.paths or [()] * len(chunk.rids)
+        counts = result.tree.counts if result.tree is not None else None
+        if not self.stage.generator:
+            return paths if counts is None else [path for path, n in zip(paths, counts) if n]
+        if counts is None:
+            return [path + (0,) for path in paths]
+        return [path + (j,) for path, n in zip(paths, counts) for j in range(n)]
 
     @handles(BatchUnreadable)
     def on_batch_unreadable(self, message: BatchUnreadable) -> None:
@@ -356,7 +361,7 @@ class StageSupervisor(Actor):
         attempts = _attempts(chunk, i) + 1
         if retryable and attempts < self.sup.max_attempts:
             self.stats.retried += 1
-            self._requeue(Chunk([rid], [item], [attempts]))
+            self._requeue(Chunk([rid], [item], [attempts], chunk.paths and [chunk.paths[i]]))
             return
         self.stats.failed += 1
         died.append(rid)
@@ -367,8 +372,7 @@ class StageSupervisor(Actor):
         else:
             dead.append(letter)
 
-    def _report(self, born: list[int], died: list[int], outputs: tuple[list[int], list] | None,
-                dead: list[DeadLetter]) -> None:
+    def _report(self, born: list[int], died: list[int], outputs: Outputs | None, dead: list[DeadLetter]) -> None:
         """Record in the node's ledger which root items gained live items (`born`, one rid per new item) and
         lost some (`died`). Recorded before the outputs move on to the next stage, so a count never meets early.
         """
@@ -397,7 +401,7 @@ class StageSupervisor(Actor):
                 self._charge(chunk, blamed, finished, dead, death.cause, True, message=death.message,
                              traceback=death.traceback, pid=death.pid, exit_code=death.exit_code,
                              signal=death.signal)
-                chunk = _select(chunk, [i for i in range(len(chunk.rids)) if i != blamed])
+                chunk = chunk.select([i for i in range(len(chunk.rids)) if i != blamed])
             if chunk.rids:
                 self._requeue(chunk)
         self._report([], finished, None, dead)
@@ -444,9 +448,3 @@ class StageSupervisor(Actor):
 def _attempts(chunk: Chunk, i: int) -> int:
     """Attempts item `i` of `chunk` has had so far."""
     return chunk.attempts[i] if chunk.attempts else 0
-
-
-def _select(chunk: Chunk, keep: list[int]) -> Chunk:
-    """The items of `chunk` at the positions `keep`."""
-    return Chunk([chunk.rids[i] for i in keep], [chunk.items[i] for i in keep],
-                 [chunk.attempts[i] for i in keep] if chunk.attempts else None)

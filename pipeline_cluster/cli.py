@@ -75,8 +75,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with (pc.SSHCluster.from_config(args.cluster) if args.cluster else
               pc.LocalCluster(workers=args.workers)) as cluster:
-            for output in _progress(cluster.run(pipeline, _lines(args.input)), None, "outputs"):
-                out.write(json.dumps(output, default=repr) + "\n")
+            if args.ordered:  # in input order, each with its input's line number (from 1)
+                results = cluster.run(pipeline, _lines(args.input), ordered=True, keyed=True)
+                for index, output in _progress(results, None, "outputs"):
+                    out.write(json.dumps({"line": index + 1, "output": output}, default=repr) + "\n")
+            else:
+                for output in _progress(cluster.run(pipeline, _lines(args.input)), None, "outputs"):
+                    out.write(json.dumps(output, default=repr) + "\n")
             stats = cluster.stats()
             failures = len(cluster.failures())
     finally:
@@ -161,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--input", required=True, help="input file, one item per line ('-' for stdin)")
     run.add_argument("--output", default=None, help="output file for JSON lines (default stdout)")
     run.add_argument("--workers", type=int, default=None, help=WORKERS_HELP)
+    run.add_argument("--ordered", action="store_true",
+                     help='outputs in input order, each as {"line": N, "output": ...} (N: its input line, from 1)')
     run.add_argument("--cluster", default=None, metavar="FILE",
                      help="run on the nodes of this cluster.toml, started over SSH (default: this machine)")
     run.set_defaults(func=cmd_run)

@@ -134,8 +134,9 @@ class Cluster:
 
     # -- step-by-step interface (the older project's) ------------------------------------------------------------
 
-    def setup(self, name: Any = None, version: Any = None, pipeline: Any = None) -> Pipeline:
-        """Validate a pipeline (or taskchain) and send it to every node. `setup(pipeline)` works too."""
+    def setup(self, name: Any = None, version: Any = None, pipeline: Any = None, *, keyed: bool = False) -> Pipeline:
+        """Validate a pipeline (or taskchain) and send it to every node. `setup(pipeline)` works too. `keyed`: the
+        nodes report each output's input (run() asks for it for ordered or keyed output)."""
         self._check_open()
         if pipeline is None and not isinstance(name, str) and name is not None:
             name, pipeline = None, name
@@ -147,7 +148,7 @@ class Cluster:
         if self.stage_config:
             self.pipeline.with_overrides(self.stage_config)
         for link in self._live_links():
-            link.ask(Setup(self.pipeline), timeout=60)
+            link.ask(Setup(self.pipeline, keyed), timeout=60)
         self._phase = RunPhase.SETUP
         return self.pipeline
 
@@ -285,20 +286,30 @@ class Cluster:
 
     # -- the streaming interface ---------------------------------------------------------------------------------
 
-    def run(self, pipeline: Any, inputs: Iterable[Any]) -> Results:
-        """Run `pipeline` over `inputs` (read lazily); returns an iterator of outputs in completion order."""
+    def run(self, pipeline: Any, inputs: Iterable[Any], *, ordered: bool = False, keyed: bool = False,
+            window: int | None = None) -> Results:
+        """Run `pipeline` over `inputs` (read lazily); returns an iterator of outputs.
+
+        Outputs come in completion order; `ordered=True` gives them in input order (an input's own outputs in the
+        order they reached the last stage), holding at most `window` inputs (default: the nodes' credit) between
+        the oldest unfinished one and the newest fed, so one slow input holds the others back but never memory
+        without bound. `keyed=True` gives each output as `(input_index, output)`, counting inputs from 0.
+        """
         self._check_open()
         if self._phase is RunPhase.RUNNING:
             raise ClusterError("a pipeline is already running on this cluster")
         if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Iterable):
             raise TypeError(f"inputs must be an iterable of items, got {type(inputs).__name__}")
-        self.setup(pipeline=pipeline)
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"window must be a positive int (or None: the nodes' credit), got {window!r}")
+        self.setup(pipeline=pipeline, keyed=ordered or keyed)
         self._handler_mode = False
         self._start_run()
         state = self.state
+        state.window = window
         feeder = Feeder(iter(inputs), state, lambda chunk: self.root.tell(Feed(chunk)), self._stop, self.placement)
         self._threads += feeder.start()
-        return Results(state, lambda finished: self._end_results(state, finished))
+        return Results(state, lambda finished: self._end_results(state, finished), ordered, keyed)
 
     # -- internals -----------------------------------------------------------------------------------------------
 
@@ -333,7 +344,7 @@ class Cluster:
         self._next_run_dir()
         self._stop.clear()
         self._paused = False
-        ask(self.root, Begin(self.state, [stage.name for stage in self.pipeline.stages]))
+        self.state.first_rid = ask(self.root, Begin(self.state, [stage.name for stage in self.pipeline.stages]))
         self._phase = RunPhase.RUNNING
         for link in self._live_links():
             link.tell(Boot())
@@ -359,7 +370,7 @@ class Cluster:
             except BaseException as exc:
                 state.fail(exc)
                 return
-            state.consume(delivery.roots)
+            state.consume(len(delivery.done))
 
     def _refresh_stats(self) -> None:
         """Rewrite stats.json every few seconds while the run lasts (a slow or failing refresh is retried)."""
@@ -464,7 +475,7 @@ class Cluster:
     def _on_dead_letters(self, letters: list[DeadLetter]) -> None:
         self._dead.add(letters)
         for letter in letters:
-            error = f"{letter.error_type}: {letter.message}" if letter.error_type else f"{letter.cause}: {letter.message}"
+            error = f"{letter.error_type or letter.cause}: {letter.message}"
             self._dead_alerts.count(f"stage {letter.stage}", 1, f"{error:.300}")
 
     def _live_links(self) -> list[NodeLink]:

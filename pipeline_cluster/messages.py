@@ -78,12 +78,53 @@ class DeadLetter:
         return cls(**data)
 
 
+Path = tuple[int, ...]  # an item's place in its input's tree: the index among a generator's outputs, per generator
+
+
 class Chunk(NamedTuple):
-    """Items queued for a stage, as parallel lists: root item ids, the items, attempts so far (None: all 0)."""
+    """Items queued for a stage, as parallel lists: root item ids, the items, attempts so far (None: all 0), and
+    their paths (kept only when outputs must come in order; None: all at the root of their tree)."""
 
     rids: list[int]
     items: list
     attempts: list[int] | None = None
+    paths: list[Path] | None = None
+
+    def split(self, n: int) -> tuple[Chunk, Chunk]:
+        """The first `n` items, and the rest."""
+        attempts, paths = self.attempts, self.paths
+        return (Chunk(self.rids[:n], self.items[:n], attempts and attempts[:n], paths and paths[:n]),
+                Chunk(self.rids[n:], self.items[n:], attempts and attempts[n:], paths and paths[n:]))
+
+    def select(self, keep: list[int]) -> Chunk:
+        """The items at the positions `keep`."""
+        attempts, paths = self.attempts, self.paths
+        return Chunk([self.rids[i] for i in keep], [self.items[i] for i in keep],
+                     attempts and [attempts[i] for i in keep], paths and [paths[i] for i in keep])
+
+    @staticmethod
+    def join(parts: list[Chunk]) -> Chunk:
+        """One chunk of all the parts' items, in order."""
+        rids: list[int] = []
+        items: list = []
+        for part in parts:
+            rids.extend(part.rids)
+            items.extend(part.items)
+        attempts = paths = None
+        if any(part.attempts for part in parts):  # attempts stay None while every item is on its first try
+            attempts = [n for part in parts for n in (part.attempts or [0] * len(part.rids))]
+        if any(part.paths for part in parts):
+            paths = [p for part in parts for p in (part.paths or [()] * len(part.rids))]
+        return Chunk(rids, items, attempts, paths)
+
+
+class Outputs(NamedTuple):
+    """A last stage's outputs for the node's ledger: each output's root item, the outputs, and (ordered runs) each
+    output's path in its root item's tree."""
+
+    rids: list[int]
+    items: list
+    paths: list[Path] | None = None
 
 
 class ItemError(NamedTuple):
@@ -98,11 +139,13 @@ class ItemError(NamedTuple):
 
 class TreeChange(NamedTuple):
     """What a batch did to its root items' trees, when it was more than one output per input: the root item of each
-    output, one root item per item born beyond an input's first output, one per input that ended with nothing."""
+    output, one root item per item born beyond an input's first output, one per input that ended with nothing, and
+    the number of outputs of each input."""
 
     out_rids: list[int]
     born: list[int]
     died: list[int]
+    counts: list[int]
 
 
 class Timing(NamedTuple):
@@ -178,6 +221,7 @@ class Completed(NamedTuple):
     done: list[int]
     outputs: list
     dead: list[DeadLetter]
+    output_rids: list[int] | None = None  # each output's root item, when the run is keyed or ordered
 
 
 class NodeReady(NamedTuple):
@@ -234,9 +278,10 @@ class Hello(NamedTuple):
 
 class Setup(NamedTuple):
     """Build the stages of `pipeline` (over the network: the cloudpickled Pipeline, loaded where errors are
-    answered)."""
+    answered). `keyed`: report each output's root item (for ordered or keyed output)."""
 
     pipeline: Any
+    keyed: bool = False
 
 
 class Boot(NamedTuple):

@@ -30,10 +30,11 @@ class RunPhase(enum.Enum):
 
 
 class Delivery(NamedTuple):
-    """Outputs of `roots` finished root items, in the order the caller gets them."""
+    """Outputs of the finished root items `done`; `rids` gives each output's root item when the run is keyed."""
 
     outputs: list
-    roots: int
+    done: list[int]
+    rids: list[int] | None = None
 
 
 class RunState:
@@ -51,6 +52,8 @@ class RunState:
         self.at_root = 0  # fed but not yet handed to a node
         self.consumed = 0  # root items whose outputs the caller has taken
         self.capacity = 0  # root items allowed unfinished at once (the nodes' credit)
+        self.window: int | None = None  # a smaller bound the caller chose (ordered output's reorder window)
+        self.first_rid = 0  # the root item id of the run's first input (inputs are numbered in order)
         self.inputs_done = False
         self.input_error: InputFailed | None = None  # the feeder's iterable raised: raised once the rest is done
         self.error: BaseException | None = None
@@ -103,9 +106,9 @@ class RunState:
             self._cond.notify_all()
         self._outputs.put(None)
 
-    def deliver(self, outputs: list, roots: int) -> None:
-        """Hand the outputs of `roots` finished root items to the caller."""
-        self._outputs.put(Delivery(outputs, roots))
+    def deliver(self, outputs: list, done: list[int], rids: list[int] | None = None) -> None:
+        """Hand the outputs of the finished root items `done` to the caller (`rids`: each output's root item)."""
+        self._outputs.put(Delivery(outputs, done, rids))
 
     def wake(self) -> None:
         """Make a thread waiting for outputs look at the state again (the run stops, say)."""
@@ -125,8 +128,9 @@ class RunState:
     # -- queries and waits --------------------------------------------------------------------------------------
 
     def room(self) -> int:
-        """Root items that may still be fed before the run holds its capacity."""
-        return self.capacity - (self.fed - self.consumed)
+        """Root items that may still be fed before the run holds its capacity (or its window)."""
+        limit = self.capacity if self.window is None else min(self.capacity, self.window)
+        return limit - (self.fed - self.consumed)
 
     def all_consumed(self) -> bool:
         """Every fed root item is finished and its outputs were handed over."""
@@ -166,11 +170,14 @@ class RunState:
 
 
 class Results:
-    """The outputs of `cluster.run(...)`, in completion order; leaving the loop early (or `close()`) stops the run."""
+    """The outputs of `cluster.run(...)`: in completion order, or in input order (`ordered`), each as
+    `(input_index, output)` when `keyed`. Leaving the loop early (or `close()`) stops the run."""
 
-    def __init__(self, state: RunState, on_end: Callable[[bool], None]) -> None:
+    def __init__(self, state: RunState, on_end: Callable[[bool], None], ordered: bool = False,
+                 keyed: bool = False) -> None:
         self._current: list[list] = [[]]  # the batch being handed out, so close() can cut it short
-        self._batches = _batches(state, self._current, on_end)
+        arrange = _in_order if ordered else _keyed if keyed else None
+        self._batches = _batches(state, self._current, on_end, arrange, keyed)
         self._outputs = chain.from_iterable(self._batches)  # Python runs once per batch, not per output (W1)
 
     def __iter__(self) -> Iterator[Any]:
@@ -185,12 +192,39 @@ class Results:
         self._batches.close()
 
 
-def _batches(state: RunState, current: list[list],
-             on_end: Callable[[bool], None]) -> Generator[list, None, None]:
+Arrange = Callable[[Delivery, RunState, dict[int, list], bool], tuple[list, int]]
+
+
+def _keyed(delivery: Delivery, state: RunState, held: dict[int, list], keyed: bool) -> tuple[list, int]:
+    """Outputs as (input index, output), in completion order; every finished root item is consumed at once."""
+    base = state.first_rid
+    return [(rid - base, output) for rid, output in zip(delivery.rids or (), delivery.outputs)], len(delivery.done)
+
+
+def _in_order(delivery: Delivery, state: RunState, held: dict[int, list], keyed: bool) -> tuple[list, int]:
+    """The outputs of the next root items in input order, as far as they are finished; later ones wait in `held`
+    (bounded: they are not consumed yet, so they count against the room to feed)."""
+    for rid in delivery.done:
+        held.setdefault(rid, [])
+    for rid, output in zip(delivery.rids or (), delivery.outputs):
+        held[rid].append(output)
+    base = state.first_rid
+    ready: list = []
+    rid = base + state.consumed
+    while rid in held:
+        outputs = held.pop(rid)
+        ready.extend([(rid - base, output) for output in outputs] if keyed else outputs)
+        rid += 1
+    return ready, rid - base - state.consumed
+
+
+def _batches(state: RunState, current: list[list], on_end: Callable[[bool], None], arrange: Arrange | None,
+             keyed: bool) -> Generator[list, None, None]:
     """Yield lists of outputs until every input is done; a root item's outputs count as consumed once the caller
     asks for what follows them. A module-level generator, so nothing refers back to it: when the caller's loop lets
     go of it (break, an exception), CPython closes it at once and `on_end(finished)` stops the run."""
     finished = False
+    held: dict[int, list] = {}  # ordered output: finished root items waiting for earlier ones
     try:
         while True:
             if state.error is not None:
@@ -201,10 +235,15 @@ def _batches(state: RunState, current: list[list],
                     raise state.input_error
                 return
             delivery = state.next_delivery()
-            if delivery is not None:
-                current[0] = delivery.outputs
-                yield delivery.outputs
-                state.consume(delivery.roots)
+            if delivery is None:
+                continue
+            if arrange is None:
+                outputs, roots = delivery.outputs, len(delivery.done)
+            else:
+                outputs, roots = arrange(delivery, state, held, keyed)
+            current[0] = outputs
+            yield outputs
+            state.consume(roots)
     finally:
         on_end(finished)
 

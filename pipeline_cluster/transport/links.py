@@ -156,7 +156,7 @@ class RemoteLink:
         A pipeline travels cloudpickled inside the message, so the node unpickles it where a failure can be answered.
         """
         if isinstance(message, Setup):
-            message = Setup(cloudpickle.dumps(message.pipeline))
+            message = Setup(cloudpickle.dumps(message.pipeline), message.keyed)
         reply = _Reply()
         with self._lock:
             if not self.alive:

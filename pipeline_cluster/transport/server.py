@@ -110,7 +110,7 @@ class Session:
                               "python": sys.version.split()[0]}
             else:
                 if isinstance(body, Setup):
-                    body = Setup(self._load_pipeline(body.pipeline))
+                    body = Setup(self._load_pipeline(body.pipeline), body.keyed)
                 value = ask(self.node, body, timeout=600)
             self._send(Reply(request.id, True, value))
         except BaseException as exc:
@@ -178,8 +178,13 @@ class Server:
                 except OSError:  # stop() closed the listener
                     break
                 session = Session(channel, log_sink, self.workers, self.placement)
+                try:
+                    self.placement.start_thread(self._serve_session, session, name="pipeline-cluster-session")
+                except RuntimeError as exc:  # no thread to be had (a memory limit): refuse this root, serve on
+                    logger.error("cannot serve the root at %s: %s", channel.peer, exc)
+                    channel.close()
+                    continue
                 self.sessions = [s for s in self.sessions if not s.ended.is_set()] + [session]
-                self.placement.start_thread(self._serve_session, session, name="pipeline-cluster-session")
         except KeyboardInterrupt:
             logger.info("interrupted: stopping")
         finally:

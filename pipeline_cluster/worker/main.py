@@ -150,7 +150,7 @@ def tree_changes(rids: list[int], counts: list[int] | None, errors: list[ItemErr
             born.extend([rid] * (n - 1))
         elif index not in failed:
             died.append(rid)
-    return TreeChange(out_rids, born, died)
+    return TreeChange(out_rids, born, died, counts)
 
 
 def encode_result(ran: Ran, rids: list[int], items: list, stage: str) -> wire.Packed:

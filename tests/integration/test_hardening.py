@@ -130,3 +130,40 @@ def test_memory_stays_flat_with_many_dead_letters_and_log_lines(tmp_path):
     assert big - small < 40 * 2**20, (small >> 20, big >> 20)
     lines = (run_dir / "log.txt").read_text().count("] item ")
     assert lines == 200_000 or "log record(s) were dropped" in (run_dir / "log.txt").read_text()
+
+
+@pytest.fixture
+def pids_cgroup(tmp_path) -> Iterator[str]:
+    """A cgroup (v1 pids controller) whose pids.max the test sets: a process in it cannot start threads beyond it."""
+    root = "/sys/fs/cgroup/pids"
+    if os.geteuid() != 0 or not os.path.isdir(root):
+        pytest.fail("this test needs root and the cgroup v1 pids controller at /sys/fs/cgroup/pids")
+    path = os.path.join(root, f"pctest-{os.getpid()}")
+    os.mkdir(path)
+    try:
+        yield path
+    finally:
+        wait_until(lambda: not open(os.path.join(path, "cgroup.procs")).read().strip(), 10)
+        os.rmdir(path)
+
+
+def _tasks(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+@pytest.mark.timeout(120)
+def test_a_node_that_cannot_start_threads_refuses_roots_and_recovers(pids_cgroup, nodes):
+    node = nodes("127.0.0.21", workers=1)
+    with open(os.path.join(pids_cgroup, "cgroup.procs"), "w") as f:
+        f.write(str(node.proc.pid))
+    with open(os.path.join(pids_cgroup, "pids.max"), "w") as f:
+        f.write(str(_tasks(node.proc.pid)))  # not one thread more
+    with pytest.raises(pc.ClusterError):
+        pc.Cluster.connect([node.address], connect_timeout=5)
+    assert node.proc.poll() is None  # still serving
+    log = node.log.read_text()
+    assert "can't start new thread" in log or "Resource temporarily unavailable" in log, log[-2000:]
+    with open(os.path.join(pids_cgroup, "pids.max"), "w") as f:
+        f.write("max")
+    with pc.Cluster.connect([node.address]) as cluster:  # the same server takes roots again
+        assert sorted(cluster.run([abs], [-1, -2])) == [1, 2]

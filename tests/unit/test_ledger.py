@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from pipeline_cluster.actors.ledger import TreeLedger
-from pipeline_cluster.messages import DeadLetter
+from pipeline_cluster.messages import DeadLetter, Outputs
 
 STAGES = 3
 
@@ -60,9 +60,9 @@ def _simulate(seed: int, roots: int, fanout: tuple[int, ...], fail_rate: float) 
                 for _ in range(n):
                     serial += 1
                     queues[stage + 1].append((rid, serial))
-        ledger.record(0, born, died, (out_rids, outs) if out_rids else None, dead)
+        ledger.record(0, born, died, Outputs(out_rids, outs) if out_rids else None, dead)
         while reports:
-            name, done, outputs, letters = reports.pop()
+            name, done, outputs, letters, _ = reports.pop()
             assert name == "n"
             by_root: dict[int, list] = defaultdict(list)
             for output in outputs:
