@@ -254,11 +254,11 @@ class RemoteNode:
         tunnel = self.ssh.get_transport().open_channel("direct-tcpip", address, ("127.0.0.1", 0), timeout=timeout)
         sock = cast(socket.socket, ChannelSocket(tunnel, address))  # it offers what the handshake and Channel use
         try:
-            client_handshake(sock, authkey, timeout=timeout)
+            keys = client_handshake(sock, authkey, timeout=timeout)
         except BaseException:
             sock.close()
             raise
-        return wire.Channel(sock)
+        return wire.Channel(sock, keys=keys)
 
     # -- stop ----------------------------------------------------------------------------------------------------
 

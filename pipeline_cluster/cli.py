@@ -121,7 +121,9 @@ def cmd_log(args: argparse.Namespace) -> int:
     """Serve as the log server, appending every record to a file."""
     from pipeline_cluster.logs.server import LogServer
 
-    key = open(args.authkey_file, "rb").read().strip() if args.authkey_file else None
+    from pipeline_cluster.transport.auth import read_authkey_file
+
+    key = read_authkey_file(args.authkey_file) if args.authkey_file else None
     server = LogServer((args.host, args.port), args.outfile, key)
     print(f"PCREADY {json.dumps({'host': server.address[0], 'port': server.address[1]})}", flush=True)
     try:

@@ -15,6 +15,13 @@ Handshake frames are ``MAGIC (4 bytes) | kind (1 byte) | body length (1 byte) | 
 
 The HELLO, VERSION and REFUSED frames must keep this layout in every future protocol version, so that peers of
 different versions can still tell each other which versions they speak.
+
+Both sides then derive two session keys, one per direction, as HMAC(key, direction label + C challenge + S challenge)
+(`SessionKeys`); `pipeline_cluster.transport.wire` uses them to authenticate every later frame, so a relay that
+passed the handshake on cannot alter, inject, replay, reorder or reflect frames afterwards.
+
+This gives authenticity and integrity, not secrecy: frames travel unencrypted, and anyone on the path can read
+them. Encryption is the job of `connect = "tunnel"` (the SSH tunnel); use it on networks you do not trust.
 """
 
 from __future__ import annotations
@@ -28,8 +35,9 @@ import socket
 import struct
 import time
 from pathlib import Path
+from typing import NamedTuple
 
-PROTOCOL_VERSION: int = 3  # 3: typed messages (pipeline_cluster.messages)
+PROTOCOL_VERSION: int = 4  # 3: typed messages (pipeline_cluster.messages); 4: per-frame MACs with session keys
 
 MAGIC = b"PCLU"
 HANDSHAKE_FRAME_MAX = 256
@@ -65,6 +73,8 @@ _REFUSED_BAD_FRAME = 2
 
 _CLIENT_LABEL = b"pipeline_cluster client proof"
 _SERVER_LABEL = b"pipeline_cluster server proof"
+_CLIENT_TO_SERVER_LABEL = b"pipeline_cluster session key client to server"
+_SERVER_TO_CLIENT_LABEL = b"pipeline_cluster session key server to client"
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +98,14 @@ class ProtocolVersionError(AuthenticationError):
     def __reduce__(self) -> tuple[type[ProtocolVersionError], tuple[int, int]]:
         """Pickle by the two versions, since the constructor does not take the message."""
         return type(self), (self.ours, self.theirs)
+
+
+class SessionKeys(NamedTuple):
+    """The two session keys of one connection, as seen from one side: `send` authenticates the frames it sends,
+    `recv` those it receives. Pass them to `wire.Channel(sock, keys=...)`."""
+
+    send: bytes
+    recv: bytes
 
 
 def default_authkey_path() -> Path:
@@ -137,17 +155,39 @@ def _read_or_create_key_file(path: Path) -> bytes:
                 pass  # another process created it first: use theirs
         finally:
             tmp.unlink()
-    mode = path.stat().st_mode
-    if mode & 0o077:
-        log.warning("authkey file %s is readable by other users (mode %o); chmod 600 it", path, mode & 0o777)
+    _warn_if_readable_by_others(path)
     return path.read_bytes().strip()
 
 
-def server_handshake(sock: socket.socket, authkey: bytes, timeout: float = 5.0, *,
-                     version: int = PROTOCOL_VERSION) -> None:
-    """Authenticate the client on `sock` (and prove our key to it) within `timeout` s, or raise AuthenticationError."""
+def read_authkey_file(path: str | os.PathLike[str]) -> bytes:
+    """Return the key in the file at `path` (its stripped content), for options like ``--authkey-file``.
+
+    Logs a warning when group or other users have any access to the file, and raises ValueError naming the file when
+    it holds no key; OSError (e.g. FileNotFoundError) when it cannot be read.
+    """
+    path = Path(path)
+    key = path.read_bytes().strip()
+    _warn_if_readable_by_others(path)
+    if not key:
+        raise ValueError(f"empty authkey in the key file {path}")
+    return key
+
+
+def _warn_if_readable_by_others(path: Path) -> None:
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        log.warning("authkey file %s is readable by other users (mode %o); chmod 600 it", path, mode & 0o777)
+
+
+def server_handshake(sock: socket.socket, authkey: bytes, timeout: float = 5.0, *, hello_timeout: float | None = None,
+                     version: int = PROTOCOL_VERSION) -> SessionKeys:
+    """Authenticate the client on `sock` (and prove our key to it) within `timeout` s, or raise AuthenticationError.
+
+    `hello_timeout`, if shorter, bounds the wait for the client's first frame, so a silent peer is dropped early.
+    Returns the server's session keys.
+    """
     with _Handshake(sock, authkey, timeout, version) as hs:
-        theirs = hs.read(_HELLO)
+        theirs = hs.read(_HELLO, within=hello_timeout)
         (their_version,) = _VERSION.unpack(theirs)
         if their_version != version:
             hs.tell_peer(_VERSION_MISMATCH, _VERSION.pack(version))
@@ -161,11 +201,16 @@ def server_handshake(sock: socket.socket, authkey: bytes, timeout: float = 5.0, 
             raise AuthenticationError("wrong authkey")
         hs.write(_PROOF, _mac(authkey, _SERVER_LABEL, their_challenge, our_challenge))
         hs.read(_WELCOME)
+    client_to_server, server_to_client = _session_keys(authkey, their_challenge, our_challenge)
+    return SessionKeys(send=server_to_client, recv=client_to_server)
 
 
 def client_handshake(sock: socket.socket, authkey: bytes, timeout: float = 5.0, *,
-                     version: int = PROTOCOL_VERSION) -> None:
-    """Authenticate to the server on `sock` and check its proof within `timeout` s, or raise AuthenticationError."""
+                     version: int = PROTOCOL_VERSION) -> SessionKeys:
+    """Authenticate to the server on `sock` and check its proof within `timeout` s, or raise AuthenticationError.
+
+    Returns the client's session keys, for ``wire.Channel(sock, keys=...)``.
+    """
     with _Handshake(sock, authkey, timeout, version) as hs:
         hs.write(_HELLO, _VERSION.pack(version))
         their_challenge = hs.read(_CHALLENGE)
@@ -176,6 +221,15 @@ def client_handshake(sock: socket.socket, authkey: bytes, timeout: float = 5.0, 
             hs.tell_peer(_REFUSED, bytes([_REFUSED_WRONG_KEY]))
             raise AuthenticationError("wrong authkey (the server could not prove it knows our key)")
         hs.write(_WELCOME, b"")
+    client_to_server, server_to_client = _session_keys(authkey, our_challenge, their_challenge)
+    return SessionKeys(send=client_to_server, recv=server_to_client)
+
+
+def _session_keys(authkey: bytes, client_challenge: bytes, server_challenge: bytes) -> tuple[bytes, bytes]:
+    """(client-to-server, server-to-client) keys: fresh per connection, and a frame reflected back to its sender
+    fails, since each direction has its own key."""
+    return (_mac(authkey, _CLIENT_TO_SERVER_LABEL, client_challenge, server_challenge),
+            _mac(authkey, _SERVER_TO_CLIENT_LABEL, client_challenge, server_challenge))
 
 
 def _mac(authkey: bytes, label: bytes, *challenges: bytes) -> bytes:
@@ -216,6 +270,18 @@ class _Handshake:
     def _silent(self) -> AuthenticationError:
         return AuthenticationError(f"peer silent for {round(self.timeout, 2)} s (handshake not completed in time)")
 
+    def read(self, expected: int, within: float | None = None) -> bytes:
+        """Receive the body of one handshake frame of kind `expected`, raising on anything else; `within`, if
+        given, is a shorter deadline for this frame alone."""
+        if within is None or within >= self.timeout:
+            return self._read(expected)
+        saved = self.deadline, self.timeout
+        self.deadline, self.timeout = min(self.deadline, time.monotonic() + within), within
+        try:
+            return self._read(expected)
+        finally:
+            self.deadline, self.timeout = saved
+
     def write(self, kind: int, body: bytes) -> None:
         """Send one handshake frame before the deadline."""
         frame = _HEADER.pack(MAGIC, kind, len(body)) + body
@@ -234,8 +300,7 @@ class _Handshake:
         except AuthenticationError:
             pass  # the peer is gone or stuck; our own error is what matters now
 
-    def read(self, expected: int) -> bytes:
-        """Receive the body of one handshake frame of kind `expected`, raising on anything else."""
+    def _read(self, expected: int) -> bytes:
         header = self._recv_exact(_HEADER.size, check_magic=True)
         _, kind, length = _HEADER.unpack(header)
         if kind not in _BODY_SIZES or length != _BODY_SIZES[kind]:

@@ -35,7 +35,7 @@ from pipeline_cluster.messages import (ROOT_TO_NODE, ROOT_TO_NODE_REQUESTS, Comp
                                        Reply, Request, Setup, Submit)
 from pipeline_cluster.placement import Placement, make_placement, start_thread
 from pipeline_cluster.transport import wire
-from pipeline_cluster.transport.auth import resolve_authkey
+from pipeline_cluster.transport.auth import read_authkey_file, resolve_authkey
 
 logger = logging.getLogger("pipeline_cluster.node")
 
@@ -234,8 +234,7 @@ def main(host: str, port: int, log_addr: tuple[str, int] | None, authkey_file: s
         if env.get("PYTHONPATH"):
             sys.path[:0] = env["PYTHONPATH"].split(os.pathsep)
     elif authkey_file:
-        with open(authkey_file, "rb") as f:
-            authkey = f.read().strip()
+        authkey = read_authkey_file(authkey_file)
     server = Server((host, port), log_addr, authkey=authkey, workers=workers, single_root=stdin_config,
                     placement=placement)
     for sig in (signal.SIGINT, signal.SIGTERM):  # this process is ours: stop cleanly on either

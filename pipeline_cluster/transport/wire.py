@@ -1,17 +1,28 @@
 """Authenticated, framed TCP message channels between cluster processes.
 
 `connect` and `Listener.accept` hand out a `Channel` only after the handshake of `pipeline_cluster.transport.auth`
-succeeded, so nothing is ever unpickled from an unauthenticated peer.
+succeeded, so nothing is ever unpickled from an unauthenticated peer; and such a channel authenticates every frame
+with the connection's session keys, so nothing is unpickled that the peer did not send in that order either.
 
 Wire format after the handshake: frames of an 8-byte big-endian header, whose top byte is the frame kind and whose
 low 56 bits are the payload length, followed by the payload. A message is either one BYTES frame (raw bytes), or
 zero or more BUFFER or RBUFFER frames (pickle protocol 5 out-of-band buffers, sent without copying them; an RBUFFER
 holds a read-only one and is received as `bytes`, so a big `bytes` item wrapped by `out_of_band` arrives as itself
 with one copy from the kernel) followed by one PICKLE frame.
+
+On a keyed channel every frame ends with a 16-byte tag, HMAC-SHA256(direction's session key, sequence number |
+header | payload) truncated, with a per-direction frame counter that both sides keep (it is never sent). A frame
+that fails its tag (altered, injected, replayed, reordered or reflected) closes the channel with IntegrityError,
+before any frame of its message is unpickled.
+
+This is integrity, not secrecy: frames are not encrypted, and anyone on the path can read them. Encryption is the
+job of `connect = "tunnel"` (the SSH tunnel); use it on networks you do not trust.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import pickle
 import queue
@@ -19,15 +30,16 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import cloudpickle
 
-from pipeline_cluster.transport.auth import client_handshake, server_handshake
+from pipeline_cluster.transport.auth import SessionKeys, client_handshake, server_handshake
 
-__all__ = ["DEFAULT_MAX_FRAME", "Channel", "FrameTooLargeError", "Listener", "Packed", "UnpicklingFailed", "connect",
-           "out_of_band", "pack"]
+__all__ = ["DEFAULT_MAX_FRAME", "Channel", "FrameTooLargeError", "IntegrityError", "Listener", "Packed",
+           "UnpicklingFailed", "connect", "out_of_band", "pack"]
 
 DEFAULT_MAX_FRAME = 1 << 30  # 1 GiB
 
@@ -42,10 +54,47 @@ _OUT_OF_BAND_MIN = 64 * 1024  # smaller pickle buffers stay in-band: one frame i
 _MAIN = b"__main__"  # in a pickle from the C pickler: a reference the peer cannot resolve (see pack)
 _CONCAT_MAX = 64 * 1024  # header and payload up to this size are joined into one send call
 _IOV_MAX = 512  # buffers per sendmsg call, well under the usual IOV_MAX of 1024
+TAG_SIZE = 16  # bytes of the truncated HMAC-SHA256 tag that ends every frame of a keyed channel
+_SEQUENCE = struct.Struct("!Q")
+_SHA256_BLOCK = 64
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+_MAC_CHUNK = 1 << 20  # big payloads are hashed and sent (or received and hashed) a chunk at a time
+
+
+class _FrameMac:
+    """HMAC-SHA256 of frames under one session key, truncated to TAG_SIZE bytes. The key's inner and outer hash
+    states are computed once and copied for each frame: much cheaper per small frame than `hmac.new`."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > _SHA256_BLOCK:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(_SHA256_BLOCK, b"\0")
+        self._inner = hashlib.sha256(key.translate(_IPAD))
+        self._outer = hashlib.sha256(key.translate(_OPAD))
+
+    def start(self, sequence: int) -> Any:
+        """A hash of the frame numbered `sequence`, to be fed the frame's header and payload (buffers, no copies)."""
+        inner = self._inner.copy()
+        inner.update(_SEQUENCE.pack(sequence))
+        return inner
+
+    def tag(self, inner: Any) -> bytes:
+        """The tag of a frame whose bytes `inner` (from `start`) has been fed."""
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()[:TAG_SIZE]
 
 
 class FrameTooLargeError(ConnectionError):
     """An incoming frame announced more than `max_frame` bytes; the channel is closed rather than allocating it."""
+
+
+class IntegrityError(ConnectionError):
+    """A frame on a keyed channel failed its check (altered, injected, replayed, reordered or reflected on the way);
+    the channel is closed and nothing of that message was unpickled. The message names the peer."""
 
 
 class UnpicklingFailed(Exception):
@@ -108,15 +157,17 @@ def out_of_band(items: list) -> list:
 class Channel:
     """A framed, bidirectional message channel over an authenticated socket.
 
-    Get one from `connect` or `Listener.accept`: wrapping a socket that did not pass the handshake would unpickle
-    unauthenticated bytes. The one exception is a socket whose peer is trusted by construction: the socket pair
-    between a node and a worker process it started. `send` may be called from several threads at once; `recv` is
-    meant for one reader thread.
+    Get one from `connect` or `Listener.accept`, which pass the handshake's session `keys`: then every frame is
+    authenticated (see the module docstring). `keys=None` sends and checks no tags at all, so only use it for a
+    socket whose peer is trusted by construction: the socket pair between a node and a worker process it started.
+    Wrapping any other socket without keys would unpickle whatever anyone sends or injects.
+    `send` may be called from several threads at once; `recv` is meant for one reader thread.
     The socket has no user-space read buffer, so `select` on `fileno()` tells truthfully whether `recv` has data to
     read. `peer` is the remote address.
     """
 
-    def __init__(self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME, *,
+                 keys: SessionKeys | None = None) -> None:
         sock.settimeout(None)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -128,10 +179,21 @@ class Channel:
             self.peer = None  # already disconnected; recv will report EOF
         self._send_lock = threading.Lock()
         self._closed = False
+        # None: no tags (a trusted socket pair)
+        self._send_mac = None if keys is None else _FrameMac(keys.send)
+        self._recv_mac = None if keys is None else _FrameMac(keys.recv)
+        self._send_sequence = 0  # frames sent so far: guarded by _send_lock
+        self._recv_sequence = 0  # frames received so far: only the reader thread touches it
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"<Channel peer={self.peer!r} {state}>"
+        keyed = " keyed" if self.keyed else ""
+        return f"<Channel peer={self.peer!r}{keyed} {state}>"
+
+    @property
+    def keyed(self) -> bool:
+        """Whether frames carry and are checked against session-key tags (False only for trusted socket pairs)."""
+        return self._recv_mac is not None
 
     def __enter__(self) -> Channel:
         return self
@@ -170,12 +232,12 @@ class Channel:
         if not buffers and len(payload) <= _CONCAT_MAX:
             self._send_frame(_HEADER.pack(_PICKLE << _KIND_SHIFT | len(payload)) + payload)
             return
-        pieces: list[bytes | memoryview] = []
+        frames: list[tuple[bytes, bytes | memoryview]] = []
         for buffer in buffers:
             kind = _RBUFFER if buffer.readonly else _BUFFER
-            pieces += (_HEADER.pack(kind << _KIND_SHIFT | buffer.nbytes), buffer)
-        pieces += (_HEADER.pack(_PICKLE << _KIND_SHIFT | len(payload)), payload)
-        self._send_pieces(pieces)
+            frames.append((_HEADER.pack(kind << _KIND_SHIFT | buffer.nbytes), buffer))
+        frames.append((_HEADER.pack(_PICKLE << _KIND_SHIFT | len(payload)), payload))
+        self._send_frames(frames)
 
     def send_bytes(self, data: bytes | bytearray | memoryview) -> None:
         """Send one raw frame holding `data` (any contiguous bytes-like object), without copying it."""
@@ -185,25 +247,26 @@ class Channel:
         if view.nbytes <= _CONCAT_MAX:
             self._send_frame(header + view)
         else:
-            self._send_pieces([header, view])
+            self._send_frames([(header, view)])
 
     def recv(self) -> Any:
         """Receive the next message: the unpickled object, or `bytes` for a raw frame.
 
         Raises EOFError when the peer has closed the connection (or this channel was closed), FrameTooLargeError on a
-        frame over `max_frame`. UnpicklingFailed (the channel stays usable) when the message cannot be unpickled.
+        frame over `max_frame`, IntegrityError (channel closed) on a frame that fails its tag. UnpicklingFailed (the
+        channel stays usable) when the message cannot be unpickled.
         """
         buffers: list[bytearray | bytes] = []
         while True:
-            kind, length = self._recv_header()
+            kind, length, header = self._recv_header()
             if kind == _BUFFER:
                 buffer = bytearray(length)
-                self._recv_into(memoryview(buffer))
+                self._recv_buffer(header, memoryview(buffer))
                 buffers.append(buffer)
             elif kind == _RBUFFER:  # read-only: a bytes object, which the unpickled message then holds as is
-                buffers.append(self._recv_exact(length))
+                buffers.append(self._recv_payload(header, length))
             elif kind == _PICKLE:
-                payload = self._recv_exact(length)
+                payload = self._recv_payload(header, length)  # every frame of the message is checked by now
                 try:
                     return pickle.loads(payload, buffers=buffers)
                 except Exception as exc:
@@ -211,19 +274,19 @@ class Channel:
             elif buffers:
                 self._broken(f"raw frame inside a pickled message from {self.peer}")
             else:
-                return self._recv_exact(length)
+                return self._recv_payload(header, length)
 
     def recv_bytes(self) -> bytes:
         """Receive the next raw frame sent by `send_bytes` (or `send` of bytes); TypeError if it was a pickle."""
-        kind, length = self._recv_header()
+        kind, length, header = self._recv_header()
         if kind == _BYTES:
-            return self._recv_exact(length)
+            return self._recv_payload(header, length)
         while kind in (_BUFFER, _RBUFFER):  # skip the whole pickled message so that the stream stays in step
-            self._recv_exact(length)
-            kind, length = self._recv_header()
+            self._recv_payload(header, length)
+            kind, length, header = self._recv_header()
         if kind != _PICKLE:
             self._broken(f"raw frame inside a pickled message from {self.peer}")
-        self._recv_exact(length)
+        self._recv_payload(header, length)
         raise TypeError("recv_bytes() got a pickled message (sent with send() of a non-bytes object); use recv()")
 
     def close(self) -> None:
@@ -242,37 +305,72 @@ class Channel:
             raise ValueError(f"message part of {size} bytes exceeds max_frame of {self.max_frame} bytes")
 
     def _send_frame(self, frame: bytes) -> None:
-        """Write one small, already joined frame under the send lock."""
+        """Write one small, already joined frame (and its tag) under the send lock."""
         if self._closed:
             raise OSError("channel closed")
         with self._send_lock:
             try:
+                if self._send_mac is not None:
+                    mac = self._send_mac.start(self._send_sequence)
+                    mac.update(frame)
+                    frame += self._send_mac.tag(mac)
+                    self._send_sequence += 1
                 self._sock.sendall(frame)
             except BaseException:
                 self.close()  # a partly written frame would desynchronise the stream for good
                 raise
 
-    def _send_pieces(self, pieces: Iterable[bytes | memoryview]) -> None:
-        """Write all pieces as one unit under the send lock, with vectored writes and no concatenation."""
+    def _send_frames(self, frames: list[tuple[bytes, bytes | memoryview]]) -> None:
+        """Write (header, payload) frames, each with its tag, as one unit under the send lock, with vectored writes
+        and no concatenation."""
         if self._closed:
             raise OSError("channel closed")
-        views = [memoryview(piece) for piece in pieces]
         with self._send_lock:
             try:
-                while views:
-                    sent = self._sock.sendmsg(views[:_IOV_MAX])
-                    while sent:
-                        if sent >= views[0].nbytes:
-                            sent -= views.pop(0).nbytes
-                        else:
-                            views[0] = views[0][sent:]
-                            sent = 0
+                if self._send_mac is None:
+                    self._write([memoryview(piece) for frame in frames for piece in frame])
+                else:
+                    self._write_tagged(frames)
             except BaseException:
                 self.close()  # a partly written message would desynchronise the stream for good
                 raise
 
-    def _recv_header(self) -> tuple[int, int]:
-        """Read the next frame header, returning (kind, length) after checking both."""
+    def _write_tagged(self, frames: list[tuple[bytes, bytes | memoryview]]) -> None:
+        """Write frames with their tags, hashing and sending big payloads a chunk at a time, so that the peer reads
+        (and checks) one chunk while we hash the next."""
+        views: list[memoryview] = []
+        pending = 0
+        assert self._send_mac is not None
+        for header, payload in frames:
+            mac = self._send_mac.start(self._send_sequence)
+            mac.update(header)
+            views.append(memoryview(header))
+            payload_view = memoryview(payload).cast("B")
+            for offset in range(0, payload_view.nbytes, _MAC_CHUNK):
+                chunk = payload_view[offset:offset + _MAC_CHUNK]
+                mac.update(chunk)
+                views.append(chunk)
+                pending += chunk.nbytes
+                if pending >= _MAC_CHUNK:
+                    self._write(views)
+                    views, pending = [], 0
+            views.append(memoryview(self._send_mac.tag(mac)))
+            self._send_sequence += 1
+        self._write(views)
+
+    def _write(self, views: list[memoryview]) -> None:
+        """Write all views with vectored writes (the caller holds the send lock)."""
+        while views:
+            sent = self._sock.sendmsg(views[:_IOV_MAX])
+            while sent:
+                if sent >= views[0].nbytes:
+                    sent -= views.pop(0).nbytes
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
+
+    def _recv_header(self) -> tuple[int, int, bytes]:
+        """Read the next frame header, returning (kind, length, the header's bytes) after checking kind and length."""
         header = self._recv_exact(_HEADER.size)
         (value,) = _HEADER.unpack(header)
         kind, length = value >> _KIND_SHIFT, value & _LENGTH_MASK
@@ -282,10 +380,49 @@ class Channel:
             self.close()
             raise FrameTooLargeError(f"frame of {length} bytes from {self.peer} exceeds max_frame of "
                                      f"{self.max_frame} bytes; channel closed")
-        return kind, length
+        return kind, length, header
+
+    def _recv_payload(self, header: bytes, length: int) -> bytes:
+        """Read a frame's payload and, on a keyed channel, its tag, and check them."""
+        if self._recv_mac is None:
+            return self._recv_exact(length)
+        if length > _CONCAT_MAX:  # straight into the bytes object returned; hashed once it is all there
+            payload, tag = self._recv_exact(length), self._recv_exact(TAG_SIZE)
+        else:  # one read for payload and tag; the slices copy little
+            data = self._recv_exact(length + TAG_SIZE)
+            payload, tag = data[:length], data[length:]
+        mac = self._recv_mac.start(self._recv_sequence)
+        mac.update(header)
+        mac.update(payload)
+        self._check_tag(self._recv_mac.tag(mac), tag)
+        return payload
+
+    def _recv_buffer(self, header: bytes, view: memoryview) -> None:
+        """Read a frame's payload into `view` and check its tag, hashing each chunk as soon as it has arrived."""
+        if self._recv_mac is None:
+            self._recv_into(view)
+            return
+        mac = self._recv_mac.start(self._recv_sequence)
+        mac.update(header)
+        for offset in range(0, view.nbytes, _MAC_CHUNK):
+            chunk = view[offset:offset + _MAC_CHUNK]
+            self._recv_into(chunk)
+            mac.update(chunk)
+        self._check_tag(self._recv_mac.tag(mac), self._recv_exact(TAG_SIZE))
+
+    def _check_tag(self, expected: bytes, tag: bytes) -> None:
+        """Accept the received frame if its `tag` is the `expected` one, else close with IntegrityError."""
+        if not hmac.compare_digest(expected, tag):
+            self._broken(f"frame {self._recv_sequence} from {self.peer} failed its integrity check (altered, "
+                         "injected, replayed, reordered or reflected on the way)")
+        self._recv_sequence += 1
 
     def _broken(self, what: str) -> NoReturn:
+        """Close the channel for good; on a keyed channel any broken framing is an IntegrityError, and logged."""
         self.close()
+        if self._recv_mac is not None:
+            log.warning("%s; channel closed", what)
+            raise IntegrityError(f"{what}; channel closed")
         raise ConnectionError(f"{what}; channel closed")
 
     def _recv_exact(self, size: int) -> bytes:
@@ -340,8 +477,8 @@ def connect(address: tuple[str, int], authkey: bytes, timeout: float = 10.0, *,
     deadline = time.monotonic() + timeout
     sock = socket.create_connection(address, timeout=timeout)
     try:
-        client_handshake(sock, authkey, timeout=max(deadline - time.monotonic(), 0.001))
-        return Channel(sock, max_frame=max_frame)
+        keys = client_handshake(sock, authkey, timeout=max(deadline - time.monotonic(), 0.001))
+        return Channel(sock, max_frame=max_frame, keys=keys)
     except BaseException:
         sock.close()
         raise
@@ -350,18 +487,25 @@ def connect(address: tuple[str, int], authkey: bytes, timeout: float = 10.0, *,
 class Listener:
     """A TCP server socket handing out authenticated Channels, one handshake thread per incoming connection.
 
-    Handshakes run concurrently in short-lived threads, so a slow or silent client never delays the others; a failed
-    handshake is logged (WARNING, logger ``pipeline_cluster.transport.wire``) with the peer address and reason, and
-    dropped.
+    Handshakes run concurrently in short-lived threads, so a slow or silent client never delays the others. Peers
+    that flood us cannot lock valid clients out: a peer must send its first frame within `hello_timeout` s (the
+    whole handshake within `handshake_timeout` s); one source address holds at most `max_handshakes_per_address`
+    handshakes (more connections from it are closed at once); and when `max_handshakes` are in progress, the oldest
+    handshake of the address holding the most is dropped to make room, rather than refusing the newcomer.
+    Refusals are logged (WARNING, logger ``pipeline_cluster.transport.wire``) with the peer address and reason, but
+    at most 5 per `log_interval` s: the rest as one summary line per interval.
     """
 
     def __init__(self, address: tuple[str, int], authkey: bytes, handshake_timeout: float = 5.0,
-                 backlog: int = 128, *, max_handshakes: int = 64, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+                 backlog: int = 1024, *, max_handshakes: int = 64, max_handshakes_per_address: int = 16,
+                 hello_timeout: float = 1.0, log_interval: float = 10.0, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         if not isinstance(authkey, bytes) or not authkey:
             raise ValueError("authkey must be non-empty bytes (see pipeline_cluster.transport.auth.resolve_authkey)")
         self._authkey = authkey
         self.handshake_timeout = handshake_timeout
+        self.hello_timeout = hello_timeout
         self.max_handshakes = max_handshakes
+        self.max_handshakes_per_address = max_handshakes_per_address
         self.max_frame = max_frame
         host, port = address
         self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -369,13 +513,18 @@ class Listener:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self._sock.bind((host, port))
             self._sock.listen(backlog)
+            self._sock.settimeout(min(1.0, log_interval))  # wakes the acceptor now and then to log summaries
         except BaseException:
             self._sock.close()
             raise
         self.address: tuple[str, int] = self._sock.getsockname()[:2]
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self._handshaking: set[socket.socket] = set()
+        # handshakes in progress, oldest first: socket -> source host; and how many each host has
+        self._handshaking: dict[socket.socket, str] = {}
+        self._per_host: Counter[str] = Counter()
+        self._evicted: set[socket.socket] = set()
+        self._refusals = _RefusalLog(log_interval)
         self._ready: queue.SimpleQueue[Channel | None] = queue.SimpleQueue()
         self._acceptor = threading.Thread(target=self._accept_loop, daemon=True,
                                           name=f"pipeline_cluster listener {self.address[0]}:{self.address[1]}")
@@ -431,44 +580,160 @@ class Listener:
         self._ready.put(None)
         if threading.current_thread() is not self._acceptor:
             self._acceptor.join(timeout=5.0)
+        self._refusals.flush(force=True)
 
     def _accept_loop(self) -> None:
         while not self._closed.is_set():
             try:
                 conn, peer = self._sock.accept()
+            except TimeoutError:
+                self._refusals.flush()
+                continue
             except OSError as e:
                 if not self._closed.is_set():
                     log.warning("accept on %s:%s failed: %s", *self.address, e)
                     self._closed.wait(0.1)  # e.g. out of file descriptors: do not spin
                 continue
+            host = str(peer[0])
+            victim = None
             with self._lock:
                 closed = self._closed.is_set()
-                full = len(self._handshaking) >= self.max_handshakes
-                if not (closed or full):
-                    self._handshaking.add(conn)
-            if closed or full:
-                conn.close()
+                crowded = self._per_host[host] >= self.max_handshakes_per_address
+                if not (closed or crowded):
+                    if len(self._handshaking) - len(self._evicted) >= self.max_handshakes:
+                        victim = self._oldest_of_busiest_host()
+                        self._evicted.add(victim)
+                    self._handshaking[conn] = host
+                    self._per_host[host] += 1
+            if closed or crowded:
+                _reset(conn)  # cheap: no thread, no handshake, no TIME_WAIT left behind
                 if not closed:
-                    log.warning("refused connection from %s: %d handshakes already in progress",
-                                _format_address(peer), self.max_handshakes)
+                    self._refusals.refused(peer, "crowded", f"{self.max_handshakes_per_address} handshakes from "
+                                                            f"{host} already in progress")
                 continue
-            threading.Thread(target=self._handshake, args=(conn, peer), daemon=True,
-                             name=f"pipeline_cluster handshake {_format_address(peer)}").start()
+            if victim is not None:
+                try:
+                    victim.shutdown(socket.SHUT_RDWR)  # its handshake thread fails at once and closes it
+                except OSError:
+                    pass  # its handshake thread is closing it already
+            try:
+                threading.Thread(target=self._handshake, args=(conn, peer), daemon=True,
+                                 name=f"pipeline_cluster handshake {_format_address(peer)}").start()
+            except RuntimeError as e:  # "can't start new thread": out of threads for now; keep accepting
+                with self._lock:
+                    self._forget(conn)
+                _reset(conn)
+                self._refusals.refused(peer, "no thread", f"cannot start a handshake thread ({e})")
+                self._closed.wait(0.05)
+            self._refusals.flush()
+
+    def _oldest_of_busiest_host(self) -> socket.socket:
+        """The handshake to drop when all slots are taken (under the lock): the oldest of the host holding most."""
+        live = [(sock, host) for sock, host in self._handshaking.items() if sock not in self._evicted]
+        busiest, _ = Counter(host for _, host in live).most_common(1)[0]
+        return next(sock for sock, host in live if host == busiest)
 
     def _handshake(self, conn: socket.socket, peer: Any) -> None:
         channel = None
         try:
-            server_handshake(conn, self._authkey, timeout=self.handshake_timeout)
-            channel = Channel(conn, max_frame=self.max_frame)
+            keys = server_handshake(conn, self._authkey, timeout=self.handshake_timeout,
+                                    hello_timeout=self.hello_timeout)
+            channel = Channel(conn, max_frame=self.max_frame, keys=keys)
         except Exception as e:
             if not self._closed.is_set():
-                log.warning("refused connection from %s: %s", _format_address(peer), e)
+                if conn in self._evicted:
+                    self._refusals.refused(peer, "dropped", f"dropped as the oldest of {self.max_handshakes} "
+                                                            "handshakes in progress")
+                else:
+                    self._refusals.refused(peer, _refusal_kind(str(e)), str(e))
         with self._lock:
-            self._handshaking.discard(conn)
-            if channel is not None and not self._closed.is_set():
+            evicted = self._forget(conn)
+            if channel is not None and not evicted and not self._closed.is_set():
                 self._ready.put(channel)
                 return
         conn.close()
+
+    def _forget(self, conn: socket.socket) -> bool:
+        """Take a finished handshake off the books (under the lock); returns whether it had been dropped."""
+        host = self._handshaking.pop(conn)
+        self._per_host[host] -= 1
+        if not self._per_host[host]:
+            del self._per_host[host]
+        evicted = conn in self._evicted
+        self._evicted.discard(conn)
+        return evicted
+
+
+def _refusal_kind(reason: str) -> str:
+    """The summary category of a failed handshake's reason."""
+    for needle, kind in (("silent", "silent"), ("wrong authkey", "wrong key"), ("version", "wrong version"),
+                         ("closed", "closed"), ("magic", "garbage"), ("malformed", "garbage"),
+                         ("unexpected", "garbage")):
+        if needle in reason:
+            return kind
+    return "other"
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close `conn` with a TCP reset (linger 0): the cheapest way to turn a connection away."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass  # already reset by the peer: closing is all there is to do
+    conn.close()
+
+
+class _RefusalLog:
+    """Logs refused connections without flooding the log: up to `burst` refusals per `interval` s in full, the rest
+    as one summary line per interval (counts by reason, top source addresses). While refusals go on, the intervals
+    after a summary get summaries only."""
+
+    def __init__(self, interval: float, burst: int = 5) -> None:
+        self.interval = interval
+        self.burst = burst
+        self._lock = threading.Lock()
+        self._kinds: Counter[str] = Counter()
+        self._sources: Counter[str] = Counter()
+        self._window_start = -float("inf")  # monotonic time the current interval began
+        self._in_full = 0  # refusals logged in full in the current interval
+
+    def refused(self, peer: Any, kind: str, reason: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            summary = self._summary(now, force=False)
+            if now - self._window_start >= self.interval:  # a quiet interval is over: log in full again
+                self._window_start, self._in_full = now, 0
+            in_full = self._in_full < self.burst
+            if in_full:
+                self._in_full += 1
+            else:
+                self._kinds[kind] += 1
+                self._sources[str(peer[0]) if isinstance(peer, tuple) else str(peer)] += 1
+        if summary:
+            log.warning(summary)
+        if in_full:
+            log.warning("refused connection from %s: %s", _format_address(peer), reason)
+
+    def flush(self, force: bool = False) -> None:
+        """Log the summary if there is one and its interval is over (or `force`)."""
+        with self._lock:
+            summary = self._summary(time.monotonic(), force)
+        if summary:
+            log.warning(summary)
+
+    def _summary(self, now: float, force: bool) -> str | None:
+        """The summary line due now, if any (under the lock); it starts an interval without lines in full."""
+        if not self._kinds or (now - self._window_start < self.interval and not force):
+            return None
+        total = sum(self._kinds.values())
+        kinds = ", ".join(f"{count} {kind}" for kind, count in self._kinds.most_common())
+        sources = ", ".join(f"{host} ({count})" for host, count in self._sources.most_common(3))
+        since = now - self._window_start
+        line = f"refused {total} connections in the last {since:.1f} s: {kinds}; top sources {sources}"
+        self._kinds.clear()
+        self._sources.clear()
+        self._window_start, self._in_full = now, self.burst
+        return line
 
 
 def _format_address(address: Any) -> str:
