@@ -5,7 +5,6 @@ out of a Listener; key files are checked for their mode and emptiness."""
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import os
 import pathlib
@@ -20,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from pipeline_cluster.transport import auth, wire
 from pipeline_cluster.transport.auth import SessionKeys, read_authkey_file
@@ -362,15 +362,17 @@ def test_altered_out_of_band_frame_stops_the_message_before_unpickling(listener:
 
 
 @pytest.mark.timeout(10)
-def test_frame_tags_are_standard_truncated_hmac_sha256() -> None:
-    """The channel's precomputed-state HMAC gives what hmac.new gives, for session-sized and over-long keys."""
-    for key in (os.urandom(32), os.urandom(64), os.urandom(100)):
-        mac = wire._FrameMac(key)
-        inner = mac.start(7)
-        inner.update(b"header!!")
-        inner.update(memoryview(b"payload" * 1000))
-        expected = hmac.new(key, struct.pack("!Q", 7) + b"header!!" + b"payload" * 1000, hashlib.sha256).digest()
-        assert mac.tag(inner) == expected[:wire.TAG_SIZE]
+def test_frame_tags_are_standard_gmac_binding_kind_number_and_length() -> None:
+    """A frame's tag is AES-GCM's over nothing to encrypt, with the frame's kind and number as nonce and its payload
+    as authenticated data; changing any of the four changes the tag."""
+    key = os.urandom(32)
+    mac = wire._FrameMac(key)
+    payload = b"payload" * 1000
+    expected = AESGCM(hashlib.sha256(key).digest()).encrypt(struct.pack("!BxxxQ", 2, 7), b"", payload)
+    assert mac.tag(7, 2, memoryview(payload)) == expected and len(expected) == wire.TAG_SIZE
+    others = {mac.tag(8, 2, payload), mac.tag(7, 3, payload), mac.tag(7, 2, payload + b"\0"),
+              mac.tag(7, 2, payload[:-1])}
+    assert expected not in others and len(others) == 4
 
 
 @pytest.mark.timeout(10)
