@@ -10,10 +10,11 @@ zero or more BUFFER or RBUFFER frames (pickle protocol 5 out-of-band buffers, se
 holds a read-only one and is received as `bytes`, so a big `bytes` item wrapped by `out_of_band` arrives as itself
 with one copy from the kernel) followed by one PICKLE frame.
 
-On a keyed channel every frame carries a 16-byte tag right after its header: GMAC under the direction's session key, with the frame's
-kind and number as the nonce and its payload as the authenticated data, the number being a per-direction frame
-counter that both sides keep (it is never sent). A frame that fails its tag (altered, injected, replayed, reordered
-or reflected) closes the channel with IntegrityError, before any frame of its message is unpickled.
+On a keyed channel every frame carries a 16-byte tag right after its header: GMAC under the direction's session
+key, with the frame's kind and number as the nonce and its payload as the authenticated data, the number being a
+per-direction frame counter that both sides keep (it is never sent). A frame that fails its tag (altered,
+injected, replayed, reordered or reflected) closes the channel with IntegrityError, before any frame of its message
+is unpickled.
 
 This is integrity, not secrecy: frames are not encrypted, and anyone on the path can read them. Encryption is the
 job of `connect = "tunnel"` (the SSH tunnel); use it on networks you do not trust.
