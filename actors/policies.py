@@ -41,10 +41,11 @@ MAX_BATCH_BYTES = 4 * 1024 * 1024  # a batch of big items stays this small, so s
 
 
 def batch_size(seconds_per_item: float | None, queued: int, ready_workers: int, fanout: float,
-               bytes_per_item: float | None) -> int:
+               bytes_per_item: float | None, concurrency: int = 1) -> int:
     """Items for the next batch: about TARGET_BATCH_SECONDS of work, the queue shared fairly over the ready workers
     (but never below MIN_BATCH_SECONDS of work), fewer when each item fans out or is big; one item until the time
-    per item is known."""
+    per item is known. A worker that runs `concurrency` items at once gets at least that many, as far as there are
+    (the time per item is then wall time over the items run together)."""
     if seconds_per_item is None:
         by_time = fair = 1
     else:
@@ -53,7 +54,7 @@ def batch_size(seconds_per_item: float | None, queued: int, ready_workers: int, 
         fair = max(math.ceil(queued / max(1, ready_workers * DEPTH)), int(MIN_BATCH_SECONDS / per_item))
     by_fanout = int(MAX_BATCH / max(fanout, 1.0))
     by_bytes = int(MAX_BATCH_BYTES / bytes_per_item) if bytes_per_item else MAX_BATCH
-    return max(1, min(by_time, fair, by_fanout, by_bytes))
+    return max(1, min(concurrency, queued), min(by_time, fair, by_fanout, by_bytes))
 
 
 def moving_average(old: float | None, new: float, weight: float = 0.3) -> float:

@@ -51,6 +51,7 @@ class Slot:
     ready: bool = False
     inflight: deque[Chunk] = field(default_factory=deque)  # the process answers batches in this order
     given: int = 0  # batches given to it so far (the actor sends them in this order)
+    alone: bool = False  # it runs one suspect item and nothing else, so a crash now is that item's
 
 
 class StageSupervisor(Actor):
@@ -70,10 +71,17 @@ class StageSupervisor(Actor):
         self.previous_stage: pykka.ActorRef | None = None
         self.downstream_full = False  # the next stage's queue is above its high water mark
         self.throttling = False  # we told the previous stage to hold back
-        self.config = WorkerConfig(stage.name, stage.payload(), cloudpickle.dumps(self.sup.retry_on),
-                                   self.sup.timeout, self.node_name, log_level, log_sink, placement)
+        timeout = self.sup.timeout
+        # an async item past the timeout is cancelled in the worker; the watchdog only catches a loop that hangs
+        watchdog = timeout * 2 + 1 if timeout is not None and stage.is_async else timeout
+        self.config = WorkerConfig(stage.name, stage.payload(), cloudpickle.dumps(self.sup.retry_on), watchdog,
+                                   self.node_name, log_level, log_sink, placement, item_timeout=timeout)
         self.queue: deque[Chunk] = deque()
         self.queued = 0
+        # items in flight on a concurrent worker that crashed: any of them may have caused it, so each runs alone
+        # before any is charged
+        self.suspects: deque[Chunk] = deque()
+        self.concurrent = stage.concurrency > 1 or stage.is_async
         self.slots: dict[int, Slot] = {}
         self.wids = itertools.count(1)
         self.stats = StageStats(stage.name)
@@ -181,7 +189,7 @@ class StageSupervisor(Actor):
 
     @handles(Stats)
     def on_stats(self, message: Stats) -> StageStats:
-        self.stats.queued = self.queued
+        self.stats.queued = self.queued + len(self.suspects)
         return self.stats.copy()
 
     # -- items ---------------------------------------------------------------------------------------------------
@@ -200,39 +208,49 @@ class StageSupervisor(Actor):
     def _dispatch(self) -> None:
         if self.paused or self.downstream_full or self.state != "running":
             return
+        while self.suspects:  # each alone on an idle worker, so that a crash blames the item that caused it
+            idle = next((slot for slot in self.slots.values() if slot.ready and not slot.inflight), None)
+            if idle is None:
+                break
+            idle.alone = True
+            self._send(idle, self.suspects.popleft())
         while self.queued:
             slot, n_ready = self._least_busy()
             if slot is None:
                 return
-            chunk = self._take(policies.batch_size(self.seconds_per_item, self.queued, n_ready, self.fanout,
-                                                   self.item_bytes))
-            try:
-                packed = wire.pack(RunBatch(chunk.rids, wire.out_of_band(chunk.items)))
-            except Exception:
-                self._reject_unpicklable(chunk)
-                continue
-            self._measure_size(packed.nbytes / len(chunk.items))
-            idle = not slot.inflight
-            slot.inflight.append(chunk)
-            slot.given += 1
-            if self.placement.enabled:
-                short = (not self.queued and packed.nbytes <= SHORT_BATCH_BYTES
-                         and (self.seconds_per_item or 0.0) * len(chunk.items) <= SHORT_BATCH_SECONDS)
-                self.placement.took(slot.proc.pid, short)
-            if not idle:  # its actor sends it once the batches before it are answered
-                tell(slot.ref, SendBatch(slot.given, packed))
-                continue
-            try:  # the process waits for work: hand it over now; its actor wakes only for the result
-                slot.proc.conn.send_packed(packed)
-            except OSError:
-                pass  # the process died; its actor sees that and reports it
+            self._send(slot, self._take(policies.batch_size(self.seconds_per_item, self.queued, n_ready,
+                                                            self.fanout, self.item_bytes, self.stage.concurrency)))
+
+    def _send(self, slot: Slot, chunk: Chunk) -> None:
+        """Give a worker a batch: to its process at once when it is idle, else to its actor to send in turn."""
+        try:
+            packed = wire.pack(RunBatch(chunk.rids, wire.out_of_band(chunk.items)))
+        except Exception:
+            slot.alone = False
+            self._reject_unpicklable(chunk)
+            return
+        self._measure_size(packed.nbytes / len(chunk.items))
+        idle = not slot.inflight
+        slot.inflight.append(chunk)
+        slot.given += 1
+        if self.placement.enabled:
+            short = (not self.queued and packed.nbytes <= SHORT_BATCH_BYTES
+                     and (self.seconds_per_item or 0.0) * len(chunk.items) <= SHORT_BATCH_SECONDS)
+            self.placement.took(slot.proc.pid, short)
+        if not idle:  # its actor sends it once the batches before it are answered
+            tell(slot.ref, SendBatch(slot.given, packed))
+            return
+        try:  # the process waits for work: hand it over now; its actor wakes only for the result
+            slot.proc.conn.send_packed(packed)
+        except OSError:
+            pass  # the process died; its actor sees that and reports it
 
     def _least_busy(self) -> tuple[Slot | None, int]:
         """The ready worker with the fewest batches, if it has room for one more; and how many workers are ready."""
         best: Slot | None = None
         n_ready = 0
         for slot in self.slots.values():
-            if slot.ready:
+            if slot.ready and not slot.alone:
                 n_ready += 1
                 if best is None or len(slot.inflight) < len(best.inflight):
                     best = slot
@@ -294,6 +312,7 @@ class StageSupervisor(Actor):
         if slot is None or not slot.inflight or self.state == "stopping":
             return
         chunk = slot.inflight.popleft()
+        slot.alone = False
         self.placement.done(slot.proc.pid)
         result = message.result
         outs, timing = result.outputs, result.timing
@@ -394,7 +413,13 @@ class StageSupervisor(Actor):
         self.stats.workers = sum(s.ready for s in self.slots.values())
         finished: list[int] = []
         dead: list[DeadLetter] = []
+        # with concurrency, the running item shown is the one that has run longest: right for a timeout, not for a
+        # crash, unless the worker ran a single suspect item
+        unknown = self.concurrent and death.cause == "crash" and not slot.alone
         for position, chunk in enumerate(slot.inflight):
+            if unknown:
+                self.suspects.extend(chunk.select([i]) for i in range(len(chunk.rids)))
+                continue
             blamed = death.index if position == 0 and death.cause != "init_failed" else -1
             if 0 <= blamed < len(chunk.rids):  # only the item it was running is charged; the rest go back uncharged
                 self.last_item = chunk.items[blamed]

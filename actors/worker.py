@@ -34,11 +34,12 @@ class WorkerConfig:
     stage_name: str
     spec: bytes
     retry_on: bytes
-    timeout: float | None
+    timeout: float | None  # the watchdog: past it, the longest-running item's process is killed
     node: str
     log_level: int
     log_sink: Callable[[Any], None]
     placement: Placement = field(default_factory=Placement)
+    item_timeout: float | None = None  # the stage timeout, for the worker to apply itself (async items)
     start_timeout: float = 60.0
     sys_path: list[str] = field(default_factory=lambda: list(sys.path))
 
@@ -75,7 +76,7 @@ class WorkerActor(Actor):
         super().on_start()
         config = self.config
         init = WorkerInit(config.spec, config.retry_on, config.node, config.stage_name, config.log_level,
-                          config.sys_path, config.timeout is not None)
+                          config.sys_path, config.item_timeout)
         try:
             self.proc.conn.send(init)
         except OSError:

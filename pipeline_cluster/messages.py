@@ -446,7 +446,7 @@ class WorkerInit(NamedTuple):
     stage: str
     log_level: int
     sys_path: list[str]
-    timed: bool
+    timeout: float | None  # seconds per item: the worker cancels an async item past it
 
 
 class Started(NamedTuple):

@@ -157,8 +157,12 @@ class Stage:
         kwargs: Mapping[str, Any] | None = None,
         workers: int | None = None,
         supervision: Supervision | Mapping[str, Any] | None = None,
+        concurrency: int = 1,
     ) -> None:
+        """`concurrency`: items each worker runs at once (a plain task on a thread pool, an `async def` task on
+        an event loop in the worker), for stages that wait on I/O."""
         self.task = task
+        self.concurrency = concurrency
         # a class is built once per worker and then called per item; builtin types (str, int, ...) are plain
         # functions of the item
         self.is_class = inspect.isclass(task) and getattr(task, "__module__", None) != "builtins"
@@ -175,7 +179,13 @@ class Stage:
         self.supervision = supervision if supervision is not None else Supervision()
 
     def __repr__(self) -> str:
-        return f"Stage({self.name!r}, generator={self.generator}, workers={self.workers})"
+        return (f"Stage({self.name!r}, generator={self.generator}, workers={self.workers}"
+                + (f", concurrency={self.concurrency})" if self.concurrency != 1 else ")"))
+
+    @property
+    def is_async(self) -> bool:
+        """The task (or a class stage's __call__) is an `async def`: its items run on an event loop."""
+        return inspect.iscoroutinefunction(_class_call(self.task) if self.is_class else self.task)
 
     def validate(self) -> None:
         """Raise TypeError/ValueError naming this stage if it cannot run."""
@@ -194,6 +204,8 @@ class Stage:
             isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1
         ):
             raise ValueError(f"{where}: workers must be a positive int, got {self.workers!r}")
+        if isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int) or self.concurrency < 1:
+            raise ValueError(f"{where}: concurrency must be a positive int, got {self.concurrency!r}")
         if not isinstance(self.supervision, Supervision):
             raise TypeError(f"{where}: supervision must be a pc.Supervision or a dict, got {self.supervision!r}")
         self._check_signature(where)
@@ -213,8 +225,7 @@ class Stage:
                                 f" kwargs={self.kwargs!r}: {exc}") from None
             except ValueError:
                 pass
-            mro: tuple[type, ...] = getattr(self.task, "__mro__", ())
-            call = next((k.__dict__["__call__"] for k in mro if "__call__" in k.__dict__), None)
+            call = _class_call(self.task)
             if call is None or not callable(call):
                 raise TypeError(f"{where}: class {self.task.__name__} has no __call__(self, item) method")
             target, extra, fixed, named = call, (object(),), (), {}  # unbound __call__: self + item
@@ -234,8 +245,15 @@ class Stage:
         """The cloudpickled spec a worker process needs to run this stage."""
         return cloudpickle.dumps(
             {"task": self.task, "is_class": self.is_class, "args": self.args, "kwargs": self.kwargs,
-             "generator": self.generator, "name": self.name}
+             "generator": self.generator, "name": self.name, "concurrency": self.concurrency,
+             "is_async": self.is_async}
         )
+
+
+def _class_call(cls: Any) -> Any:
+    """The `__call__` a class's instances run (the first one along its method resolution order), or None."""
+    mro: tuple[type, ...] = getattr(cls, "__mro__", ())
+    return next((k.__dict__["__call__"] for k in mro if "__call__" in k.__dict__), None)
 
 
 def _default_name(task: Any) -> str:
@@ -319,7 +337,7 @@ def _as_stage(spec: Any, index: int) -> Stage:
     if isinstance(spec, Stage):
         return spec
     if isinstance(spec, Mapping):
-        allowed = {"function", "is_generator", "args", "kwargs", "name", "workers", "supervision"}
+        allowed = {"function", "is_generator", "args", "kwargs", "name", "workers", "supervision", "concurrency"}
         unknown = sorted(set(spec) - allowed)
         if unknown:
             raise ValueError(f"taskchain entry {index}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -327,7 +345,7 @@ def _as_stage(spec: Any, index: int) -> Stage:
             raise ValueError(f"taskchain entry {index}: missing 'function'")
         return Stage(spec["function"], name=spec.get("name"), generator=spec.get("is_generator", False),
                      args=spec.get("args", ()) or (), kwargs=spec.get("kwargs"), workers=spec.get("workers"),
-                     supervision=spec.get("supervision"))
+                     supervision=spec.get("supervision"), concurrency=spec.get("concurrency", 1))
     if callable(spec):
         return Stage(spec)
     raise TypeError(f"pipeline entry {index} is not a stage, a callable or a taskchain dict: {spec!r}")

@@ -26,6 +26,7 @@ from pipeline_cluster.logs import route
 from pipeline_cluster.messages import (BatchResult, InitFailed, ItemError, RunBatch, Started, Stop, Stopped, Timing,
                                        TreeChange, Unreadable, WorkerInit)
 from pipeline_cluster.transport import wire
+from pipeline_cluster.worker.concurrent import ConcurrentRunner
 
 PROGRESS = struct.Struct("<qd")  # index of the running item in its batch (-1: idle), its start (time.monotonic)
 PROGRESS_SIZE = PROGRESS.size
@@ -47,12 +48,13 @@ class TaskRunner:
     """Runs one stage's task over batches, catching each item's failure separately."""
 
     def __init__(self, spec: dict, retry_on: tuple[type[BaseException], ...], progress: mmap.mmap,
-                 timed: bool) -> None:
+                 timeout: float | None) -> None:
         self.name: str = spec["name"]
         self.generator: bool = spec["generator"]
         self.retry_on = retry_on
         self.index_slot = memoryview(progress).cast("q")  # [0]: index of the running item
-        self.start_slot = memoryview(progress).cast("d") if timed else None  # [1]: its start, for timeouts
+        # [1]: its start, for timeouts
+        self.start_slot = memoryview(progress).cast("d") if timeout is not None else None
         task = spec["task"]
         if spec["is_class"]:
             self.instance = task(*spec["args"], **spec["kwargs"])
@@ -61,6 +63,28 @@ class TaskRunner:
             self.instance = None
             args, kwargs = spec["args"], spec["kwargs"]
             self.call = (lambda item: task(item, *args, **kwargs)) if args or kwargs else task
+        self.concurrent: ConcurrentRunner | None = None
+        if spec.get("concurrency", 1) > 1 or spec.get("is_async"):
+            run_one = self._run_one_async if spec.get("is_async") else self._run_one
+            self.concurrent = ConcurrentRunner(run_one, spec.get("concurrency", 1), spec.get("is_async", False),
+                                               timeout, retry_on, self._publish)
+
+    def _publish(self, index: int, started: float) -> None:
+        """Show the supervisor which item runs (the longest-running one, with concurrency) and since when."""
+        if self.start_slot is not None:
+            self.start_slot[1] = started  # written before the index: the parent never pairs it with a stale start
+        self.index_slot[0] = index
+
+    def _outputs(self, result: Any, item: Any) -> list | None:
+        if result is None:
+            return None
+        return self._expand(result, item) if self.generator else [result]
+
+    def _run_one(self, index: int, item: Any) -> list | None:
+        return self._outputs(self.call(item), item)
+
+    async def _run_one_async(self, index: int, item: Any) -> list | None:
+        return self._outputs(await self.call(item), item)
 
     def run_batch(self, items: list) -> Ran:
         """Run every item, catching each one's failure separately.
@@ -68,6 +92,8 @@ class TaskRunner:
         Only a strided sample of items is timed one by one (for percentiles); the mean comes from the batch's
         total time.
         """
+        if self.concurrent is not None:
+            return self._run_concurrently(items)
         outs: list = []
         counts: list[int] | None = None  # outputs per item, made only once an item gives other than one
         errors: list[ItemError] = []
@@ -110,6 +136,21 @@ class TaskRunner:
         busy = sum(samples) if stride == 1 else clock() - batch_start  # every item timed: use exactly those times
         return Ran(outs, counts, errors, dropped, Timing(busy, len(items), samples))
 
+    def _run_concurrently(self, items: list) -> Ran:
+        assert self.concurrent is not None
+        outcomes, timing = self.concurrent.run_batch(items)
+        outs: list = []
+        counts: list[int] = []
+        errors: list[ItemError] = []
+        for outcome in outcomes:
+            if outcome.error is not None:
+                errors.append(outcome.error)
+            if outcome.outputs is not None:
+                outs.extend(outcome.outputs)
+            counts.append(len(outcome.outputs) if outcome.outputs is not None else 0)
+        dropped = sum(1 for outcome in outcomes if outcome.outputs is None and outcome.error is None)
+        return Ran(outs, None if all(n == 1 for n in counts) else counts, errors, dropped, timing)
+
     def _expand(self, result: Any, item: Any) -> list:
         if isinstance(result, (str, bytes, bytearray)) or not hasattr(result, "__iter__"):
             raise TypeError(f"generator stage {self.name!r} returned a {type(result).__name__} for item "
@@ -118,6 +159,8 @@ class TaskRunner:
 
     def close(self) -> None:
         """Call the class stage's optional close() once, when the worker stops."""
+        if self.concurrent is not None:
+            self.concurrent.close()
         close = getattr(self.instance, "close", None)
         if callable(close):
             close()
@@ -208,7 +251,7 @@ def main(argv: list[str]) -> int:
     route.attach_worker(send, node=init.node, stage=init.stage, level=init.log_level)
     try:
         spec = cloudpickle.loads(init.spec)
-        runner = TaskRunner(spec, cloudpickle.loads(init.retry_on), progress, init.timed)
+        runner = TaskRunner(spec, cloudpickle.loads(init.retry_on), progress, init.timeout)
     except BaseException as exc:  # the stage cannot start: report why, with the traceback
         send(InitFailed(f"{type(exc).__name__}: {_message(exc)}", traceback.format_exc()))
         return 3
