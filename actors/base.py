@@ -42,6 +42,7 @@ class Actor(pykka.ThreadingActor):
     handlers: ClassVar[dict[type, Callable[[Any, Any], Any]]] = {}
     escalate: Callable[[str], None] | None = None
     placement: Placement = Placement()
+    batch_task = True  # with placement on, its thread is a SCHED_BATCH task (see placement.HomeCpu)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -58,7 +59,7 @@ class Actor(pykka.ThreadingActor):
         return queue.SimpleQueue()
 
     def on_start(self) -> None:
-        self.placement.pin_this_thread()
+        self.placement.pin_this_thread(self.batch_task)
 
     def on_receive(self, message: Any) -> Any:
         handler = self.handlers.get(type(message))

@@ -53,6 +53,8 @@ class WorkerActor(Actor):
     process answers batches in order, so the supervisor matches each result to its oldest batch in flight.
     """
 
+    batch_task = False  # woken by its worker's result, it must hand the worker its next batch at once
+
     def __init__(self, supervisor: pykka.ActorRef, wid: int, proc: WorkerProcess, config: WorkerConfig) -> None:
         super().__init__()
         self.supervisor = supervisor

@@ -4,7 +4,9 @@ By default (`placement=False`) nothing here changes any CPU affinity: threads an
 inherit. `LocalCluster(placement=True)` (or a node server's `--placement`) trades that for latency on small machines:
 
 - the framework's own threads in the process share one "home" CPU, so a hand-off between them (an actor message)
-  never has to wake another CPU;
+  never has to wake another CPU, and are SCHED_BATCH tasks, so one woken by a message waits for the sender's time
+  slice to end instead of preempting it only to wait for the GIL (worker actors stay normal tasks: one woken by its
+  worker's result must hand the worker its next batch at once);
 - a thread of the caller's that blocks in the framework (`wait_empty`, `feed` waiting for room, a `run()` loop
   waiting for outputs) sits on the home CPU for the length of the wait, and gets its own CPUs back when it ends;
 - a worker that takes a short batch while no other worker of its node is busy runs on the home CPU for that batch.
@@ -40,8 +42,9 @@ class Placement:
         """Start a framework thread (placed on the home CPU when placement is on)."""
         return start_thread(target, *args, name=name)
 
-    def pin_this_thread(self) -> None:
-        """Move the calling framework thread to the home CPU (when placement is on)."""
+    def pin_this_thread(self, batch: bool = True) -> None:
+        """Move the calling framework thread to the home CPU (when placement is on); `batch`: make it a SCHED_BATCH
+        task too."""
 
     @contextlib.contextmanager
     def spawning(self) -> Iterator[None]:
@@ -83,7 +86,15 @@ class HomeCpu(Placement):
 
         return start_thread(run, name=name)
 
-    def pin_this_thread(self) -> None:
+    def pin_this_thread(self, batch: bool = True) -> None:
+        # woken by a message, a batch task waits for the sender's time slice instead of preempting it for the GIL;
+        # a thread started by one inherits the policy, so a normal one sets it back
+        policy = os.SCHED_BATCH if batch else os.SCHED_OTHER
+        if os.sched_getscheduler(0) != policy:
+            try:
+                os.sched_setscheduler(0, policy, os.sched_param(0))
+            except OSError:  # not allowed here (a seccomp profile, say): keep the policy it has
+                pass
         with self.lock:
             if self.home is None:
                 self.home = _current_cpu(self.allowed)
@@ -97,13 +108,18 @@ class HomeCpu(Placement):
     def spawning(self) -> Iterator[None]:
         home = self.home
         placed = home is not None and os.sched_getaffinity(0) == {home}
+        policy = os.sched_getscheduler(0)
         if placed:
             os.sched_setaffinity(0, self._user_cpus())
+        if policy != os.SCHED_OTHER:  # the worker runs the user's code: it starts as a normal task
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
         try:
             yield
         finally:
             if home is not None and placed:
                 os.sched_setaffinity(0, {home})
+            if policy != os.SCHED_OTHER:
+                os.sched_setscheduler(0, policy, os.sched_param(0))
 
     @contextlib.contextmanager
     def waiting(self) -> Iterator[None]:

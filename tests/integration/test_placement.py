@@ -224,3 +224,17 @@ def test_a_worker_started_while_the_caller_waits_in_the_framework_gets_every_cpu
         cluster.wait_empty(timeout=30)  # the worker dies and its replacement starts during this wait
         restarts = cluster.stats()["_CrashOnceThenCpus"]["restarts"]
     assert restarts == 1 and outputs == [EVERYTHING], (restarts, outputs)
+
+
+@pytest.mark.timeout(60)
+def test_framework_threads_are_batch_tasks_but_worker_actors_workers_and_user_threads_are_not(tmp_path):
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), placement=True) as cluster:
+        threads, workers, probe = placement_and_policy_during_a_run(cluster)
+    framework = _framework(threads)
+    worker_actors = {name: policy for name, (_, policy) in framework.items() if name.startswith("WorkerActor")}
+    assert worker_actors and set(worker_actors.values()) == {os.SCHED_OTHER}, worker_actors
+    others = {name: policy for name, (_, policy) in framework.items()
+              if name.startswith(("StageSupervisor", "NodeActor", "RootActor"))}
+    assert others and set(others.values()) == {os.SCHED_BATCH}, others
+    assert workers and {policy for _, policy in workers} == {os.SCHED_OTHER}  # they run the user's code
+    assert threads["MainThread"][1] == os.SCHED_OTHER and probe[1] == os.SCHED_OTHER
