@@ -4,6 +4,7 @@ out of a Listener; key files are checked for their mode and emptiness."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -16,6 +17,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -187,12 +189,29 @@ def wire_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     return caplog
 
 
-def relayed(listener: Listener, tamper: Tamper) -> tuple[Relay, Channel, Channel]:
-    """A relay running `tamper`, and the (client, server) channels connected through it."""
+@contextlib.contextmanager
+def relayed(listener: Listener, tamper: Tamper) -> Iterator[tuple[Channel, Channel, Relay]]:
+    """The (client, server) channels connected through a relay running `tamper`, and the relay; all closed
+    afterwards."""
     relay = Relay(listener.address, tamper)
     client = connect(relay.address, KEY, timeout=5)
-    server = listener.accept(timeout=5)
-    return relay, client, server
+    try:
+        yield client, listener.accept(timeout=5), relay
+    finally:
+        client.close()
+        relay.close()
+
+
+def second_message_rejected(listener: Listener, wire_log: pytest.LogCaptureFixture, tamper: Tamper,
+                            second: Any = None) -> None:
+    """Through a relay running `tamper`, a first message arrives; the second one (tampered with) is refused, and
+    only the first was ever unpickled."""
+    with relayed(listener, tamper) as (client, server, _):
+        client.send(Tracer("first"))
+        assert server.recv() == "first"
+        client.send(Tracer("second") if second is None else second)
+        assert_rejected(server, wire_log)
+    assert UNPICKLED == ["first"]
 
 
 def assert_rejected(server: Channel, wire_log: pytest.LogCaptureFixture) -> IntegrityError:
@@ -212,7 +231,6 @@ def assert_rejected(server: Channel, wire_log: pytest.LogCaptureFixture) -> Inte
 @pytest.mark.timeout(30)
 def test_untouched_relay_passes_small_and_big_messages_both_ways(listener: Listener) -> None:
     """The relay itself changes nothing: a normal exchange of small and 10 MB out-of-band messages works."""
-    relay, client, server = relayed(listener, lambda index, frame: [frame])
     ten_mb = os.urandom(10 * 1024 * 1024)
     messages = [("small", i) for i in range(100)] + [
         bytearray(ten_mb),                                  # one out-of-band (writable) buffer frame + pickle
@@ -222,7 +240,7 @@ def test_untouched_relay_passes_small_and_big_messages_both_ways(listener: Liste
     ]
     expected = messages[:100] + [bytearray(ten_mb), ("batch", [ten_mb[:5_000_000], ten_mb[5_000_000:]]), ten_mb,
                                  "last"]
-    try:
+    with relayed(listener, lambda index, frame: [frame]) as (client, server, _):
         for sender, receiver in ((client, server), (server, client)):
             thread = threading.Thread(target=lambda s=sender: [s.send(m) for m in messages])
             thread.start()
@@ -230,10 +248,7 @@ def test_untouched_relay_passes_small_and_big_messages_both_ways(listener: Liste
             thread.join(10)
             assert received == expected
             assert type(received[100]) is bytearray and type(received[102]) is bytes
-    finally:
-        client.close()
         server.close()
-        relay.close()
 
 
 @pytest.mark.timeout(10)
@@ -245,16 +260,7 @@ def test_altered_payload_byte_is_rejected_before_unpickling(listener: Listener,
             frame = frame[:at] + bytes([frame[at] ^ 1]) + frame[at + 1:]
         return [frame]
 
-    relay, client, server = relayed(listener, flip)
-    try:
-        client.send(Tracer("first"))
-        assert server.recv() == "first"
-        client.send((Tracer("second"), b"x" * 100))
-        assert_rejected(server, wire_log)
-        assert UNPICKLED == ["first"]
-    finally:
-        client.close()
-        relay.close()
+    second_message_rejected(listener, wire_log, flip, (Tracer("second"), b"x" * 100))
 
 
 @pytest.mark.timeout(10)
@@ -266,18 +272,9 @@ def test_injected_frame_is_rejected_and_never_unpickled(listener: Listener, wire
     pickle.loads(pickle.dumps(Touch(control)))
     assert control.exists()  # unpickling the injected kind of frame would create the marker file
 
-    relay, client, server = relayed(listener, lambda index, frame: [injected, frame] if index == 1 else [frame])
-    try:
-        client.send(Tracer("first"))
-        assert server.recv() == "first"
-        client.send(Tracer("second"))  # the relay slips its own frame in before this one
-        assert_rejected(server, wire_log)
-        time.sleep(0.1)
-        assert not marker.exists()
-        assert UNPICKLED == ["first"]
-    finally:
-        client.close()
-        relay.close()
+    # the relay slips its own frame in before the second message
+    second_message_rejected(listener, wire_log, lambda index, frame: [injected, frame] if index == 1 else [frame])
+    assert not marker.exists()
 
 
 @pytest.mark.timeout(10)
@@ -288,16 +285,7 @@ def test_replayed_frame_is_rejected(listener: Listener, wire_log: pytest.LogCapt
         seen.append(frame)
         return [seen[0]] if index == 1 else [frame]  # the second message is replaced by the first, again
 
-    relay, client, server = relayed(listener, replay)
-    try:
-        client.send(Tracer("first"))
-        assert server.recv() == "first"
-        client.send(Tracer("second"))
-        assert_rejected(server, wire_log)
-        assert UNPICKLED == ["first"]  # not twice
-    finally:
-        client.close()
-        relay.close()
+    second_message_rejected(listener, wire_log, replay)  # "first" is not unpickled twice
 
 
 @pytest.mark.timeout(10)
@@ -310,35 +298,28 @@ def test_swapped_frames_are_rejected(listener: Listener, wire_log: pytest.LogCap
             return []
         return [frame, *held] if index == 1 else [frame]
 
-    relay, client, server = relayed(listener, swap)
-    try:
+    with relayed(listener, swap) as (client, server, _):
         client.send(Tracer("first"))
         client.send(Tracer("second"))
         assert_rejected(server, wire_log)
         assert UNPICKLED == []
-    finally:
-        client.close()
-        relay.close()
 
 
 @pytest.mark.timeout(10)
 def test_reflected_frame_is_rejected(listener: Listener, wire_log: pytest.LogCaptureFixture) -> None:
     """A frame the server sent, sent back to it with the right sequence number, fails: each direction has its key."""
-    relay: Relay
+    relays: list[Relay] = []
 
     def reflect(index: int, frame: bytes) -> list[bytes]:
-        return [relay.server_frames[0]] if index == 0 else [frame]
+        return [relays[0].server_frames[0]] if index == 0 else [frame]
 
-    relay, client, server = relayed(listener, reflect)
-    try:
+    with relayed(listener, reflect) as (client, server, relay):
+        relays.append(relay)
         server.send(Tracer("from server"))
         assert client.recv() == "from server"
         client.send(Tracer("from client"))
         assert_rejected(server, wire_log)
         assert UNPICKLED == ["from server"]
-    finally:
-        client.close()
-        relay.close()
 
 
 @pytest.mark.timeout(10)
@@ -351,14 +332,10 @@ def test_altered_out_of_band_frame_stops_the_message_before_unpickling(listener:
             frame = frame[:1000] + bytes([frame[1000] ^ 0xFF]) + frame[1001:]
         return [frame]
 
-    relay, client, server = relayed(listener, flip_buffer)
-    try:
+    with relayed(listener, flip_buffer) as (client, server, _):
         client.send((Tracer("message"), pickle.PickleBuffer(bytearray(200_000))))  # the buffer goes out-of-band
         assert_rejected(server, wire_log)
         assert UNPICKLED == []
-    finally:
-        client.close()
-        relay.close()
 
 
 @pytest.mark.timeout(10)
