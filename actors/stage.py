@@ -29,7 +29,7 @@ from pipeline_cluster.alerts import Alerts
 from pipeline_cluster.errors import StageFailed
 from pipeline_cluster.logs.records import Record
 from pipeline_cluster.messages import (BatchDone, BatchResult, BatchUnreadable, Chunk, DeadLetter, Death,
-                                       DownstreamFull, DroppedFailure, Kill, Link, NodeLog, Outputs, Path, Pause,
+                                       DownstreamFull, DroppedFailure, Flush, Kill, Link, NodeLog, Outputs, Path, Pause,
                                        Push, Respawn, RunBatch, SendBatch, Shutdown, SizeHint, SpawnWorkers,
                                        StageFailure, StageReady, Stats, StopWorker, WorkerDied, WorkerReady)
 from pipeline_cluster.model import Stage
@@ -81,7 +81,10 @@ class StageSupervisor(Actor):
         # items in flight on a concurrent worker that crashed: any of them may have caused it, so each runs alone
         # before any is charged
         self.suspects: deque[Chunk] = deque()
-        self.concurrent = stage.concurrency > 1 or stage.is_async
+        # a crash (or, for a batch stage, a timeout) of such a worker cannot be pinned on one item
+        self.concurrent = stage.concurrency > 1 or stage.is_async or stage.batch_size is not None
+        self.partial_since = 0.0  # a batch stage: when the oldest queued item arrived
+        self.flush_pending = False
         self.slots: dict[int, Slot] = {}
         self.wids = itertools.count(1)
         self.stats = StageStats(stage.name)
@@ -198,6 +201,8 @@ class StageSupervisor(Actor):
     def on_push(self, message: Push) -> None:
         chunk = message.chunk
         self.stats.items_in += len(chunk.rids)
+        if not self.queued:
+            self.partial_since = time.monotonic()
         self.queue.append(chunk)
         self.queued += len(chunk.rids)
         if self.queued > self.stats.peak_queued:
@@ -215,11 +220,34 @@ class StageSupervisor(Actor):
             idle.alone = True
             self._send(idle, self.suspects.popleft())
         while self.queued:
+            if self._hold_partial_list():
+                return
             slot, n_ready = self._least_busy()
             if slot is None:
                 return
-            self._send(slot, self._take(policies.batch_size(self.seconds_per_item, self.queued, n_ready,
-                                                            self.fanout, self.item_bytes, self.stage.concurrency)))
+            size = self.stage.batch_size or policies.batch_size(self.seconds_per_item, self.queued, n_ready,
+                                                                self.fanout, self.item_bytes, self.stage.concurrency)
+            self._send(slot, self._take(size))
+
+    def _hold_partial_list(self) -> bool:
+        """A batch stage waits up to `max_wait` for a full list before it sends a partial one."""
+        batch_size = self.stage.batch_size
+        if batch_size is None or self.queued >= batch_size:
+            return False
+        wait = self.partial_since + self.stage.max_wait - time.monotonic()
+        if wait <= 0:
+            return False
+        if not self.flush_pending:
+            self.flush_pending = True
+            timer = threading.Timer(wait, tell, (self.actor_ref, Flush()))
+            timer.daemon = True
+            timer.start()
+        return True
+
+    @handles(Flush)
+    def on_flush(self, message: Flush) -> None:
+        self.flush_pending = False
+        self._dispatch()
 
     def _send(self, slot: Slot, chunk: Chunk) -> None:
         """Give a worker a batch: to its process at once when it is idle, else to its actor to send in turn."""
@@ -303,6 +331,8 @@ class StageSupervisor(Actor):
             self._requeue(chunk.select(good))
 
     def _requeue(self, chunk: Chunk) -> None:
+        if not self.queued:
+            self.partial_since = time.monotonic() - self.stage.max_wait  # a retry need not wait for company
         self.queue.appendleft(chunk)
         self.queued += len(chunk.rids)
 
@@ -415,7 +445,8 @@ class StageSupervisor(Actor):
         dead: list[DeadLetter] = []
         # with concurrency, the running item shown is the one that has run longest: right for a timeout, not for a
         # crash, unless the worker ran a single suspect item
-        unknown = self.concurrent and death.cause == "crash" and not slot.alone
+        unknown = (self.concurrent and not slot.alone
+                   and (death.cause == "crash" or (death.cause == "timeout" and self.stage.batch_size is not None)))
         for position, chunk in enumerate(slot.inflight):
             if unknown:
                 self.suspects.extend(chunk.select([i]) for i in range(len(chunk.rids)))

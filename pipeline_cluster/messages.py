@@ -349,6 +349,10 @@ class Push(NamedTuple):
     chunk: Chunk
 
 
+class Flush(NamedTuple):
+    """A batch stage's partial list has waited its `max_wait`: send it now."""
+
+
 class WorkerReady(NamedTuple):
     """Worker `wid` has built the stage's task and waits for batches."""
 

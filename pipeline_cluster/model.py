@@ -158,11 +158,17 @@ class Stage:
         workers: int | None = None,
         supervision: Supervision | Mapping[str, Any] | None = None,
         concurrency: int = 1,
+        batch_size: int | None = None,
+        max_wait: float = 0.05,
     ) -> None:
         """`concurrency`: items each worker runs at once (a plain task on a thread pool, an `async def` task on
-        an event loop in the worker), for stages that wait on I/O."""
+        an event loop in the worker), for stages that wait on I/O. `batch_size`: the task takes a list of up to
+        that many items and returns a list of as many results (vectorised code, model inference); a partial list
+        goes after `max_wait` seconds."""
         self.task = task
         self.concurrency = concurrency
+        self.batch_size = batch_size
+        self.max_wait = max_wait
         # a class is built once per worker and then called per item; builtin types (str, int, ...) are plain
         # functions of the item
         self.is_class = inspect.isclass(task) and getattr(task, "__module__", None) != "builtins"
@@ -206,6 +212,14 @@ class Stage:
             raise ValueError(f"{where}: workers must be a positive int, got {self.workers!r}")
         if isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int) or self.concurrency < 1:
             raise ValueError(f"{where}: concurrency must be a positive int, got {self.concurrency!r}")
+        if self.batch_size is not None:
+            if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+                raise ValueError(f"{where}: batch_size must be a positive int (or None), got {self.batch_size!r}")
+            if self.concurrency != 1 or self.is_async:
+                raise ValueError(f"{where}: a batch stage (batch_size) runs one list at a time: it cannot also have "
+                                 "concurrency or be an async def")
+        if isinstance(self.max_wait, bool) or not isinstance(self.max_wait, (int, float)) or self.max_wait < 0:
+            raise ValueError(f"{where}: max_wait must be a number of seconds >= 0, got {self.max_wait!r}")
         if not isinstance(self.supervision, Supervision):
             raise TypeError(f"{where}: supervision must be a pc.Supervision or a dict, got {self.supervision!r}")
         self._check_signature(where)
@@ -246,6 +260,7 @@ class Stage:
         return cloudpickle.dumps(
             {"task": self.task, "is_class": self.is_class, "args": self.args, "kwargs": self.kwargs,
              "generator": self.generator, "name": self.name, "concurrency": self.concurrency,
+             "batch_size": self.batch_size,
              "is_async": self.is_async}
         )
 
@@ -337,7 +352,8 @@ def _as_stage(spec: Any, index: int) -> Stage:
     if isinstance(spec, Stage):
         return spec
     if isinstance(spec, Mapping):
-        allowed = {"function", "is_generator", "args", "kwargs", "name", "workers", "supervision", "concurrency"}
+        allowed = {"function", "is_generator", "args", "kwargs", "name", "workers", "supervision", "concurrency",
+                   "batch_size", "max_wait"}
         unknown = sorted(set(spec) - allowed)
         if unknown:
             raise ValueError(f"taskchain entry {index}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -345,7 +361,8 @@ def _as_stage(spec: Any, index: int) -> Stage:
             raise ValueError(f"taskchain entry {index}: missing 'function'")
         return Stage(spec["function"], name=spec.get("name"), generator=spec.get("is_generator", False),
                      args=spec.get("args", ()) or (), kwargs=spec.get("kwargs"), workers=spec.get("workers"),
-                     supervision=spec.get("supervision"), concurrency=spec.get("concurrency", 1))
+                     supervision=spec.get("supervision"), concurrency=spec.get("concurrency", 1),
+                     batch_size=spec.get("batch_size"), max_wait=spec.get("max_wait", 0.05))
     if callable(spec):
         return Stage(spec)
     raise TypeError(f"pipeline entry {index} is not a stage, a callable or a taskchain dict: {spec!r}")

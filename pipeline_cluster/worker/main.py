@@ -26,7 +26,7 @@ from pipeline_cluster.logs import route
 from pipeline_cluster.messages import (BatchResult, InitFailed, ItemError, RunBatch, Started, Stop, Stopped, Timing,
                                        TreeChange, Unreadable, WorkerInit)
 from pipeline_cluster.transport import wire
-from pipeline_cluster.worker.concurrent import ConcurrentRunner
+from pipeline_cluster.worker.concurrent import ConcurrentRunner, Outcome
 
 PROGRESS = struct.Struct("<qd")  # index of the running item in its batch (-1: idle), its start (time.monotonic)
 PROGRESS_SIZE = PROGRESS.size
@@ -63,6 +63,7 @@ class TaskRunner:
             self.instance = None
             args, kwargs = spec["args"], spec["kwargs"]
             self.call = (lambda item: task(item, *args, **kwargs)) if args or kwargs else task
+        self.batch_size: int | None = spec.get("batch_size")
         self.concurrent: ConcurrentRunner | None = None
         if spec.get("concurrency", 1) > 1 or spec.get("is_async"):
             run_one = self._run_one_async if spec.get("is_async") else self._run_one
@@ -94,6 +95,8 @@ class TaskRunner:
         """
         if self.concurrent is not None:
             return self._run_concurrently(items)
+        if self.batch_size is not None:
+            return self._run_in_lists(items)
         outs: list = []
         counts: list[int] | None = None  # outputs per item, made only once an item gives other than one
         errors: list[ItemError] = []
@@ -138,18 +141,44 @@ class TaskRunner:
 
     def _run_concurrently(self, items: list) -> Ran:
         assert self.concurrent is not None
-        outcomes, timing = self.concurrent.run_batch(items)
-        outs: list = []
-        counts: list[int] = []
-        errors: list[ItemError] = []
-        for outcome in outcomes:
-            if outcome.error is not None:
-                errors.append(outcome.error)
-            if outcome.outputs is not None:
-                outs.extend(outcome.outputs)
-            counts.append(len(outcome.outputs) if outcome.outputs is not None else 0)
-        dropped = sum(1 for outcome in outcomes if outcome.outputs is None and outcome.error is None)
-        return Ran(outs, None if all(n == 1 for n in counts) else counts, errors, dropped, timing)
+        return _assemble(*self.concurrent.run_batch(items))
+
+    def _run_in_lists(self, items: list) -> Ran:
+        """A batch stage: the task takes lists of up to `batch_size` items. A list whose call raises is split in
+        halves and run again, down to single items, so only the items that fail are charged."""
+        assert self.batch_size is not None
+        started = time.monotonic()
+        outcomes: list[Outcome | None] = [None] * len(items)
+        for first in range(0, len(items), self.batch_size):
+            self._solve(first, items[first:first + self.batch_size], outcomes)
+        self.index_slot[0] = -1
+        done = [outcome for outcome in outcomes if outcome is not None]
+        return _assemble(done, Timing(time.monotonic() - started, len(items), []))
+
+    def _solve(self, first: int, items: list, outcomes: list[Outcome | None]) -> None:
+        """Run `items` (the batch's items from position `first`) as one list, or, when that raises, in halves."""
+        self._publish(first, time.monotonic())
+        try:
+            results = self.call(items)
+            if not isinstance(results, (list, tuple)) or len(results) != len(items):
+                raise TypeError(f"batch stage {self.name!r} returned {_short(results)} for {len(items)} item(s); "
+                                "it must return a list of as many results")
+        except Exception as exc:
+            if len(items) > 1:
+                half = len(items) // 2
+                self._solve(first, items[:half], outcomes)
+                self._solve(first + half, items[half:], outcomes)
+                return
+            outcomes[first] = Outcome(None, ItemError(first, type(exc).__name__, _message(exc),
+                                                      traceback.format_exc(), isinstance(exc, self.retry_on)), 0.0)
+            return
+        for offset, (item, result) in enumerate(zip(items, results)):
+            try:
+                outcomes[first + offset] = Outcome(self._outputs(result, item), None, 0.0)
+            except Exception as exc:  # a generator batch stage gave something that is not an iterable
+                outcomes[first + offset] = Outcome(None, ItemError(first + offset, type(exc).__name__,
+                                                                   _message(exc), traceback.format_exc(), False), 0.0)
+
 
     def _expand(self, result: Any, item: Any) -> list:
         if isinstance(result, (str, bytes, bytearray)) or not hasattr(result, "__iter__"):
@@ -164,6 +193,21 @@ class TaskRunner:
         close = getattr(self.instance, "close", None)
         if callable(close):
             close()
+
+
+def _assemble(outcomes: list[Outcome], timing: Timing) -> Ran:
+    """A batch's Ran from its items' outcomes, in batch order."""
+    outs: list = []
+    counts: list[int] = []
+    errors: list[ItemError] = []
+    for outcome in outcomes:
+        if outcome.error is not None:
+            errors.append(outcome.error)
+        if outcome.outputs is not None:
+            outs.extend(outcome.outputs)
+        counts.append(len(outcome.outputs) if outcome.outputs is not None else 0)
+    dropped = sum(1 for outcome in outcomes if outcome.outputs is None and outcome.error is None)
+    return Ran(outs, None if all(n == 1 for n in counts) else counts, errors, dropped, timing)
 
 
 def _message(exc: BaseException) -> str:
