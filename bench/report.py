@@ -67,6 +67,8 @@ def _figure(row: dict[str, Any]) -> str:
         return "FAILED"
     if row["workload"] == "W1":
         return f"{value:,.0f} outputs/s"
+    if row["workload"] == "W8":
+        return f"{value:,.0f} items/s"
     if row["workload"] == "W3":
         return f"{value:,.0f} MB/s"
     if row["workload"] == "W4":
@@ -87,6 +89,12 @@ def _notes(row: dict[str, Any]) -> str:
             notes.append("two pool.apply calls per item; chunksize does not apply")
         elif system == "localev":
             notes.append("awaited on the caller's own Event, set by the output handler")
+        elif workload == "W8" and system in ("local", "node"):
+            notes.append("concurrency=64 on the default workers")
+        elif system == "localw64":
+            notes.append("workers=64, one item at a time each")
+        elif workload == "W8" and system == "pooltuned":
+            notes.append("Pool(64), chunksize 1")
         elif workload == "W4" and system in ("local", "node"):
             notes.append("awaited with cluster.wait_empty()")
         if workload == "W2":

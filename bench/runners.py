@@ -119,9 +119,12 @@ def _stamp_last(timing: StreamTiming) -> None:
     timing.cpu_at_last_output = time.process_time()
 
 
-def pipeline_of(workload: Workload) -> pc.Pipeline:
-    """The workload's stages as a pipeline_cluster Pipeline."""
-    return pc.Pipeline([pc.Stage(fn, generator=gen) for fn, gen in workload.stages], name=f"bench-{workload.name}")
+def pipeline_of(workload: Workload, workers: int | None = None) -> pc.Pipeline:
+    """The workload's stages as a pipeline_cluster Pipeline (`workers` per stage, one item at a time each, instead
+    of the workload's concurrency)."""
+    concurrency = 1 if workers else workload.concurrency
+    return pc.Pipeline([pc.Stage(fn, generator=gen, workers=workers, concurrency=concurrency)
+                        for fn, gen in workload.stages], name=f"bench-{workload.name}")
 
 
 class ClusterRunner:
@@ -132,10 +135,12 @@ class ClusterRunner:
     `--placement` by the trial).
     """
 
-    def __init__(self, run_dir: str, own_event: bool = False, placement: bool = False) -> None:
+    def __init__(self, run_dir: str, own_event: bool = False, placement: bool = False,
+                 workers: int | None = None) -> None:
         self.run_dir = run_dir
         self.own_event = own_event
         self.placement = placement
+        self.workers = workers  # per stage, overriding the workload's concurrency
         self._runs = itertools.count()
 
     def make_cluster(self) -> pc.Cluster:
@@ -149,7 +154,8 @@ class ClusterRunner:
         """`cluster.run(pipeline, inputs)`, consumed to the end (`expected` outputs)."""
         timing = StreamTiming(time.perf_counter())
         with self.make_cluster() as cluster:
-            _drain(cluster.run(pipeline_of(workload), _tapped(inputs, timing)), timing, workload.tally, expected)
+            _drain(cluster.run(pipeline_of(workload, self.workers), _tapped(inputs, timing)), timing, workload.tally,
+                   expected)
         return timing
 
     def latency(self, workload: Workload, count: int) -> LatencyTiming:
@@ -216,7 +222,7 @@ class PoolRunner:
     def stream(self, workload: Workload, inputs: Iterable[Any], expected: int) -> StreamTiming:
         """`pool.imap_unordered(function, inputs, chunksize)`, consumed to the end (`expected` outputs)."""
         timing = StreamTiming(time.perf_counter())
-        with multiprocessing.Pool(os.cpu_count()) as pool:
+        with multiprocessing.Pool(workload.pool_processes or os.cpu_count()) as pool:
             results = pool.imap_unordered(workload.pool_function, _tapped(inputs, timing), self.chunksize)
             _drain(itertools.chain.from_iterable(results) if workload.pool_returns_many else results, timing,
                    workload.tally, expected)

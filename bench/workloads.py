@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 PAYLOAD_BYTES = 100_000
 BURN_SECONDS = 0.010
 NAP_SECONDS = 0.020
+IO_SECONDS = 0.010
+IO_WAYS = 64  # W8: items in flight at once (concurrency per worker, Pool's processes)
 W6_NODES = 8
 W6_WORKERS_PER_NODE = 4
 
@@ -32,6 +34,12 @@ def identity(x: Any) -> Any:
 def pair_identity(x: Any) -> list[Any]:
     """W1 for multiprocessing.Pool: both stages in one call per input, so Pool pays one round trip, not two."""
     return [identity(y) for y in pair(x)]
+
+
+def io_wait(x: Any) -> Any:
+    """W8: wait 10 ms as a network call would (the CPU is free meanwhile) and return the item."""
+    time.sleep(IO_SECONDS)
+    return x
 
 
 def burn(iterations: int) -> float:
@@ -106,6 +114,8 @@ class Workload:
     systems: tuple[str, ...]
     metric: str  # what the table shows: items/s, MB/s, efficiency, p50/p99 ms, RSS ratio
     tally: bool = False  # outputs are numbers to add up (W2's CPU seconds per item)
+    concurrency: int = 1  # pipeline_cluster's stages run this many items at once per worker
+    pool_processes: int | None = None  # Pool's size (None: the CPU count)
 
     def outputs_for(self, count: int) -> int:
         """How many outputs `count` inputs give (two each when the first stage is W1's generator)."""
@@ -113,9 +123,10 @@ class Workload:
 
 
 STANDARD_SYSTEMS = ("local", "node", "pool1", "pooltuned", "loop")
+# W8 only: "localw64" runs the stage with workers=64, one item at a time each, instead of concurrency=64
 # W4 only: "localev" awaits each item on the caller's own Event (set by the output handler) rather than in
 # cluster.wait_empty()
-ALL_SYSTEMS = ("local", "localev", "node", "pool1", "pooltuned", "loop")
+ALL_SYSTEMS = ("local", "localev", "localw64", "node", "pool1", "pooltuned", "loop")
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("W1", "tiny: generator x -> (x, x), then identity", 200_000,
@@ -130,6 +141,9 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              ((pair, True), (identity, False)), pair_identity, True, 500, STANDARD_SYSTEMS, "RSS ratio"),
     Workload("W6", "scale-out: 8 node servers x 4 workers, 20 ms sleep per item; node only", 4_000,
              ((nap, False),), None, False, 1, ("node",), "efficiency"),
+    Workload("W8", "I/O: 10 ms of waiting per item, 64 at a time", 2_000,
+             ((io_wait, False),), io_wait, False, 1, ("local", "localw64", "node", "pooltuned"), "items/s",
+             concurrency=IO_WAYS, pool_processes=IO_WAYS),
 )}
 
 W5_SMALL_INPUTS = 10_000
