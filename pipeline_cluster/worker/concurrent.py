@@ -13,17 +13,10 @@ import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple
+from typing import Any
 
 from pipeline_cluster.messages import ItemError, Timing
-
-
-class Outcome(NamedTuple):
-    """One item's result: its outputs (None: dropped), or the error it raised; and the seconds it took."""
-
-    outputs: list | None
-    error: ItemError | None
-    seconds: float
+from pipeline_cluster.worker.main import Outcome
 
 
 class ConcurrentRunner:

@@ -17,7 +17,7 @@ import struct
 import sys
 import time
 import traceback
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from collections.abc import Callable
 
 import cloudpickle
@@ -26,12 +26,22 @@ from pipeline_cluster.logs import route
 from pipeline_cluster.messages import (BatchResult, InitFailed, ItemError, RunBatch, Started, Stop, Stopped, Timing,
                                        TreeChange, Unreadable, WorkerInit)
 from pipeline_cluster.transport import wire
-from pipeline_cluster.worker.concurrent import ConcurrentRunner, Outcome
+
+if TYPE_CHECKING:
+    from pipeline_cluster.worker.concurrent import ConcurrentRunner
 
 PROGRESS = struct.Struct("<qd")  # index of the running item in its batch (-1: idle), its start (time.monotonic)
 PROGRESS_SIZE = PROGRESS.size
 SAMPLES_PER_BATCH = 64  # item durations sent back per batch, for the p95 estimate
 MAX_FRAME = 1 << 40  # the socket pair to the node carries batches of any size the node's memory allows
+
+
+class Outcome(NamedTuple):
+    """One item's result: its outputs (None: dropped), or the error it raised; and the seconds it took."""
+
+    outputs: list | None
+    error: ItemError | None
+    seconds: float
 
 
 class Ran(NamedTuple):
@@ -66,6 +76,8 @@ class TaskRunner:
         self.batch_size: int | None = spec.get("batch_size")
         self.concurrent: ConcurrentRunner | None = None
         if spec.get("concurrency", 1) > 1 or spec.get("is_async"):
+            from pipeline_cluster.worker.concurrent import ConcurrentRunner  # asyncio only where it is used
+
             run_one = self._run_one_async if spec.get("is_async") else self._run_one
             self.concurrent = ConcurrentRunner(run_one, spec.get("concurrency", 1), spec.get("is_async", False),
                                                timeout, retry_on, self._publish)
