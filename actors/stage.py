@@ -88,6 +88,8 @@ class StageSupervisor(Actor):
         self.slots: dict[int, Slot] = {}
         self.wids = itertools.count(1)
         self.stats = StageStats(stage.name)
+        self.since: float | None = None  # when its first worker was up: the stage's clocks run from then
+        self.marked = 0.0  # when they last counted
         self.restart_times: deque[float] = deque()
         self.crash_streak = 0
         self.startup_failures = 0
@@ -112,6 +114,7 @@ class StageSupervisor(Actor):
     @handles(DownstreamFull)
     def on_downstream_full(self, message: DownstreamFull) -> None:
         """Backpressure from the next stage: a generator's fan-out never piles up without limit."""
+        self._account()
         self.downstream_full = message.full
         self._dispatch()
 
@@ -136,6 +139,9 @@ class StageSupervisor(Actor):
         slot = self.slots.get(message.wid)
         if slot is None:
             return
+        self._account()
+        if self.since is None:
+            self.since = self.marked = time.monotonic()
         slot.ready = True
         self.ever_ready = True
         self.startup_failures = 0
@@ -171,6 +177,7 @@ class StageSupervisor(Actor):
     def _stop_all(self) -> None:
         """Kill what still runs and stop every worker actor (each reaps its process and frees its resources)."""
         self.crash_alerts.flush()
+        self._account()
         for slot in self.slots.values():
             slot.proc.kill()
             self.placement.gone(slot.proc.pid)
@@ -192,8 +199,26 @@ class StageSupervisor(Actor):
 
     @handles(Stats)
     def on_stats(self, message: Stats) -> StageStats:
+        self._account()
         self.stats.queued = self.queued + len(self.suspects)
         return self.stats.copy()
+
+    def _account(self) -> None:
+        """Add the time since the last mark to the stage's clocks: workers up, held back, starved (queue empty).
+        Called before anything they depend on changes, so each stretch is counted under what held during it."""
+        if self.since is None:
+            return
+        now = time.monotonic()
+        spent = now - self.marked
+        self.marked = now
+        stats = self.stats
+        stats.elapsed_seconds = now - self.since
+        stats.node_seconds = stats.elapsed_seconds
+        stats.worker_seconds += stats.workers * spent
+        if self.downstream_full:
+            stats.held_seconds += spent
+        if not self.queued:
+            stats.starved_seconds += spent
 
     # -- items ---------------------------------------------------------------------------------------------------
 
@@ -202,6 +227,7 @@ class StageSupervisor(Actor):
         chunk = message.chunk
         self.stats.items_in += len(chunk.rids)
         if not self.queued:
+            self._account()  # a starved stretch ends
             self.partial_since = time.monotonic()
         self.queue.append(chunk)
         self.queued += len(chunk.rids)
@@ -308,6 +334,8 @@ class StageSupervisor(Actor):
                 parts.append(part)
                 taken += len(part.rids)
             chunk = parts[0] if len(parts) == 1 else Chunk.join(parts)
+        if len(chunk.rids) == self.queued:
+            self._account()  # a starved stretch begins
         self.queued -= len(chunk.rids)
         self._signal_backpressure()
         return chunk
@@ -440,6 +468,7 @@ class StageSupervisor(Actor):
         self.placement.gone(slot.proc.pid)
         if self.state != "running":
             return
+        self._account()
         self.stats.workers = sum(s.ready for s in self.slots.values())
         finished: list[int] = []
         dead: list[DeadLetter] = []

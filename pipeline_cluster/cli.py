@@ -34,11 +34,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for word in cluster.run(wordcount.pipeline, inputs):
             counts[word] += 1
         stats = cluster.stats()
+        said = cluster.verdict()
         run_dir = cluster.rundir.path
     elapsed = time.monotonic() - started
     print(f"demo: {args.count} sentences -> {sum(counts.values())} words in {elapsed:.2f} s")
     print("top words:", ", ".join(f"{w} {n}" for w, n in counts.most_common(8)))
     print(format_table(stats))
+    print(said)
     print(f"run directory: {run_dir}")
     return 0
 
@@ -83,11 +85,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 for output in _progress(cluster.run(pipeline, _lines(args.input)), None, "outputs"):
                     out.write(json.dumps(output, default=repr) + "\n")
             stats = cluster.stats()
+            said = cluster.verdict()
             failures = len(cluster.failures())
     finally:
         if out is not sys.stdout:
             out.close()
     print(format_table(stats), file=sys.stderr)
+    print(said, file=sys.stderr)
     if failures:
         print(f"{failures} item(s) failed: see dead_letters.jsonl in the run directory", file=sys.stderr)
     return 1 if failures else 0
@@ -105,6 +109,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return 0
     print(f"run {path.name}: pipeline {snapshot.get('pipeline')}, {snapshot.get('failures', 0)} failure(s)")
     print(format_table(snapshot["stages"]))
+    if snapshot.get("verdict"):
+        print(snapshot["verdict"])
     return 0
 
 

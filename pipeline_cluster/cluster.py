@@ -37,6 +37,7 @@ from pipeline_cluster.rundir import DeadLetterStore, RunDir, WriteTrouble
 from pipeline_cluster.stats import StageStats
 from pipeline_cluster.transport.auth import resolve_authkey
 from pipeline_cluster.transport.links import LocalLink, NodeLink, RemoteLink
+from pipeline_cluster.verdict import verdict
 
 STATS_REFRESH_SECONDS = 2.0
 LOG_BACKLOG = 10_000  # log records that may wait for the LogActor; more are dropped and counted
@@ -215,6 +216,7 @@ class Cluster:
             "error": None if state.error is None else str(state.error),
             "run_dir": str(self.rundir.path),
             "stages": self.stats() if self._phase is not RunPhase.CLOSED else self._last_stats,
+            "verdict": self.verdict() if self._phase is not RunPhase.CLOSED else None,
         }
 
     def reset(self) -> dict[str, Any]:
@@ -381,9 +383,12 @@ class Cluster:
                 self._warn(f"stats.json not refreshed: {exc!r}")
 
     def _write_stats(self) -> None:
+        stages = self.stats()
+        outputs_waiting = self._phase is RunPhase.RUNNING and self.state.outputs_waiting()
         self.rundir.write_stats({"run_id": self.rundir.run_id, "time": time.time(),
                                  "pipeline": None if self.pipeline is None else self.pipeline.name,
-                                 "failures": len(self._dead), "stages": self.stats()}, self._trouble)
+                                 "failures": len(self._dead), "stages": stages,
+                                 "verdict": verdict(stages, outputs_waiting)}, self._trouble)
 
     def _next_run_dir(self) -> None:
         """Give a run after the first a run directory of its own (the first has the one made with the cluster):
@@ -437,6 +442,10 @@ class Cluster:
             return self._last_stats
         per_node = [link.ask(Stats(), timeout=30) for link in self._live_links()]
         return self._merge_stats(per_node) or self._last_stats
+
+    def verdict(self) -> str:
+        """One line on what limits the run's throughput now (a stage, the input, or the consumer) and what to do."""
+        return verdict(self.stats(), self._phase is RunPhase.RUNNING and self.state.outputs_waiting())
 
     def _merge_stats(self, per_node: list[list[StageStats]]) -> dict[str, dict[str, Any]]:
         per_node = [stages for stages in per_node if stages]

@@ -132,6 +132,10 @@ class RunState:
         limit = self.capacity if self.window is None else min(self.capacity, self.window)
         return limit - (self.fed - self.consumed)
 
+    def outputs_waiting(self) -> bool:
+        """The run holds all the inputs it may while finished outputs wait for the caller to take them."""
+        return self.room() <= 0 and self._outputs.qsize() > 0
+
     def all_consumed(self) -> bool:
         """Every fed root item is finished and its outputs were handed over."""
         return self.consumed == self.fed

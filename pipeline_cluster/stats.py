@@ -24,6 +24,11 @@ class StageStats:
     peak_queued: int = 0  # the most items that ever waited at once on one node (backpressure bounds it)
     busy_seconds: float = 0.0
     timed_items: int = 0
+    elapsed_seconds: float = 0.0  # since the stage's first worker was up (the longest of the nodes' when combined)
+    node_seconds: float = 0.0  # the same summed over nodes
+    worker_seconds: float = 0.0  # workers up, times seconds: what busy_seconds is a share of
+    held_seconds: float = 0.0  # held back by the next stage (its queue full)
+    starved_seconds: float = 0.0  # its queue empty
     samples: list[float] = field(default_factory=list, repr=False)
 
     def add_timing(self, seconds: float, count: int, samples: list[float]) -> None:
@@ -54,10 +59,15 @@ class StageStats:
 
     def public(self) -> dict[str, Any]:
         """The user-facing dict: counts, mean and p95 seconds per item, workers and restarts."""
-        hidden = ("samples", "busy_seconds", "timed_items")  # not asdict: it deep-copies the sample, float by float
+        hidden = ("samples", "busy_seconds", "timed_items", "node_seconds", "worker_seconds", "held_seconds",
+                  "starved_seconds")  # not asdict: it deep-copies the sample, float by float
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in hidden}
         data["mean_s"] = self.mean_seconds
         data["p95_s"] = self.p95_seconds
+        data["out_per_s"] = self.items_out / self.elapsed_seconds if self.elapsed_seconds else None
+        data["busy"] = min(1.0, self.busy_seconds / self.worker_seconds) if self.worker_seconds else None
+        data["held"] = self.held_seconds / self.node_seconds if self.node_seconds else None
+        data["starved"] = self.starved_seconds / self.node_seconds if self.node_seconds else None
         return data
 
     @classmethod
@@ -67,19 +77,24 @@ class StageStats:
         total = cls(parts[0].stage)
         for part in parts:
             for name in ("items_in", "items_out", "dropped", "failed", "retried", "restarts", "workers", "queued",
-                         "busy_seconds", "timed_items"):
+                         "busy_seconds", "timed_items", "node_seconds", "worker_seconds", "held_seconds",
+                         "starved_seconds"):
                 setattr(total, name, getattr(total, name) + getattr(part, name))
             total.peak_queued = max(total.peak_queued, part.peak_queued)
+            total.elapsed_seconds = max(total.elapsed_seconds, part.elapsed_seconds)
             total.samples.extend(part.samples)
         return total
 
 
 def format_table(stats: dict[str, dict[str, Any]]) -> str:
     """Render `cluster.stats()` as a plain text table."""
-    header = ("stage", "in", "out", "dropped", "failed", "retried", "restarts", "workers", "mean ms", "p95 ms")
+    header = ("stage", "in", "out", "out/s", "busy", "queued", "dropped", "failed", "retried", "restarts", "workers",
+              "mean ms", "p95 ms")
     rows = [header]
     for name, s in stats.items():
-        rows.append((name, s["items_in"], s["items_out"], s["dropped"], s["failed"], s["retried"],
+        rate, busy = s.get("out_per_s"), s.get("busy")
+        rows.append((name, s["items_in"], s["items_out"], "-" if rate is None else f"{rate:,.0f}",
+                     "-" if busy is None else f"{busy:.0%}", s["queued"], s["dropped"], s["failed"], s["retried"],
                      s["restarts"], s["workers"], _ms(s["mean_s"]), _ms(s["p95_s"])))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     lines = ["  ".join(str(cell).rjust(w) if i else str(cell).ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))

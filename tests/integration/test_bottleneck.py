@@ -1,0 +1,53 @@
+"""The verdict on a real run: a deliberately slow middle stage is named; so are a slow input and a slow consumer.
+The figures behind it (outputs per second, busy share, queue) are in stats() and in the CLI table."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import pipeline_cluster as pc
+from pipeline_cluster.stats import format_table
+
+
+def fast(x: int) -> int:
+    return x
+
+
+def slow(x: int) -> int:
+    time.sleep(0.004)
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_middle_stage_is_named(tmp_path):
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=2) as cluster:
+        for count, _ in enumerate(cluster.run([fast, slow, fast], range(2000)), 1):
+            if count == 1000:
+                said, stats = cluster.verdict(), cluster.stats()
+    assert said.startswith("stage slow limits throughput: 2 worker(s) busy"), said
+    assert "give slow more workers" in said
+    assert stats["slow"]["busy"] > 0.75 > stats["fast"]["busy"]
+    assert stats["slow"]["queued"] > 0 and stats["slow"]["out_per_s"] > 0
+    table = format_table(stats)
+    assert "out/s" in table and "busy" in table and "queued" in table
+
+
+def _slow_source(count: int) -> Iterator[int]:
+    for x in range(count):
+        time.sleep(0.003)
+        yield x
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_input_and_a_slow_consumer_are_named(tmp_path):
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=2) as cluster:
+        for count, _ in enumerate(cluster.run([fast, fast], _slow_source(300)), 1):
+            if count == 250:
+                assert cluster.verdict().startswith("the input limits throughput"), cluster.verdict()
+    with pc.LocalCluster(run_dir=str(tmp_path / "run2"), workers=2, credit=64) as cluster:
+        for count, _ in enumerate(cluster.run([fast, fast], range(1500)), 1):
+            time.sleep(0.002)  # the caller's loop is the slow part
+            if count == 1000:
+                assert cluster.verdict().startswith("the consumer limits throughput"), cluster.verdict()
