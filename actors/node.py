@@ -17,7 +17,8 @@ from pipeline_cluster.cpus import usable_cpus
 from pipeline_cluster.logs.records import Record
 from pipeline_cluster.logs.route import make_record
 from pipeline_cluster.messages import (Boot, DroppedFailure, Kill, Link, NodeFailed, NodeLog, NodeReady, Pause,
-                                       Setup, Shutdown, SizeHint, SpawnWorkers, StageFailure, StageReady, Stats)
+                                       Resize, Setup, Shutdown, SizeHint, SpawnWorkers, StageFailure, StageReady,
+                                       Stats)
 from pipeline_cluster.placement import Placement
 from pipeline_cluster.stats import StageStats
 
@@ -82,6 +83,12 @@ class NodeActor(Actor):
         letter = message.letter
         self.on_log(NodeLog(f"dropped item {letter.item!r:.200} in stage {letter.stage!r} after {letter.attempts} "
                             f"attempt(s): {letter.cause}: {letter.message}"))
+
+    @handles(Resize)
+    def on_resize(self, message: Resize) -> None:
+        if not 0 <= message.stage < len(self.stages):
+            raise ValueError(f"no stage number {message.stage} on node {self.name}")
+        tell(self.stages[message.stage], message)
 
     @handles(Pause)
     def on_pause(self, message: Pause) -> None:

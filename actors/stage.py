@@ -29,9 +29,10 @@ from pipeline_cluster.alerts import Alerts
 from pipeline_cluster.errors import StageFailed
 from pipeline_cluster.logs.records import Record
 from pipeline_cluster.messages import (BatchDone, BatchResult, BatchUnreadable, Chunk, DeadLetter, Death,
-                                       DownstreamFull, DroppedFailure, Flush, Kill, Link, NodeLog, Outputs, Path, Pause,
-                                       Push, Respawn, RunBatch, SendBatch, Shutdown, SizeHint, SpawnWorkers,
-                                       StageFailure, StageReady, Stats, StopWorker, WorkerDied, WorkerReady)
+                                       DownstreamFull, DroppedFailure, Flush, Kill, Link, NodeLog, Outputs, Path,
+                                       Pause, Push, Resize, Respawn, RunBatch, SendBatch, Shutdown, SizeHint,
+                                       SpawnWorkers, StageFailure, StageReady, Stats, StopWorker, WorkerDied,
+                                       WorkerReady)
 from pipeline_cluster.model import Stage
 from pipeline_cluster.placement import Placement
 from pipeline_cluster.stats import StageStats
@@ -52,6 +53,7 @@ class Slot:
     inflight: deque[Chunk] = field(default_factory=deque)  # the process answers batches in this order
     given: int = 0  # batches given to it so far (the actor sends them in this order)
     alone: bool = False  # it runs one suspect item and nothing else, so a crash now is that item's
+    retiring: bool = False  # the stage was resized down: it gets no more batches and stops once idle
 
 
 class StageSupervisor(Actor):
@@ -131,8 +133,42 @@ class StageSupervisor(Actor):
 
     @handles(Respawn)
     def on_respawn(self, message: Respawn) -> None:
-        if self.state == "running":
+        if self.state == "running" and self._active() < self.n_workers:
             self._spawn()
+
+    def _active(self) -> int:
+        return sum(not slot.retiring for slot in self.slots.values())
+
+    @handles(Resize)
+    def on_resize(self, message: Resize) -> None:
+        """Run on `workers` workers from now on: new ones start at once; surplus ones take no more batches and stop
+        (their close() runs) once their batches are answered, so no item is lost or run twice."""
+        self.n_workers = message.workers
+        if self.state != "running":
+            return
+        for _ in range(self.n_workers - self._active()):
+            self._spawn()
+        surplus = self._active() - self.n_workers
+        # idle ones first, then the least busy
+        for slot in sorted(self.slots.values(), key=lambda slot: (slot.ready, len(slot.inflight))):
+            if surplus <= 0:
+                break
+            if not slot.retiring:
+                slot.retiring = True
+                surplus -= 1
+        self._retire_idle()
+        self._dispatch()
+
+    def _retire_idle(self) -> None:
+        """Stop the retiring workers that have no batch left."""
+        for wid, slot in list(self.slots.items()):
+            if slot.retiring and not slot.inflight and (slot.ready or slot.proc.popen.poll() is not None):
+                del self.slots[wid]
+                self._account()
+                self.stats.workers = sum(s.ready for s in self.slots.values())
+                self.placement.gone(slot.proc.pid)
+                slot.ref.tell(StopWorker(5.0))
+                slot.ref.stop(block=False)
 
     @handles(WorkerReady)
     def on_worker_ready(self, message: WorkerReady) -> None:
@@ -146,9 +182,11 @@ class StageSupervisor(Actor):
         self.ever_ready = True
         self.startup_failures = 0
         self.stats.workers = sum(s.ready for s in self.slots.values())
-        if not self.announced and self.stats.workers == self.n_workers:
+        if not self.announced and self.stats.workers >= self.n_workers:
             self.announced = True
             tell(self.node, StageReady(self.index))
+        if slot.retiring:
+            self._retire_idle()
         self._dispatch()
 
     @handles(Pause)
@@ -240,7 +278,8 @@ class StageSupervisor(Actor):
         if self.paused or self.downstream_full or self.state != "running":
             return
         while self.suspects:  # each alone on an idle worker, so that a crash blames the item that caused it
-            idle = next((slot for slot in self.slots.values() if slot.ready and not slot.inflight), None)
+            idle = next((slot for slot in self.slots.values()
+                     if slot.ready and not slot.inflight and not slot.retiring), None)
             if idle is None:
                 break
             idle.alone = True
@@ -304,7 +343,7 @@ class StageSupervisor(Actor):
         best: Slot | None = None
         n_ready = 0
         for slot in self.slots.values():
-            if slot.ready and not slot.alone:
+            if slot.ready and not slot.alone and not slot.retiring:
                 n_ready += 1
                 if best is None or len(slot.inflight) < len(best.inflight):
                     best = slot
@@ -372,6 +411,8 @@ class StageSupervisor(Actor):
         chunk = slot.inflight.popleft()
         slot.alone = False
         self.placement.done(slot.proc.pid)
+        if slot.retiring:
+            self._retire_idle()
         result = message.result
         outs, timing = result.outputs, result.timing
         self.crash_streak = 0

@@ -28,8 +28,8 @@ from pipeline_cluster.config import load_toml, stage_overrides
 from pipeline_cluster.errors import ClusterError
 from pipeline_cluster.logs.records import Record
 from pipeline_cluster.logs.route import LogClient, attach_local, detach_local, make_record
-from pipeline_cluster.messages import (AddNode, Begin, Boot, DeadLetter, Feed, Kill, LogTo, Pause, Setup, Shutdown,
-                                       Stats, Unfinished)
+from pipeline_cluster.messages import (AddNode, Begin, Boot, DeadLetter, Feed, Kill, LogTo, Pause, Resize, Setup,
+                                       Shutdown, Stats, Unfinished)
 from pipeline_cluster.model import Pipeline, as_pipeline
 from pipeline_cluster.placement import Placement, make_placement, start_thread
 from pipeline_cluster.run import FEED_CHUNK, Feeder, Results, RunPhase, RunState
@@ -186,6 +186,22 @@ class Cluster:
         """Wait until every fed item is finished and its outputs reached the handler (or `cluster.outputs`)."""
         self._check_running()
         self.state.wait(self.state.all_consumed, timeout, "all items to finish")
+
+    def resize(self, stage: str, workers: int) -> None:
+        """Run `stage` on `workers` worker processes per node from now on, while the run goes on: new workers start at
+        once; surplus ones stop once their batches are answered, so no item is lost or run twice."""
+        self._check_running()
+        assert self.pipeline is not None
+        names = [s.name for s in self.pipeline.stages]
+        if stage not in names:
+            raise ValueError(f"no stage {stage!r} in pipeline {self.pipeline.name!r}; its stages: {names}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive int, got {workers!r}")
+        self.pipeline.stages[names.index(stage)].workers = workers
+        for link in self._live_links():
+            link.ask(Resize(names.index(stage), workers), timeout=60)
+        self.log_sink(make_record(f"stage {stage}: resized to {workers} worker(s) per node", logging.INFO,
+                                  "pipeline_cluster"))
 
     def sleep(self) -> None:
         """Pause: workers finish what they run, nothing new starts."""

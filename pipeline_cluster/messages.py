@@ -296,6 +296,14 @@ class Submit(NamedTuple):
     stage: int
 
 
+class Resize(NamedTuple):
+    """Run stage number `stage` on `workers` worker processes from now on (grown at once, shrunk as workers fall
+    idle)."""
+
+    stage: int
+    workers: int
+
+
 class StageReady(NamedTuple):
     """Stage number `stage` has all its workers up."""
 
@@ -434,7 +442,7 @@ class Ping(NamedTuple):
     """A heartbeat, both ways."""
 
 
-ROOT_TO_NODE_REQUESTS = (Hello, Setup, Boot, Stats, Pause, Shutdown, Kill)
+ROOT_TO_NODE_REQUESTS = (Hello, Setup, Boot, Stats, Pause, Shutdown, Kill, Resize)
 ROOT_TO_NODE = (Submit, Request, Ping, Boot, Pause)  # Request bodies must be among ROOT_TO_NODE_REQUESTS
 NODE_TO_ROOT = (Reply, Ping, Completed, NodeReady, NodeFailed, SizeHint)  # and logs.records.Record
 

@@ -25,7 +25,7 @@ def verdict(stages: dict[str, dict[str, Any]], outputs_waiting: bool = False) ->
         if feeder is not None and known[feeder]["busy"] < IDLE:
             line += f"; {feeder} is idle {1 - known[feeder]['busy']:.0%} and feeds it"
         more = max(s["workers"] * 2, s["workers"] + 1)
-        line += f"; give {slowest} more workers (workers={more} on its Stage, or [stages.{slowest}] workers = {more})"
+        line += f"; give {slowest} more workers (cluster.resize({slowest!r}, {more}))"
         if feeder is not None and known[feeder]["busy"] < IDLE and known[feeder]["workers"] > 1:
             line += f" or fewer to {feeder}"
         return line

@@ -2,6 +2,8 @@
 The figures behind it (outputs per second, busy share, queue) are in stats() and in the CLI table."""
 from __future__ import annotations
 
+import collections
+import os
 import time
 from collections.abc import Iterator
 
@@ -51,3 +53,39 @@ def test_a_slow_input_and_a_slow_consumer_are_named(tmp_path):
             time.sleep(0.002)  # the caller's loop is the slow part
             if count == 1000:
                 assert cluster.verdict().startswith("the consumer limits throughput"), cluster.verdict()
+
+
+def tagged_slow(x: int) -> tuple[int, int]:
+    time.sleep(0.002)
+    return x, os.getpid()
+
+
+@pytest.mark.timeout(90)
+def test_resize_while_streaming_keeps_every_output_exactly_once(tmp_path):
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=1) as cluster:
+        outputs, pids = [], set()
+        for count, (x, pid) in enumerate(cluster.run([fast, tagged_slow], range(3000)), 1):
+            outputs.append(x)
+            pids.add(pid)
+            if count == 500:
+                cluster.resize("tagged_slow", 3)
+            elif count == 1500:
+                grown = cluster.stats()["tagged_slow"]["workers"]
+                pids_grown = len(pids)
+                cluster.resize("tagged_slow", 1)
+            elif count == 2800:
+                shrunk = cluster.stats()["tagged_slow"]["workers"]
+        with pytest.raises(pc.ClusterError, match="no pipeline is running"):
+            cluster.resize("tagged_slow", 2)
+    assert collections.Counter(outputs) == collections.Counter(range(3000))  # none lost, none twice
+    assert grown == 3 and pids_grown >= 3 and shrunk == 1
+
+
+def test_resize_refuses_an_unknown_stage_or_a_bad_count(tmp_path):
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=1) as cluster:
+        cluster.setup("r", "1", [fast])
+        cluster.boot()
+        with pytest.raises(ValueError, match="no stage 'nope'"):
+            cluster.resize("nope", 2)
+        with pytest.raises(ValueError, match="positive int"):
+            cluster.resize("fast", 0)

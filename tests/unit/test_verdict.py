@@ -11,7 +11,7 @@ def _stage(busy: float | None, workers: int = 2, starved: float = 0.0, items: in
 def test_the_busiest_stage_is_named_with_its_feeder_and_what_to_do():
     line = verdict({"fetch": _stage(0.39), "parse": _stage(0.97), "store": _stage(0.2)})
     assert line.startswith("stage parse limits throughput: 2 worker(s) busy 97%; fetch is idle 61% and feeds it")
-    assert "give parse more workers (workers=4 on its Stage, or [stages.parse] workers = 4) or fewer to fetch" in line
+    assert "give parse more workers (cluster.resize('parse', 4)) or fewer to fetch" in line
 
 
 def test_the_input_or_the_consumer_when_no_stage_is_busy():
