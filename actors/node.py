@@ -6,19 +6,21 @@ item's whole tree is done; the actor itself sets the stages up, starts and stops
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 import pykka
 
 from pipeline_cluster.actors.base import Actor, handles, tell
+from pipeline_cluster.actors.policies import REBALANCE_SECONDS, Autoscaler
 from pipeline_cluster.actors.ledger import TreeLedger
 from pipeline_cluster.actors.stage import StageSupervisor
 from pipeline_cluster.cpus import usable_cpus
 from pipeline_cluster.logs.records import Record
 from pipeline_cluster.logs.route import make_record
 from pipeline_cluster.messages import (Boot, DroppedFailure, Kill, Link, NodeFailed, NodeLog, NodeReady, Pause,
-                                       Resize, Setup, Shutdown, SizeHint, SpawnWorkers, StageFailure, StageReady,
-                                       Stats)
+                                       Rebalance, Resize, Setup, Shutdown, SizeHint, SpawnWorkers, StageFailure,
+                                       StageReady, Stats)
 from pipeline_cluster.placement import Placement
 from pipeline_cluster.stats import StageStats
 
@@ -37,6 +39,8 @@ class NodeActor(Actor):
         self.log_level = log_level
         self.placement = placement or Placement()
         self.stages: list[pykka.ActorRef] = []
+        self.autoscaler: Autoscaler | None = None
+        self.generation = 0  # setups so far: a timer of an earlier pipeline finds nothing to do
         self.ready: set[int] = set()
         self.escalate = lambda text: self.report(NodeFailed(self.name, RuntimeError(text)))
 
@@ -45,11 +49,15 @@ class NodeActor(Actor):
         self._stop_stages(kill=True)
         stages = message.pipeline.stages
         n = len(stages)
+        self.autoscaler = Autoscaler.for_stages(stages, self.default_workers)
         self.stages = [
-            StageSupervisor.start(i, stage, stage.workers or self.default_workers, i == n - 1, self.actor_ref,
+            StageSupervisor.start(i, stage, self.autoscaler.initial(i) if self.autoscaler else
+                                  stage.workers or self.default_workers, i == n - 1, self.actor_ref,
                                   self.ledger, self.placement, self.log_sink, self.log_level, message.keyed)
             for i, stage in enumerate(stages)
         ]
+        if self.autoscaler is not None:
+            self._schedule_rebalance()
         for i, ref in enumerate(self.stages):
             tell(ref, Link(self.stages[i - 1] if i else None, self.stages[i + 1] if i + 1 < n else None))
         self.ledger.route(self.stages, message.keyed)
@@ -83,6 +91,27 @@ class NodeActor(Actor):
         letter = message.letter
         self.on_log(NodeLog(f"dropped item {letter.item!r:.200} in stage {letter.stage!r} after {letter.attempts} "
                             f"attempt(s): {letter.cause}: {letter.message}"))
+
+    def _schedule_rebalance(self) -> None:
+        timer = threading.Timer(REBALANCE_SECONDS, tell, (self.actor_ref, Rebalance(self.generation)))
+        timer.daemon = True
+        timer.start()
+
+    @handles(Rebalance)
+    def on_rebalance(self, message: Rebalance) -> None:
+        """Every REBALANCE_SECONDS: move a worker from an idle autoscaled stage to a busy one (logged)."""
+        if self.autoscaler is None or message.generation != self.generation or not self.stages:
+            return
+        futures = [ref.ask(Stats(), block=False) for ref in self.stages]
+        try:
+            stats = [future.get(timeout=10) for future in futures]
+        except (pykka.ActorDeadError, pykka.Timeout):
+            return
+        for index, workers, why in self.autoscaler.moves(stats):
+            tell(self.stages[index], Resize(index, workers))
+            self.log_sink(make_record(f"stage {stats[index].stage}: {workers} worker(s) ({why})", logging.INFO,
+                                      "pipeline_cluster.autoscale")._replace(node=self.name))
+        self._schedule_rebalance()
 
     @handles(Resize)
     def on_resize(self, message: Resize) -> None:
@@ -121,6 +150,8 @@ class NodeActor(Actor):
         for ref in self.stages:
             ref.stop(block=True, timeout=10)
         self.stages = []
+        self.autoscaler = None
+        self.generation += 1
         self.ledger.reset()
 
     def on_stop(self) -> None:

@@ -72,3 +72,73 @@ def hold_back(queued: int, holding: bool) -> bool:
     """Whether the previous stage should hold back: from HIGH_WATER queued items until the queue is down to
     LOW_WATER (the gap keeps it from flapping)."""
     return queued > LOW_WATER if holding else queued >= HIGH_WATER
+
+
+# -- autoscaling: a node's CPUs moved between its stages by busy share ------------------------------------------------
+
+REBALANCE_SECONDS = 1.0  # how often a node looks at its autoscaled stages
+HOT = 0.8  # a stage busy this share of the last round wants a worker more ...
+COLD = 0.5  # ... and one busy at most this share can give one up
+COOLDOWN = 2  # rounds without a move after a move, so a stage's new size shows in its figures first
+
+
+class Autoscaler:
+    """Sizes a node's autoscaled stages (`workers="auto"` or (min, max)): they start with an even share of the node's
+    CPUs, and each round at most one worker moves from a stage that was idle at least half the time to one that was
+    busy 80% of it or more (or a stage grows, while the node has CPUs to spare), never below a stage's min or above
+    its max, then nothing moves for COOLDOWN rounds."""
+
+    def __init__(self, sizes: list[int], bounds: dict[int, tuple[int, int]], budget: int) -> None:
+        self.workers = sizes  # per stage index
+        self.bounds = bounds  # stage index -> (min, max), autoscaled stages only
+        self.budget = budget
+        self.seen: dict[int, tuple[float, float]] = {}  # stage -> (busy seconds, worker seconds) a round ago
+        self.quiet = 0
+
+    @classmethod
+    def for_stages(cls, stages: list, budget: int) -> Autoscaler | None:
+        """An autoscaler for these stages (with `.workers` and `.autoscaled`), or None if none is autoscaled."""
+        bounds: dict[int, tuple[int, int]] = {}
+        for index, stage in enumerate(stages):
+            if stage.autoscaled is not None:
+                low, high = stage.autoscaled
+                bounds[index] = (low, budget if high is None else high)
+        if not bounds:
+            return None
+        share = max(1, budget // len(bounds))
+        sizes = [min(max(share, bounds[i][0]), bounds[i][1]) if i in bounds else stage.workers or budget
+                 for i, stage in enumerate(stages)]
+        return cls(sizes, bounds, budget)
+
+    def initial(self, index: int) -> int:
+        """Workers stage `index` starts with."""
+        return self.workers[index]
+
+    def moves(self, stats: list) -> list[tuple[int, int, str]]:
+        """This round's changes, as (stage index, new worker count, why), from the stages' StageStats."""
+        shares: dict[int, float] = {}
+        for index in self.bounds:
+            busy, spent = stats[index].busy_seconds, stats[index].worker_seconds
+            before_busy, before_spent = self.seen.get(index, (0.0, 0.0))
+            self.seen[index] = (busy, spent)
+            if spent > before_spent:
+                shares[index] = (busy - before_busy) / (spent - before_spent)
+        if self.quiet:
+            self.quiet -= 1
+            return []
+        hot = [i for i, share in shares.items() if share >= HOT and self.workers[i] < self.bounds[i][1]]
+        if not hot:
+            return []
+        taker = max(hot, key=shares.__getitem__)
+        cold = [i for i, share in shares.items() if share <= COLD and self.workers[i] > self.bounds[i][0]]
+        changes = []
+        if cold:
+            giver = min(cold, key=shares.__getitem__)
+            self.workers[giver] -= 1
+            changes.append((giver, self.workers[giver], f"busy {shares[giver]:.0%}: gives a worker up"))
+        elif sum(self.workers[i] for i in self.bounds) >= self.budget:
+            return []
+        self.workers[taker] += 1
+        changes.append((taker, self.workers[taker], f"busy {shares[taker]:.0%}: takes a worker"))
+        self.quiet = COOLDOWN
+        return changes

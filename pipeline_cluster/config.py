@@ -60,6 +60,16 @@ def positive_int(value: Any) -> str | None:
     return None if ok else f"must be a positive integer, got {value!r}"
 
 
+def worker_count(value: Any) -> str | None:
+    """A `Check` for a stage's workers: a positive integer, "auto", or [min, max]."""
+    if value == "auto" or positive_int(value) is None:
+        return None
+    if (isinstance(value, (list, tuple)) and len(value) == 2 and all(positive_int(v) is None for v in value)
+            and value[0] <= value[1]):
+        return None
+    return f'must be a positive integer, "auto" or [min, max], got {value!r}'
+
+
 class Problems:
     """Every problem of one file, collected instead of stopping at the first; each is `where: text`."""
 
@@ -116,7 +126,7 @@ class Problems:
                 self.add(f"[stages].{name}", f"must be a table per stage, [stages.NAME], got {table!r}")
                 continue
             where = f"[stages.{name}]"
-            good[name] = self.table(where, table, {"workers": positive_int, "supervision": lambda _: None})
+            good[name] = self.table(where, table, {"workers": worker_count, "supervision": lambda _: None})
             supervision = table.get("supervision")
             if supervision is None:
                 continue

@@ -304,6 +304,12 @@ class Resize(NamedTuple):
     workers: int
 
 
+class Rebalance(NamedTuple):
+    """Time for the node to look at its autoscaled stages' busy shares (of setup number `generation`)."""
+
+    generation: int
+
+
 class StageReady(NamedTuple):
     """Stage number `stage` has all its workers up."""
 

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import cloudpickle
 
+from pipeline_cluster.config import worker_count
+
 FAILURE_ACTIONS = ("dead_letter", "drop")
 EXHAUSTED_ACTIONS = ("fail", "degrade")
 
@@ -155,16 +157,17 @@ class Stage:
         generator: bool = False,
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
-        workers: int | None = None,
+        workers: int | str | tuple[int, int] | None = None,
         supervision: Supervision | Mapping[str, Any] | None = None,
         concurrency: int = 1,
         batch_size: int | None = None,
         max_wait: float = 0.05,
     ) -> None:
-        """`concurrency`: items each worker runs at once (a plain task on a thread pool, an `async def` task on
-        an event loop in the worker), for stages that wait on I/O. `batch_size`: the task takes a list of up to
-        that many items and returns a list of as many results (vectorised code, model inference); a partial list
-        goes after `max_wait` seconds."""
+        """`workers`: processes per node (default: the node's CPUs); "auto" or (min, max) lets the node move its
+        CPUs between such stages by their busy share. `concurrency`: items each worker runs at once (a plain task
+        on a thread pool, an `async def` task on an event loop in the worker), for stages that wait on I/O.
+        `batch_size`: the task takes a list of up to that many items and returns a list of as many results
+        (vectorised code, model inference); a partial list goes after `max_wait` seconds."""
         self.task = task
         self.concurrency = concurrency
         self.batch_size = batch_size
@@ -189,6 +192,16 @@ class Stage:
                 + (f", concurrency={self.concurrency})" if self.concurrency != 1 else ")"))
 
     @property
+    def autoscaled(self) -> tuple[int, int | None] | None:
+        """(min, max) workers when the node sizes this stage by its busy share (`workers="auto"`: 1 and the node's
+        CPUs), else None."""
+        if self.workers == "auto":
+            return (1, None)
+        if isinstance(self.workers, tuple):
+            return self.workers
+        return None
+
+    @property
     def is_async(self) -> bool:
         """The task (or a class stage's __call__) is an `async def`: its items run on an event loop."""
         return inspect.iscoroutinefunction(_class_call(self.task) if self.is_class else self.task)
@@ -206,10 +219,10 @@ class Stage:
             raise TypeError(f"{where}: args must be a list or tuple, got {self.args!r}")
         if not isinstance(self.kwargs, dict):
             raise TypeError(f"{where}: kwargs must be a dict, got {self.kwargs!r}")
-        if self.workers is not None and (
-            isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1
-        ):
-            raise ValueError(f"{where}: workers must be a positive int, got {self.workers!r}")
+        if self.workers is not None and worker_count(self.workers) is not None:
+            raise ValueError(f"{where}: workers {worker_count(self.workers)}")
+        if isinstance(self.workers, list):
+            self.workers = (self.workers[0], self.workers[1])
         if isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int) or self.concurrency < 1:
             raise ValueError(f"{where}: concurrency must be a positive int, got {self.concurrency!r}")
         if self.batch_size is not None:

@@ -89,3 +89,25 @@ def test_resize_refuses_an_unknown_stage_or_a_bad_count(tmp_path):
             cluster.resize("nope", 2)
         with pytest.raises(ValueError, match="positive int"):
             cluster.resize("fast", 0)
+
+
+def light(x: int) -> int:
+    time.sleep(0.001)
+    return x
+
+
+def heavy(x: int) -> int:
+    time.sleep(0.005)
+    return x
+
+
+@pytest.mark.timeout(90)
+def test_auto_workers_move_to_the_slow_stage(tmp_path):
+    stages = [pc.Stage(light, workers="auto"), pc.Stage(heavy, workers=(1, 3))]
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=4) as cluster:
+        outputs = list(cluster.run(stages, range(3000)))
+        stats = cluster.stats()
+        log = cluster.rundir.log_file.read_text()
+    assert sorted(outputs) == list(range(3000))
+    assert stats["heavy"]["workers"] == 3 and stats["light"]["workers"] == 1  # from 2 and 2
+    assert "stage heavy: 3 worker(s) (busy" in log and "takes a worker" in log and "gives a worker up" in log

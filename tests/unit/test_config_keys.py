@@ -63,7 +63,7 @@ backoff = [3, 1]
     with pytest.raises(ValueError) as caught:
         pc.Pipeline([Tagger]).configure(str(path))
     assert problem_lines(caught.value) == [
-        "[stages.Tagger].workers: must be a positive integer, got 0",
+        "[stages.Tagger].workers: must be a positive integer, \"auto\" or [min, max], got 0",
         "[stages.Tagger].supervision: unknown supervision key(s) ['max_attempt', 'tmeout']"
         " (did you mean 'max_attempts' for 'max_attempt', 'timeout' for 'tmeout'?)",
         "[stages.Tagger.supervision]: supervision.backoff must be (min, max) seconds with min <= max, got (3, 1)",
@@ -154,3 +154,20 @@ tmeout = 1
         " (did you mean 'max_attempts' for 'max_attempt', 'timeout' for 'tmeout'?)",
     ]
     assert str(caught.value).startswith(f"{path}: 5 problem(s):")
+
+
+def _double(x):
+    return x * 2
+
+
+def test_workers_may_be_auto_or_bounds_in_a_config_file(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('[stages._double]\nworkers = "auto"\n')
+    assert pc.Pipeline([_double]).configure(path).stages[0].autoscaled == (1, None)
+    path.write_text("[stages._double]\nworkers = [2, 6]\n")
+    assert pc.Pipeline([_double]).configure(path).stages[0].autoscaled == (2, 6)
+    path.write_text('[stages._double]\nworkers = "lots"\n')
+    with pytest.raises(ValueError, match=r'workers: must be a positive integer, "auto" or \[min, max\]'):
+        pc.Pipeline([_double]).configure(path)
+    with pytest.raises(ValueError, match="workers must be"):
+        pc.Pipeline([pc.Stage(_double, workers=(3, 2))])

@@ -59,3 +59,38 @@ def test_chunks_split_select_and_join_keep_items_attempts_and_paths_together():
     plain = Chunk([4], ["d"])
     assert Chunk.join([plain, head]) == Chunk([4, 1], ["d", "a"], [0, 0], [(), ()])
     assert Chunk.join([plain, plain]) == Chunk([4, 4], ["d", "d"], None, None)  # nothing to carry: stays None
+
+
+class _Stage:
+    def __init__(self, workers):
+        self.workers = workers
+
+    @property
+    def autoscaled(self):
+        if self.workers == "auto":
+            return (1, None)
+        return self.workers if isinstance(self.workers, tuple) else None
+
+
+class _Stats:
+    def __init__(self, busy_seconds, worker_seconds):
+        self.busy_seconds, self.worker_seconds = busy_seconds, worker_seconds
+
+
+def test_autoscaler_shares_the_cpus_then_moves_one_worker_at_a_time_to_the_busy_stage():
+    scaler = policies.Autoscaler.for_stages([_Stage("auto"), _Stage(3), _Stage((1, 3))], budget=4)
+    assert [scaler.initial(i) for i in range(3)] == [2, 3, 2]  # an even share of the 4 CPUs each; the fixed one as is
+    # round 1: stage 0 busy 20%, stage 2 busy 100%
+    moves = scaler.moves([_Stats(0.4, 2.0), _Stats(0, 0), _Stats(2.0, 2.0)])
+    assert moves == [(0, 1, "busy 20%: gives a worker up"), (2, 3, "busy 100%: takes a worker")]
+    # the next COOLDOWN rounds: nothing, whatever the figures say
+    for round_no in range(policies.COOLDOWN):
+        assert scaler.moves([_Stats(0.4, 3.0 + round_no), _Stats(0, 0), _Stats(5.0 + round_no, 5.0 + round_no)]) == []
+    # stage 2 is at its max (3), stage 0 at its min (1): no further move
+    assert scaler.moves([_Stats(0.4, 9.0), _Stats(0, 0), _Stats(20.0, 20.0)]) == []
+
+
+def test_autoscaler_leaves_stages_alone_when_none_is_busy():
+    scaler = policies.Autoscaler.for_stages([_Stage("auto"), _Stage("auto")], budget=2)
+    assert scaler.moves([_Stats(0.5, 1.0), _Stats(0.6, 1.0)]) == []
+    assert policies.Autoscaler.for_stages([_Stage(2), _Stage(None)], budget=2) is None
