@@ -10,6 +10,8 @@ import threading
 from collections.abc import Callable
 from typing import IO
 
+from tqdm import tqdm
+
 from pipeline_cluster.actors.base import Actor, handles
 from pipeline_cluster.logs.records import Record
 from pipeline_cluster.messages import LogTo
@@ -63,7 +65,7 @@ class LogActor(Actor):
             except OSError as exc:
                 self.trouble.failed(self.path or "the log", exc)
         if self.to_stderr or record.level >= self.stderr_level:
-            sys.stderr.write(line)
+            tqdm.write(line, file=sys.stderr, end="")  # above a progress bar, if one is showing
         if self.forward is not None:
             self.forward(record)
 

@@ -100,18 +100,45 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     """Print the per-stage stats summary of a run (the latest by default)."""
     from pipeline_cluster.rundir import find_run
-    from pipeline_cluster.stats import format_table
 
     path = find_run(args.run)
     snapshot = json.loads((path / "stats.json").read_text())
     if args.json:
         print(json.dumps(snapshot, indent=2))
         return 0
-    print(f"run {path.name}: pipeline {snapshot.get('pipeline')}, {snapshot.get('failures', 0)} failure(s)")
-    print(format_table(snapshot["stages"]))
-    if snapshot.get("verdict"):
-        print(snapshot["verdict"])
+    print(_summary(path.name, snapshot))
     return 0
+
+
+def _summary(name: str, snapshot: dict[str, Any]) -> str:
+    """A run's stats snapshot as text: a heading, the per-stage table and the verdict."""
+    from pipeline_cluster.stats import format_table
+
+    state = "running" if snapshot.get("running") else "finished"
+    lines = [f"run {name} ({state}): pipeline {snapshot.get('pipeline')}, {snapshot.get('failures', 0)} failure(s)",
+             format_table(snapshot["stages"])]
+    if snapshot.get("verdict"):
+        lines.append(snapshot["verdict"])
+    return "\n".join(lines)
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    """Redraw a run's per-stage table and verdict every second until the run ends (or Ctrl-C)."""
+    from pipeline_cluster.rundir import find_run
+
+    path = find_run(args.run)
+    while True:
+        try:
+            snapshot = json.loads((path / "stats.json").read_text())
+            text = _summary(path.name, snapshot)
+        except (FileNotFoundError, json.JSONDecodeError):
+            snapshot, text = {"running": True}, f"run {path.name}: no stats yet"
+        if sys.stdout.isatty():
+            print("\x1b[H\x1b[2J", end="")  # redraw in place
+        print(time.strftime("%H:%M:%S"), text, sep="  ", flush=True)
+        if args.once or not snapshot.get("running"):
+            return 0
+        time.sleep(args.interval)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -220,6 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
         stats.add_argument("run", nargs="?", default=None, help="run id or run directory (default: latest)")
         stats.add_argument("--json", action="store_true", help="print the raw JSON")
         stats.set_defaults(func=cmd_stats)
+
+    top = sub.add_parser("top", help="watch a run's per-stage table and verdict, redrawn every second",
+                         description="Read stats.json of a run (the latest by default), which a running cluster "
+                                     "rewrites every 2 s, and redraw it until the run ends; works over SSH and in "
+                                     "tmux.")
+    top.add_argument("run", nargs="?", default=None, help="run id or run directory (default: latest)")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between redraws (default 1)")
+    top.add_argument("--once", action="store_true", help="print once and exit")
+    top.set_defaults(func=cmd_top)
     return parser
 
 

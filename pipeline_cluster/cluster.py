@@ -14,9 +14,10 @@ import threading
 import time
 import weakref
 from typing import Any
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 
 import pykka
+from tqdm import tqdm
 
 from pipeline_cluster.actors.base import ask
 from pipeline_cluster.actors.ledger import TreeLedger
@@ -305,13 +306,15 @@ class Cluster:
     # -- the streaming interface ---------------------------------------------------------------------------------
 
     def run(self, pipeline: Any, inputs: Iterable[Any], *, ordered: bool = False, keyed: bool = False,
-            window: int | None = None) -> Results:
+            window: int | None = None, progress: bool = False) -> Results:
         """Run `pipeline` over `inputs` (read lazily); returns an iterator of outputs.
 
         Outputs come in completion order; `ordered=True` gives them in input order (an input's own outputs in the
         order they reached the last stage), holding at most `window` inputs (default: the nodes' credit) between
         the oldest unfinished one and the newest fed, so one slow input holds the others back but never memory
         without bound. `keyed=True` gives each output as `(input_index, output)`, counting inputs from 0.
+        `progress=True` shows a bar of the inputs completed on stderr (out of their number, when `inputs` has a
+        length); log lines print above it.
         """
         self._check_open()
         if self._phase is RunPhase.RUNNING:
@@ -327,7 +330,11 @@ class Cluster:
         state.window = window
         feeder = Feeder(iter(inputs), state, lambda chunk: self.root.tell(Feed(chunk)), self._stop, self.placement)
         self._threads += feeder.start()
-        return Results(state, lambda finished: self._end_results(state, finished), ordered, keyed)
+        bar = None
+        if progress:
+            total = len(inputs) if isinstance(inputs, Sized) else None
+            bar = tqdm(total=total, unit="input", desc=self.pipeline.name if self.pipeline else None)
+        return Results(state, lambda finished: self._end_results(state, finished), ordered, keyed, bar)
 
     # -- internals -----------------------------------------------------------------------------------------------
 
@@ -402,6 +409,7 @@ class Cluster:
         stages = self.stats()
         outputs_waiting = self._phase is RunPhase.RUNNING and self.state.outputs_waiting()
         self.rundir.write_stats({"run_id": self.rundir.run_id, "time": time.time(),
+                                 "running": self._phase is RunPhase.RUNNING,
                                  "pipeline": None if self.pipeline is None else self.pipeline.name,
                                  "failures": len(self._dead), "stages": stages,
                                  "verdict": verdict(stages, outputs_waiting)}, self._trouble)

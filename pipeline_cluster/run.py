@@ -178,10 +178,11 @@ class Results:
     `(input_index, output)` when `keyed`. Leaving the loop early (or `close()`) stops the run."""
 
     def __init__(self, state: RunState, on_end: Callable[[bool], None], ordered: bool = False,
-                 keyed: bool = False) -> None:
+                 keyed: bool = False, progress: Any = None) -> None:
+        """`progress`: a tqdm bar to advance by the inputs completed."""
         self._current: list[list] = [[]]  # the batch being handed out, so close() can cut it short
         arrange = _in_order if ordered else _keyed if keyed else None
-        self._batches = _batches(state, self._current, on_end, arrange, keyed)
+        self._batches = _batches(state, self._current, on_end, arrange, keyed, progress)
         self._outputs = chain.from_iterable(self._batches)  # Python runs once per batch, not per output (W1)
 
     def __iter__(self) -> Iterator[Any]:
@@ -223,7 +224,7 @@ def _in_order(delivery: Delivery, state: RunState, held: dict[int, list], keyed:
 
 
 def _batches(state: RunState, current: list[list], on_end: Callable[[bool], None], arrange: Arrange | None,
-             keyed: bool) -> Generator[list, None, None]:
+             keyed: bool, progress: Any) -> Generator[list, None, None]:
     """Yield lists of outputs until every input is done; a root item's outputs count as consumed once the caller
     asks for what follows them. A module-level generator, so nothing refers back to it: when the caller's loop lets
     go of it (break, an exception), CPython closes it at once and `on_end(finished)` stops the run."""
@@ -248,7 +249,11 @@ def _batches(state: RunState, current: list[list], on_end: Callable[[bool], None
             current[0] = outputs
             yield outputs
             state.consume(roots)
+            if progress is not None:
+                progress.update(roots)
     finally:
+        if progress is not None:
+            progress.close()
         on_end(finished)
 
 

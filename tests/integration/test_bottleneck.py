@@ -3,6 +3,7 @@ The figures behind it (outputs per second, busy share, queue) are in stats() and
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -111,3 +112,21 @@ def test_auto_workers_move_to_the_slow_stage(tmp_path):
     assert sorted(outputs) == list(range(3000))
     assert stats["heavy"]["workers"] == 3 and stats["light"]["workers"] == 1  # from 2 and 2
     assert "stage heavy: 3 worker(s) (busy" in log and "takes a worker" in log and "gives a worker up" in log
+
+
+def warn_on_7(x: int) -> int:
+    if x == 7:
+        logging.getLogger("task").warning("item seven looks odd")
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_progress_bar_counts_the_inputs_completed_and_log_lines_print_above_it(tmp_path, capfd):
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=2) as cluster:
+        assert len(list(cluster.run([warn_on_7], list(range(500)), progress=True))) == 500
+        assert len(list(cluster.run([fast], iter(range(300)), progress=True))) == 300  # no length: a count
+    err = capfd.readouterr().err
+    assert "500/500" in err and "300" in err
+    assert "item seven looks odd" in err
+    line = next(line for line in err.replace("\r", "\n").splitlines() if "item seven looks odd" in line)
+    assert line.index("WARNING") < line.index("item seven")  # a whole log line, not cut by the bar

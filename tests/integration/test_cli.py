@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, wait_until
 
 
 def cli(*args: str, cwd: str | os.PathLike = REPO) -> subprocess.CompletedProcess:
@@ -47,7 +47,32 @@ def test_run_module_attr_over_a_file_writes_json_lines(tmp_path):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("command", ["demo", "run", "node", "log", "stats"])
+@pytest.mark.parametrize("command", ["demo", "run", "node", "log", "stats", "top"])
 def test_every_command_has_help(command):
     result = cli(command, "--help")
     assert result.returncode == 0 and "usage:" in result.stdout and len(result.stdout) > 200
+
+
+def _slow(x: int) -> int:
+    import time
+
+    time.sleep(0.01)
+    return x
+
+
+@pytest.mark.timeout(120)
+def test_top_shows_a_running_run_and_then_its_end(tmp_path):
+    import pipeline_cluster as pc
+
+    run_dir = tmp_path / "run"
+    with pc.LocalCluster(run_dir=str(run_dir), workers=1) as cluster:
+        results = iter(cluster.run([_slow], range(600)))
+        for _ in range(300):  # by now stats.json has been written while running (every 2 s)
+            next(results)
+        assert wait_until(lambda: (run_dir / "stats.json").exists(), 10)
+        live = cli("top", str(run_dir), "--once")
+        list(results)
+    assert live.returncode == 0, live.stderr
+    assert "(running)" in live.stdout and "_slow" in live.stdout and "busy" in live.stdout
+    done = cli("top", str(run_dir), "--interval", "0.1")  # a finished run: one screen, then it exits
+    assert done.returncode == 0 and "(finished)" in done.stdout and "limits throughput" in done.stdout
