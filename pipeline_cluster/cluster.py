@@ -26,6 +26,7 @@ from pipeline_cluster.actors.node import NodeActor
 from pipeline_cluster.actors.root import RootActor
 from pipeline_cluster.alerts import Alerts
 from pipeline_cluster.config import load_toml, stage_overrides
+from pipeline_cluster.dashboard import Dashboard
 from pipeline_cluster.errors import ClusterError
 from pipeline_cluster.logs.records import Record
 from pipeline_cluster.logs.route import LogClient, attach_local, detach_local, make_record
@@ -58,12 +59,14 @@ class Cluster:
     `placement=True` opts in to running the framework's threads on one CPU beside a waiting caller (see
     `pipeline_cluster.placement`); by default no thread or process has its CPUs or scheduling changed.
     `log_server=(host, port)` also sends the cluster's log to a log server (`pipeline-cluster log`).
+    `dashboard=True` (or "host:port"; port 0 picks a free one) serves a live page of the run's figures, their
+    JSON and Prometheus `/metrics`, on 127.0.0.1 by default (`cluster.dashboard_url`).
     """
 
     def __init__(self, *, credit: int | None = None, run_dir: str | None = None, log_file: str | None = None,
                  log_stderr: bool = False, start_timeout: float = 60.0, log_level: int = logging.INFO,
                  config: str | os.PathLike | dict | None = None, placement: bool = False,
-                 log_server: tuple[str, int] | None = None) -> None:
+                 log_server: tuple[str, int] | None = None, dashboard: bool | str = False) -> None:
         if credit is not None and (isinstance(credit, bool) or not isinstance(credit, int) or credit < 1):
             raise ValueError(f"credit must be a positive int (or None: adapt to item size), got {credit!r}")
         self.stage_config = {} if config is None else stage_overrides(load_toml(config))
@@ -96,7 +99,18 @@ class Cluster:
         self._last_error: BaseException | None = None  # what ended the last run, if it failed
         self._run_lock = threading.RLock()  # one thread at a time ends a run
         self._stop = threading.Event()
+        self._dashboard = Dashboard(self._figures, dashboard) if dashboard else None
+        if self._dashboard is not None:
+            sys.stderr.write(f"pipeline_cluster dashboard: {self._dashboard.url}\n")
         _open_clusters.add(self)
+
+    @property
+    def dashboard_url(self) -> str | None:
+        """The dashboard's address (with its token, when it needs one), or None without a dashboard."""
+        return None if self._dashboard is None else self._dashboard.url
+
+    def _figures(self) -> dict[str, Any]:
+        return {**self.status(), "run_id": self.run_id}
 
     # -- wiring --------------------------------------------------------------------------------------------------
 
@@ -257,6 +271,8 @@ class Cluster:
         """
         if self._phase is RunPhase.CLOSED:
             return
+        if self._dashboard is not None:
+            self._dashboard.close()
         try:
             if drain and self._phase is RunPhase.RUNNING and self.state.error is None and self._handler_mode:
                 self.wait_empty(timeout)

@@ -1,0 +1,95 @@
+"""The dashboard server of a running cluster, over real HTTP on loopback: the page, its JSON, and /metrics parsed
+with prometheus_client's own parser and checked against stats()."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import pipeline_cluster as pc
+from pipeline_cluster.dashboard import needs_token
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return reply.read()
+
+
+def slow(x: int) -> int:
+    time.sleep(0.002)
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_the_page_its_json_and_metrics_match_the_running_cluster(tmp_path, capfd):
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=2, dashboard="127.0.0.1:0") as cluster:
+        url = cluster.dashboard_url
+        assert url.startswith("http://127.0.0.1:") and "token" not in url
+        assert f"pipeline_cluster dashboard: {url}" in capfd.readouterr().err  # said once at start
+        results = iter(cluster.run([slow], range(2000)))
+        for _ in range(500):
+            next(results)
+        page = _get(url).decode()
+        state = json.loads(_get(url + "api/stats"))
+        metrics = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                   for family in text_string_to_metric_families(_get(url + "metrics").decode())
+                   for sample in family.samples}
+        stats = cluster.stats()
+        list(results)
+    assert "<title>pipeline_cluster</title>" in page and "api/stats" in page
+    assert state["phase"] == "running" and "slow" in state["stages"] and state["verdict"]
+    items_in = metrics[("pipeline_cluster_stage_items_total", (("event", "in"), ("stage", "slow")))]
+    items_out = metrics[("pipeline_cluster_stage_items_total", (("event", "out"), ("stage", "slow")))]
+    assert 500 <= items_out <= stats["slow"]["items_out"] and items_out <= items_in <= 2000
+    assert metrics[("pipeline_cluster_stage_workers", (("stage", "slow"),))] == 2 == stats["slow"]["workers"]
+    assert metrics[("pipeline_cluster_nodes", (("state", "ready"),))] == 1
+    with pytest.raises(urllib.error.URLError):
+        _get(url)  # closed with the cluster
+
+
+def test_only_loopback_goes_without_a_token():
+    assert not needs_token("127.0.0.1") and not needs_token("127.0.0.5") and not needs_token("::1")
+    assert not needs_token("localhost")
+    assert needs_token("0.0.0.0") and needs_token("10.1.2.3") and needs_token("node-a.example")
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(120)
+def test_the_page_renders_and_updates_in_a_real_browser(tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("the browser test needs Debian's chromium: apt-get install -y chromium (.ci/run does)")
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=2, dashboard=True) as cluster:
+        results = iter(cluster.run([slow], range(4000)))
+        for _ in range(1000):
+            next(results)
+
+        def browse(*args: str) -> str:
+            return subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                                   "--virtual-time-budget=3000", "--window-size=1100,420", *args,
+                                   cluster.dashboard_url], capture_output=True, text=True, timeout=60).stdout
+
+        first = browse("--dump-dom")
+        for _ in range(1000):
+            next(results)
+        second = browse("--dump-dom")
+        browse(f"--screenshot={tmp_path / 'dashboard.png'}")
+        list(results)
+    for dom in (first, second):  # the script ran: a row per stage, a plot in each, the verdict
+        assert dom.count('<tr class="stage"><td>slow</td>') == 1, dom[-3000:]
+        assert "<polyline" in dom and "limits throughput" in dom, dom[-3000:]
+    outs = [int(re.search(r'<tr class="stage"><td>slow</td><td>\d+</td><td>(\d+)</td>', dom).group(1))
+            for dom in (first, second)]
+    assert 1000 <= outs[0] < outs[1]  # it updates as the run goes on
+    assert (tmp_path / "dashboard.png").stat().st_size > 5000  # kept with the test's files
