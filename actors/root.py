@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pipeline_cluster.actors import policies
 from pipeline_cluster.actors.base import Actor, handles
 from pipeline_cluster.errors import ClusterError
-from pipeline_cluster.messages import (AddNode, Begin, Completed, DeadLetter, Feed, Kill, NodeFailed, NodeLost,
-                                       NodeReady, Pause, SizeHint, Submit, Unfinished)
+from pipeline_cluster.messages import (AddNode, Begin, Completed, DeadLetter, Feed, Kill, NodeFailed, NodeLoad,
+                                       NodeLost, NodeReady, Pause, SizeHint, Submit, Unfinished)
 from pipeline_cluster.placement import Placement
 from pipeline_cluster.run import RunState
 from pipeline_cluster.transport.links import NodeLink
@@ -203,6 +203,10 @@ class RootActor(Actor):
                 self.on_node_lost(NodeLost(link.name, str(exc)))
         self._forget_items()
         return unfinished
+
+    @handles(NodeLoad)
+    def on_node_load(self, message: NodeLoad) -> dict[str, tuple[int, int]]:
+        return {name: (len(self.held[name]), self.credit[name]) for name in self.links}
 
     @handles(Unfinished)
     def on_unfinished(self, message: Unfinished) -> int:

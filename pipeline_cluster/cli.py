@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import sys
+import threading
 import time
 from typing import Any
 from collections.abc import Iterable, Iterator
@@ -120,6 +121,31 @@ def _summary(name: str, snapshot: dict[str, Any]) -> str:
     if snapshot.get("verdict"):
         lines.append(snapshot["verdict"])
     return "\n".join(lines)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Serve the dashboard of a run in another process, from the stats.json it rewrites every 2 s (Ctrl-C stops)."""
+    from pipeline_cluster.dashboard import Dashboard
+    from pipeline_cluster.rundir import find_run
+
+    path = find_run(args.run)
+
+    def figures() -> dict[str, Any]:
+        snapshot = json.loads((path / "stats.json").read_text())
+        nodes = snapshot.get("node_figures", [])
+        return {"run_id": snapshot.get("run_id", path.name), "pipeline": snapshot.get("pipeline"),
+                "phase": "running" if snapshot.get("running") else "finished", "stages": snapshot["stages"],
+                "verdict": snapshot.get("verdict"), "node_figures": nodes,
+                "nodes": [node["node"] for node in nodes if node["state"] != "lost"],
+                "ready_nodes": [node["node"] for node in nodes if node["state"] == "ready"]}
+
+    dashboard = Dashboard(figures, args.address)
+    print(f"dashboard of run {path.name}: {dashboard.url}", flush=True)
+    try:
+        threading.Event().wait()
+    finally:
+        dashboard.close()
+    return 0
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -247,6 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
         stats.add_argument("run", nargs="?", default=None, help="run id or run directory (default: latest)")
         stats.add_argument("--json", action="store_true", help="print the raw JSON")
         stats.set_defaults(func=cmd_stats)
+
+    dash = sub.add_parser("dashboard", help="serve the live dashboard of a run in another process",
+                          description="Serve the dashboard page, /api/stats and /metrics of a run (the latest by "
+                                      "default) from the stats.json its cluster rewrites every 2 s.")
+    dash.add_argument("run", nargs="?", default=None, help="run id or run directory (default: latest)")
+    dash.add_argument("--address", default="127.0.0.1:8787",
+                      help="host:port to serve on (default 127.0.0.1:8787; port 0 picks a free one; any other host "
+                           "than loopback needs the printed token)")
+    dash.set_defaults(func=cmd_dashboard)
 
     top = sub.add_parser("top", help="watch a run's per-stage table and verdict, redrawn every second",
                          description="Read stats.json of a run (the latest by default), which a running cluster "

@@ -30,8 +30,8 @@ from pipeline_cluster.dashboard import Dashboard
 from pipeline_cluster.errors import ClusterError
 from pipeline_cluster.logs.records import Record
 from pipeline_cluster.logs.route import LogClient, attach_local, detach_local, make_record
-from pipeline_cluster.messages import (AddNode, Begin, Boot, DeadLetter, Feed, Kill, LogTo, Pause, Resize, Setup,
-                                       Shutdown, Stats, Unfinished)
+from pipeline_cluster.messages import (AddNode, Begin, Boot, DeadLetter, Feed, Kill, LogTo, NodeLoad, Pause, Resize,
+                                       Setup, Shutdown, Stats, Unfinished)
 from pipeline_cluster.model import Pipeline, as_pipeline
 from pipeline_cluster.placement import Placement, make_placement, start_thread
 from pipeline_cluster.run import FEED_CHUNK, Feeder, Results, RunPhase, RunState
@@ -230,6 +230,22 @@ class Cluster:
         self._paused = False
         ask(self.root, Pause(False))
 
+    def nodes(self) -> list[dict[str, Any]]:
+        """Per node: its state (ready, starting, lost, and why), the root items it holds unfinished, its credit, and
+        seconds since it was last heard from (0 for the node in this process)."""
+        load = ask(self.root, NodeLoad(), timeout=30) if self._phase is not RunPhase.CLOSED else {}
+        now = time.monotonic()
+        figures = []
+        for link in self.links:
+            in_flight, credit = load.get(link.name, (0, 0))
+            state = ("lost" if not link.alive else
+                     "ready" if link.name in self.state.ready_nodes else "starting")
+            heard = getattr(link, "last_heard", now)
+            figures.append({"node": link.name, "state": state, "in_flight": in_flight, "credit": credit,
+                            "heartbeat_age_s": max(0.0, now - heard) if heard != float("inf") else 0.0,
+                            "lost_reason": getattr(link, "lost_reason", None)})
+        return figures
+
     def status(self) -> dict[str, Any]:
         """A snapshot: phase, nodes, counts of fed and unfinished items, failures, per-stage stats."""
         state = self.state
@@ -248,6 +264,7 @@ class Cluster:
             "run_dir": str(self.rundir.path),
             "stages": self.stats() if self._phase is not RunPhase.CLOSED else self._last_stats,
             "verdict": self.verdict() if self._phase is not RunPhase.CLOSED else None,
+            "node_figures": self.nodes() if self._phase is not RunPhase.CLOSED else [],
         }
 
     def reset(self) -> dict[str, Any]:
@@ -428,7 +445,8 @@ class Cluster:
                                  "running": self._phase is RunPhase.RUNNING,
                                  "pipeline": None if self.pipeline is None else self.pipeline.name,
                                  "failures": len(self._dead), "stages": stages,
-                                 "verdict": verdict(stages, outputs_waiting)}, self._trouble)
+                                 "verdict": verdict(stages, outputs_waiting), "node_figures": self.nodes()},
+                                self._trouble)
 
     def _next_run_dir(self) -> None:
         """Give a run after the first a run directory of its own (the first has the one made with the cluster):

@@ -32,7 +32,9 @@ th { border-bottom: 1px solid #999 } td:first-child, th:first-child { text-align
 <div id="verdict"></div>
 <table id="stages"><thead><tr><th>stage</th><th>in</th><th>out</th><th>out/s</th><th>busy</th><th>queued</th>
 <th>failed</th><th>restarts</th><th>workers</th><th>out/s over time</th></tr></thead><tbody></tbody></table>
-<h2>nodes</h2><div id="nodes"></div>
+<h2>nodes</h2>
+<table id="nodes"><thead><tr><th>node</th><th>state</th><th>in flight</th><th>credit</th><th>heard, s ago</th>
+</tr></thead><tbody></tbody></table>
 <script>
 const query = location.search;
 function spark(points) {
@@ -56,7 +58,9 @@ async function refresh() {
       `<td>${spark(rates)}</td></tr>`;
   });
   document.querySelector("#stages tbody").innerHTML = rows.join("");
-  document.getElementById("nodes").textContent = s.nodes.join(", ");
+  document.querySelector("#nodes tbody").innerHTML = (s.node_figures || []).map(n =>
+    `<tr class="node"><td>${n.node}</td><td>${n.state}${n.lost_reason ? ": " + n.lost_reason : ""}</td>` +
+    `<td>${n.in_flight}</td><td>${n.credit}</td><td>${n.heartbeat_age_s.toFixed(1)}</td></tr>`).join("");
 }
 refresh(); setInterval(refresh, 1000);
 </script></body></html>
@@ -89,9 +93,18 @@ class _Collector:
                 if figures.get(key) is not None:
                     gauges[name].add_metric([stage], figures[key])
         nodes = GaugeMetricFamily("pipeline_cluster_nodes", "Nodes of the cluster, by state.", labels=["state"])
-        nodes.add_metric(["ready"], len(snapshot["ready_nodes"]))
-        nodes.add_metric(["connected"], len(snapshot["nodes"]))
-        yield from (items, restarts, *gauges.values(), nodes)
+        node_gauges = {name: GaugeMetricFamily(f"pipeline_cluster_node_{name}", text, labels=["node"]) for name, text
+                       in (("in_flight", "Root items the node holds unfinished."), ("credit", "The node's credit."),
+                           ("heartbeat_age_seconds", "Seconds since the node was last heard from."))}
+        states: dict[str, int] = {"ready": 0, "starting": 0, "lost": 0}
+        for node in snapshot.get("node_figures", []):
+            states[node["state"]] = states.get(node["state"], 0) + 1
+            for name, key in (("in_flight", "in_flight"), ("credit", "credit"),
+                              ("heartbeat_age_seconds", "heartbeat_age_s")):
+                node_gauges[name].add_metric([node["node"]], node[key])
+        for state, count in states.items():
+            nodes.add_metric([state], count)
+        yield from (items, restarts, *gauges.values(), nodes, *node_gauges.values())
 
 
 def needs_token(host: str) -> bool:

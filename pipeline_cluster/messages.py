@@ -205,6 +205,10 @@ class Unfinished(NamedTuple):
     """Ask: how many root items are fed but not finished."""
 
 
+class NodeLoad(NamedTuple):
+    """Ask: per node, the root items it holds unfinished and its credit."""
+
+
 class NodeLost(NamedTuple):
     """A node's link broke or fell silent; its unfinished root items go elsewhere."""
 

@@ -54,6 +54,8 @@ class LocalLink:
     """A NodeActor in this process, reached by actor messages; root items go straight into its ledger."""
 
     alive = True
+    lost_reason: str | None = None
+    last_heard = float("inf")  # in this process: never silent
 
     def __init__(self, ref: pykka.ActorRef, ledger: TreeLedger) -> None:
         self.name = ledger.name

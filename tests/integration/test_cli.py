@@ -47,7 +47,7 @@ def test_run_module_attr_over_a_file_writes_json_lines(tmp_path):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("command", ["demo", "run", "node", "log", "stats", "top"])
+@pytest.mark.parametrize("command", ["demo", "run", "node", "log", "stats", "top", "dashboard"])
 def test_every_command_has_help(command):
     result = cli(command, "--help")
     assert result.returncode == 0 and "usage:" in result.stdout and len(result.stdout) > 200

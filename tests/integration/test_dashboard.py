@@ -3,9 +3,11 @@ with prometheus_client's own parser and checked against stats()."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -15,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import pipeline_cluster as pc
 from pipeline_cluster.dashboard import needs_token
+from tests.helpers import REPO, read_line, terminate
 
 
 def _get(url: str) -> bytes:
@@ -50,6 +53,8 @@ def test_the_page_its_json_and_metrics_match_the_running_cluster(tmp_path, capfd
     assert 500 <= items_out <= stats["slow"]["items_out"] and items_out <= items_in <= 2000
     assert metrics[("pipeline_cluster_stage_workers", (("stage", "slow"),))] == 2 == stats["slow"]["workers"]
     assert metrics[("pipeline_cluster_nodes", (("state", "ready"),))] == 1
+    assert metrics[("pipeline_cluster_node_credit", (("node", "local"),))] > 0
+    assert [node["node"] for node in state["node_figures"]] == ["local"]
     with pytest.raises(urllib.error.URLError):
         _get(url)  # closed with the cluster
 
@@ -93,3 +98,26 @@ def test_the_page_renders_and_updates_in_a_real_browser(tmp_path):
             for dom in (first, second)]
     assert 1000 <= outs[0] < outs[1]  # it updates as the run goes on
     assert (tmp_path / "dashboard.png").stat().st_size > 5000  # kept with the test's files
+
+
+@pytest.mark.timeout(60)
+def test_the_dashboard_of_a_run_in_another_process(tmp_path):
+    run_dir = tmp_path / "run"
+    with pc.LocalCluster(run_dir=str(run_dir), workers=1) as cluster:
+        results = iter(cluster.run([slow], range(3000)))
+        for _ in range(1200):  # over 2 s: stats.json has been written while running
+            next(results)
+        server = subprocess.Popen([sys.executable, "-m", "pipeline_cluster.cli", "dashboard", str(run_dir),
+                                   "--address", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True,
+                                  env={**os.environ, "PYTHONPATH": str(REPO)})
+        try:
+            line = read_line(server, 30)
+            url = line.split(": ", 1)[1].strip()
+            state = json.loads(_get(url + "api/stats"))
+            metrics = _get(url + "metrics").decode()
+        finally:
+            terminate(server, 10)
+        list(results)
+        run_id = cluster.run_id
+    assert state["phase"] == "running" and "slow" in state["stages"] and state["run_id"] == run_id
+    assert 'pipeline_cluster_stage_items_total{event="in",stage="slow"}' in metrics

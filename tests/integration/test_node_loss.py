@@ -35,6 +35,10 @@ def test_sigkill_one_node_and_sigstop_another_mid_run(nodes):
     assert collections.Counter(outputs) == collections.Counter(range(3000))
     assert seen["c"] > 2000  # the survivor did most of the work
     survivor = servers["c"].address[0] + ":" + str(servers["c"].address[1])
+    by_node = {figures["node"]: figures for figures in status["node_figures"]}
+    assert by_node[survivor]["state"] == "ready" and by_node[survivor]["credit"] == 64
+    lost = [figures for name, figures in by_node.items() if name != survivor]
+    assert len(lost) == 2 and all(figures["state"] == "lost" and figures["lost_reason"] for figures in lost)
     assert status["nodes"] == [survivor] and status["ready_nodes"] == [survivor]  # lost nodes leave status()
     log = (cluster.rundir.log_file).read_text()
     for name in ("a", "b"):  # each loss said once, with where its items went
