@@ -99,7 +99,7 @@ class Cluster:
         self._last_error: BaseException | None = None  # what ended the last run, if it failed
         self._run_lock = threading.RLock()  # one thread at a time ends a run
         self._stop = threading.Event()
-        self._dashboard = Dashboard(self._figures, dashboard) if dashboard else None
+        self._dashboard = Dashboard(self._figures, dashboard, self.resize) if dashboard else None
         if self._dashboard is not None:
             sys.stderr.write(f"pipeline_cluster dashboard: {self._dashboard.url}\n")
         _open_clusters.add(self)

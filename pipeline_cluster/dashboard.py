@@ -31,7 +31,8 @@ th { border-bottom: 1px solid #999 } td:first-child, th:first-child { text-align
 <body><h1>pipeline_cluster <span id="run"></span></h1>
 <div id="verdict"></div>
 <table id="stages"><thead><tr><th>stage</th><th>in</th><th>out</th><th>out/s</th><th>busy</th><th>queued</th>
-<th>failed</th><th>restarts</th><th>workers</th><th>out/s over time</th></tr></thead><tbody></tbody></table>
+<th>failed</th><th>restarts</th><th>workers</th><th>out/s over time</th><th></th></tr></thead><tbody></tbody>
+</table>
 <h2>nodes</h2>
 <table id="nodes"><thead><tr><th>node</th><th>state</th><th>in flight</th><th>credit</th><th>heard, s ago</th>
 </tr></thead><tbody></tbody></table>
@@ -44,6 +45,14 @@ function spark(points) {
   return `<svg class="plot" width="${w}" height="${h}">` +
     `<polyline fill="none" stroke="#2a6" stroke-width="2" points="${xy.join(" ")}"/></svg>`;
 }
+function resizer(name, workers) {
+  return `<button onclick="resize('${name}', ${workers + 1})">+1</button>` +
+    (workers > 1 ? ` <button onclick="resize('${name}', ${workers - 1})">-1</button>` : "");
+}
+async function resize(stage, workers) {
+  await fetch("api/resize" + query, {method: "POST", body: JSON.stringify({stage, workers})});
+  refresh();
+}
 async function refresh() {
   const r = await fetch("api/stats" + query);
   const s = await r.json();
@@ -55,7 +64,7 @@ async function refresh() {
     const rate = st.out_per_s == null ? "-" : Math.round(st.out_per_s);
     return `<tr class="stage"><td>${name}</td><td>${st.items_in}</td><td>${st.items_out}</td><td>${rate}</td>` +
       `<td>${pct}</td><td>${st.queued}</td><td>${st.failed}</td><td>${st.restarts}</td><td>${st.workers}</td>` +
-      `<td>${spark(rates)}</td></tr>`;
+      `<td>${spark(rates)}</td><td>${s.can_resize ? resizer(name, st.workers) : ""}</td></tr>`;
   });
   document.querySelector("#stages tbody").innerHTML = rows.join("");
   document.querySelector("#nodes tbody").innerHTML = (s.node_figures || []).map(n =>
@@ -118,9 +127,13 @@ def needs_token(host: str) -> bool:
 class Dashboard:
     """The HTTP server, its thread, and a sampler that keeps the last HISTORY seconds of figures for the plots."""
 
-    def __init__(self, figures: Callable[[], dict[str, Any]], address: str | bool) -> None:
+    def __init__(self, figures: Callable[[], dict[str, Any]], address: str | bool,
+                 resize: Callable[[str, int], None] | None = None) -> None:
+        """`figures()` gives what the page shows (`Cluster.status()` and the run id); `resize(stage, workers)`, when
+        given, backs the page's +1/-1 buttons."""
         host, _, port = ("127.0.0.1:0" if address is True else str(address)).rpartition(":")
         self.figures = figures
+        self.resize = resize
         self.token = secrets.token_urlsafe(16) if needs_token(host) else None
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self.registry = CollectorRegistry(auto_describe=False)
@@ -145,7 +158,7 @@ class Dashboard:
 
     def state(self) -> dict[str, Any]:
         """The page's JSON: the figures and their recent history."""
-        return {**self.figures(), "history": list(self.history)}
+        return {**self.figures(), "history": list(self.history), "can_resize": self.resize is not None}
 
     def _sample(self) -> None:
         last: dict[str, int] = {}
@@ -184,6 +197,21 @@ def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
                 self._send(200, "text/plain; version=0.0.4", generate_latest(dashboard.registry))
             else:
                 self._send(404, "text/plain", b"not found\n")
+
+        def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
+            if not dashboard.allowed(self.path, self.headers):
+                self._send(403, "text/plain", b"token required\n")
+                return
+            if urlsplit(self.path).path != "/api/resize" or dashboard.resize is None:
+                self._send(404, "text/plain", b"not found\n")
+                return
+            try:
+                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                dashboard.resize(str(request["stage"]), int(request["workers"]))
+            except Exception as exc:  # a bad request, a stage that is not there, no run: say so
+                self._send(400, "text/plain", f"{exc}\n".encode())
+                return
+            self._send(200, "application/json", b'{"ok": true}')
 
         def _send(self, code: int, kind: str, body: bytes) -> None:
             self.send_response(code)

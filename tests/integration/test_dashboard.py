@@ -121,3 +121,24 @@ def test_the_dashboard_of_a_run_in_another_process(tmp_path):
         run_id = cluster.run_id
     assert state["phase"] == "running" and "slow" in state["stages"] and state["run_id"] == run_id
     assert 'pipeline_cluster_stage_items_total{event="in",stage="slow"}' in metrics
+
+
+@pytest.mark.timeout(60)
+def test_the_page_resizes_a_stage_while_the_run_streams(tmp_path):
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=1, dashboard=True) as cluster:
+        url = cluster.dashboard_url
+        results = iter(cluster.run([slow], range(3000)))
+        outputs = [next(results) for _ in range(500)]
+        assert json.loads(_get(url + "api/stats"))["can_resize"] is True
+        request = urllib.request.Request(url + "api/resize", data=json.dumps({"stage": "slow", "workers": 3}).encode(),
+                                         method="POST")
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            assert reply.status == 200
+        bad = urllib.request.Request(url + "api/resize", data=b'{"stage": "nope", "workers": 2}', method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(bad, timeout=10)
+        assert refused.value.code == 400
+        outputs += [next(results) for _ in range(1500)]
+        workers = cluster.stats()["slow"]["workers"]
+        outputs += list(results)
+    assert workers == 3 and sorted(outputs) == list(range(3000))
