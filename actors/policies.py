@@ -76,17 +76,19 @@ def hold_back(queued: int, holding: bool) -> bool:
 
 # -- autoscaling: a node's CPUs moved between its stages by busy share ------------------------------------------------
 
-REBALANCE_SECONDS = 1.0  # how often a node looks at its autoscaled stages
+REBALANCE_SECONDS = 0.5  # how often a node looks at its autoscaled stages
 HOT = 0.8  # a stage busy this share of the last round wants a worker more ...
 COLD = 0.5  # ... and one busy at most this share can give one up
 COOLDOWN = 2  # rounds without a move after a move, so a stage's new size shows in its figures first
+PILED_UP = 1000  # items queued at a busy stage: the stages before it run ahead, and can spare a worker
 
 
 class Autoscaler:
     """Sizes a node's autoscaled stages (`workers="auto"` or (min, max)): they start with an even share of the node's
-    CPUs, and each round at most one worker moves from a stage that was idle at least half the time to one that was
-    busy 80% of it or more (or a stage grows, while the node has CPUs to spare), never below a stage's min or above
-    its max, then nothing moves for COOLDOWN rounds."""
+    CPUs, and each round at most one worker moves to a stage that was busy 80% of the time or more, from one that
+    was idle at least half of it, or from one before it when its queue has piled up (that stage runs ahead of it);
+    or the busy stage grows, while the node has CPUs to spare. Never below a stage's min or above its max; then
+    nothing moves for COOLDOWN rounds."""
 
     def __init__(self, sizes: list[int], bounds: dict[int, tuple[int, int]], budget: int) -> None:
         self.workers = sizes  # per stage index
@@ -130,12 +132,15 @@ class Autoscaler:
         if not hot:
             return []
         taker = max(hot, key=shares.__getitem__)
-        cold = [i for i, share in shares.items() if share <= COLD and self.workers[i] > self.bounds[i][0]]
+        piled_up = stats[taker].queued >= PILED_UP
+        cold = [i for i, share in shares.items() if i != taker and self.workers[i] > self.bounds[i][0]
+                and (share <= COLD or (piled_up and i < taker))]
         changes = []
         if cold:
             giver = min(cold, key=shares.__getitem__)
             self.workers[giver] -= 1
-            changes.append((giver, self.workers[giver], f"busy {shares[giver]:.0%}: gives a worker up"))
+            why = "gives a worker up" if shares[giver] <= COLD else f"runs ahead of stage {taker}: gives a worker up"
+            changes.append((giver, self.workers[giver], f"busy {shares[giver]:.0%}: {why}"))
         elif sum(self.workers[i] for i in self.bounds) >= self.budget:
             return []
         self.workers[taker] += 1

@@ -69,6 +69,8 @@ def _figure(row: dict[str, Any]) -> str:
         return f"{value:,.0f} outputs/s"
     if row["workload"] == "W8":
         return f"{value:,.0f} items/s"
+    if row["workload"] == "W9":
+        return f"auto / fixed {value:.2f}x"
     if row["workload"] == "W3":
         return f"{value:,.0f} MB/s"
     if row["workload"] == "W4":
@@ -95,6 +97,10 @@ def _notes(row: dict[str, Any]) -> str:
             notes.append("workers=64, one item at a time each")
         elif workload == "W8" and system == "pooltuned":
             notes.append("Pool(64), chunksize 1")
+        elif workload == "W9":
+            notes.append(f"auto {med['items_per_s']:,.0f} items/s, ending with {med['auto_light_workers']:.0f} + "
+                         f"{med['auto_heavy_workers']:.0f} workers; fixed 2 + 2 {med['fixed_items_per_s']:,.0f} "
+                         "items/s; start-up included")
         elif workload == "W4" and system in ("local", "node"):
             notes.append("awaited with cluster.wait_empty()")
         if workload == "W2":

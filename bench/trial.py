@@ -100,6 +100,30 @@ def latency_trial(workload: Workload, system: str, count: int, tmp: str, placeme
             "figure": p50}
 
 
+def autoscale_trial(workload: Workload, count: int, tmp: str, placement: bool) -> dict[str, Any]:
+    """W9: the same two stages with workers="auto" (a budget of 4 per node) and with a fixed even split (2 + 2);
+    the figure is the first's throughput over the second's."""
+    import pipeline_cluster as pc
+
+    rates, first = {}, 0.0
+    for mode, workers in (("auto", "auto"), ("fixed", 2)):
+        started = time.perf_counter()
+        with pc.LocalCluster(workers=4, run_dir=os.path.join(tmp, mode), placement=placement) as cluster:
+            stages = [pc.Stage(fn, workers=workers) for fn, _ in workload.stages]
+            outputs = 0
+            for _ in cluster.run(stages, ints(count)):
+                outputs += 1
+                if outputs == 1 and mode == "auto":
+                    first = time.perf_counter() - started
+            rates[mode] = outputs / (time.perf_counter() - started)
+            if mode == "auto":
+                light, heavy = (figures["workers"] for figures in cluster.stats().values())
+        if outputs != count:
+            raise AssertionError(f"W9 {mode}: {outputs} outputs, expected {count}")
+    return {"outputs": count, "startup_s": first, "items_per_s": rates["auto"], "fixed_items_per_s": rates["fixed"],
+            "auto_light_workers": light, "auto_heavy_workers": heavy, "figure": rates["auto"] / rates["fixed"]}
+
+
 def scale_out_trial(workload: Workload, count: int, tmp: str, placement: bool) -> dict[str, Any]:
     """W6: 8 node servers x 4 workers on 127.0.0.2..9, a 20 ms sleep per item; then 1 of them for the root's CPU.
 
@@ -140,6 +164,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pcbench-") as tmp:
         if workload.name == "W6":
             return scale_out_trial(workload, count, tmp, placement)
+        if workload.name == "W9":
+            return autoscale_trial(workload, count, tmp, placement)
         if workload.name == "W4":
             return latency_trial(workload, system, count, tmp, placement)
         return stream_trial(workload, system, count, tmp, placement)

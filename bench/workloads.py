@@ -42,6 +42,18 @@ def io_wait(x: Any) -> Any:
     return x
 
 
+def light_wait(x: Any) -> Any:
+    """W9 stage 1: 1 ms of waiting."""
+    time.sleep(IO_SECONDS / 10)
+    return x
+
+
+def heavy_wait(x: Any) -> Any:
+    """W9 stage 2: 4 ms of waiting, 4x the first stage."""
+    time.sleep(IO_SECONDS * 4 / 10)
+    return x
+
+
 def burn(iterations: int) -> float:
     """W2: spin a pure-Python loop `iterations` times (the item is the count); returns the CPU seconds it took.
 
@@ -141,6 +153,8 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              ((pair, True), (identity, False)), pair_identity, True, 500, STANDARD_SYSTEMS, "RSS ratio"),
     Workload("W6", "scale-out: 8 node servers x 4 workers, 20 ms sleep per item; node only", 4_000,
              ((nap, False),), None, False, 1, ("node",), "efficiency"),
+    Workload("W9", "autoscaling: a stage 4x slower than the one before it, 4 workers per node to share", 8_000,
+             ((light_wait, False), (heavy_wait, False)), None, False, 1, ("local",), "speed-up"),
     Workload("W8", "I/O: 10 ms of waiting per item, 64 at a time", 2_000,
              ((io_wait, False),), io_wait, False, 1, ("local", "localw64", "node", "pooltuned"), "items/s",
              concurrency=IO_WAYS, pool_processes=IO_WAYS),

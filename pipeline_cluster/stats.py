@@ -49,13 +49,17 @@ class StageStats:
         """Mean time per item in a worker."""
         return self.busy_seconds / self.timed_items if self.timed_items else None
 
-    @property
-    def p95_seconds(self) -> float | None:
-        """95th percentile of time per item, estimated from the sample."""
+    def percentile(self, share: float) -> float | None:
+        """A percentile of the time per item (`share` 0.5 for the median), estimated from the sample."""
         if not self.samples:
             return None
         ordered = sorted(self.samples)
-        return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+        return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+    @property
+    def p95_seconds(self) -> float | None:
+        """95th percentile of time per item, estimated from the sample."""
+        return self.percentile(0.95)
 
     def public(self) -> dict[str, Any]:
         """The user-facing dict: counts, mean and p95 seconds per item, workers and restarts."""
@@ -63,6 +67,7 @@ class StageStats:
                   "starved_seconds")  # not asdict: it deep-copies the sample, float by float
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in hidden}
         data["mean_s"] = self.mean_seconds
+        data["p50_s"] = self.percentile(0.5)
         data["p95_s"] = self.p95_seconds
         data["out_per_s"] = self.items_out / self.elapsed_seconds if self.elapsed_seconds else None
         data["busy"] = min(1.0, self.busy_seconds / self.worker_seconds) if self.worker_seconds else None

@@ -73,8 +73,8 @@ class _Stage:
 
 
 class _Stats:
-    def __init__(self, busy_seconds, worker_seconds):
-        self.busy_seconds, self.worker_seconds = busy_seconds, worker_seconds
+    def __init__(self, busy_seconds, worker_seconds, queued=0):
+        self.busy_seconds, self.worker_seconds, self.queued = busy_seconds, worker_seconds, queued
 
 
 def test_autoscaler_shares_the_cpus_then_moves_one_worker_at_a_time_to_the_busy_stage():
@@ -88,6 +88,18 @@ def test_autoscaler_shares_the_cpus_then_moves_one_worker_at_a_time_to_the_busy_
         assert scaler.moves([_Stats(0.4, 3.0 + round_no), _Stats(0, 0), _Stats(5.0 + round_no, 5.0 + round_no)]) == []
     # stage 2 is at its max (3), stage 0 at its min (1): no further move
     assert scaler.moves([_Stats(0.4, 9.0), _Stats(0, 0), _Stats(20.0, 20.0)]) == []
+
+
+def test_autoscaler_takes_from_a_busy_stage_that_runs_ahead_of_a_piled_up_one():
+    scaler = policies.Autoscaler.for_stages([_Stage("auto"), _Stage("auto")], budget=4)
+    # both busy, but stage 1's queue is short: nothing to take from stage 0, and no CPU to spare
+    assert scaler.moves([_Stats(1.8, 2.0), _Stats(2.0, 2.0, queued=10)]) == []
+    # stage 1's queue has piled up: stage 0 runs ahead of it and gives a worker
+    moves = scaler.moves([_Stats(3.6, 4.0), _Stats(4.0, 4.0, queued=policies.PILED_UP)])
+    assert moves == [(0, 1, "busy 90%: runs ahead of stage 1: gives a worker up"), (1, 3, "busy 100%: takes a worker")]
+    # a later stage never gives to an earlier one for this reason
+    scaler = policies.Autoscaler.for_stages([_Stage("auto"), _Stage("auto")], budget=4)
+    assert scaler.moves([_Stats(2.0, 2.0, queued=policies.PILED_UP), _Stats(1.8, 2.0)]) == []
 
 
 def test_autoscaler_leaves_stages_alone_when_none_is_busy():
