@@ -89,6 +89,8 @@ def _notes(row: dict[str, Any]) -> str:
             notes.append("both stages in one call per input")
         elif system.startswith("pool") and workload == "W4":
             notes.append("two pool.apply calls per item; chunksize does not apply")
+        elif system == "localdash":
+            notes.append("with the dashboard, its figures fetched once a second")
         elif system == "localev":
             notes.append("awaited on the caller's own Event, set by the output handler")
         elif workload == "W8" and system in ("local", "node"):

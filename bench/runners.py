@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from .workloads import Workload
 
 REPO = Path(__file__).resolve().parent.parent
 OUTPUT_TIMEOUT = 60.0  # seconds one W4 item may take before the run is declared stuck
+DASHBOARD_POLL_SECONDS = 1.0  # how often the dashboard's page fetches its figures
 READY_TIMEOUT = 60.0  # seconds a node server may take to print its PCREADY line
 STOP_TIMEOUT = 15.0  # seconds a node server gets to stop after SIGTERM before SIGKILL
 SETTLE_SECONDS = 0.25  # Pool's workers stay up this long after a run, longer than the harness's RSS sampling gap
@@ -127,6 +129,32 @@ def pipeline_of(workload: Workload, workers: int | None = None) -> pc.Pipeline:
                         for fn, gen in workload.stages], name=f"bench-{workload.name}")
 
 
+@contextlib.contextmanager
+def _watched(url: str | None) -> Iterator[None]:
+    """While the block runs, fetch the dashboard's /api/stats once a second, as its open page does (no-op for None)."""
+    if url is None:
+        yield
+        return
+    stop = threading.Event()
+    base, _, query = url.partition("?")
+    stats_url = base.rstrip("/") + "/api/stats" + ("?" + query if query else "")
+
+    def watch() -> None:
+        while True:
+            with urllib.request.urlopen(stats_url, timeout=OUTPUT_TIMEOUT) as response:
+                json.load(response)
+            if stop.wait(DASHBOARD_POLL_SECONDS):
+                return
+
+    watcher = threading.Thread(target=watch, name="bench-dashboard-watcher", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join(OUTPUT_TIMEOUT)
+
+
 class ClusterRunner:
     """Runs workloads on a pipeline_cluster cluster made by `make_cluster()` (LocalCluster or connected nodes).
 
@@ -136,11 +164,12 @@ class ClusterRunner:
     """
 
     def __init__(self, run_dir: str, own_event: bool = False, placement: bool = False,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, dashboard: bool = False) -> None:
         self.run_dir = run_dir
         self.own_event = own_event
         self.placement = placement
         self.workers = workers  # per stage, overriding the workload's concurrency
+        self.dashboard = dashboard  # serve the dashboard, and fetch its figures as an open page does
         self._runs = itertools.count()
 
     def make_cluster(self) -> pc.Cluster:
@@ -153,7 +182,7 @@ class ClusterRunner:
     def stream(self, workload: Workload, inputs: Iterable[Any], expected: int) -> StreamTiming:
         """`cluster.run(pipeline, inputs)`, consumed to the end (`expected` outputs)."""
         timing = StreamTiming(time.perf_counter())
-        with self.make_cluster() as cluster:
+        with self.make_cluster() as cluster, _watched(cluster.dashboard_url):
             _drain(cluster.run(pipeline_of(workload, self.workers), _tapped(inputs, timing)), timing, workload.tally,
                    expected)
         return timing
@@ -194,7 +223,7 @@ class LocalRunner(ClusterRunner):
 
     def make_cluster(self) -> pc.Cluster:
         """A LocalCluster whose run directory sits under this trial's temp dir."""
-        return pc.LocalCluster(run_dir=self._next_run_dir(), placement=self.placement)
+        return pc.LocalCluster(run_dir=self._next_run_dir(), placement=self.placement, dashboard=self.dashboard)
 
 
 class NodeRunner(ClusterRunner):

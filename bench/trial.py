@@ -28,9 +28,9 @@ NODE_HOST = "127.0.0.2"
 def runner_for(system: str, workload: Workload, tmp: str, placement: bool) -> Iterator[Any]:
     """The runner of `system`; for "node", one node server on loopback that is stopped afterwards."""
     cores = os.cpu_count() or 1
-    if system in ("local", "localev", "localw64"):
+    if system in ("local", "localev", "localw64", "localdash"):
         yield runners.LocalRunner(tmp, own_event=system == "localev", placement=placement,
-                                  workers=64 if system == "localw64" else None)
+                                  workers=64 if system == "localw64" else None, dashboard=system == "localdash")
     elif system == "node":
         with runners.node_servers([NODE_HOST], cores, tmp, placement) as addresses:
             yield runners.NodeRunner(tmp, addresses, placement)

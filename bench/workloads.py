@@ -138,17 +138,20 @@ STANDARD_SYSTEMS = ("local", "node", "pool1", "pooltuned", "loop")
 # W8 only: "localw64" runs the stage with workers=64, one item at a time each, instead of concurrency=64
 # W4 only: "localev" awaits each item on the caller's own Event (set by the output handler) rather than in
 # cluster.wait_empty()
-ALL_SYSTEMS = ("local", "localev", "localw64", "node", "pool1", "pooltuned", "loop")
+LATENCY_SYSTEMS = ("local", "localev", "localw64", "node", "pool1", "pooltuned", "loop")
+# W1 only: "localdash" serves the dashboard, its figures fetched once a second as an open page does
+ALL_SYSTEMS = LATENCY_SYSTEMS + ("localdash",)
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("W1", "tiny: generator x -> (x, x), then identity", 200_000,
-             ((pair, True), (identity, False)), pair_identity, True, 500, STANDARD_SYSTEMS, "outputs/s"),
+             ((pair, True), (identity, False)), pair_identity, True, 500, STANDARD_SYSTEMS + ("localdash",),
+             "outputs/s"),
     Workload("W2", "cpu: ~10 ms pure-Python CPU per item", 400,
              ((burn, False),), burn, False, 10, STANDARD_SYSTEMS, "efficiency", tally=True),
     Workload("W3", "payload: identity on 100 KB bytes", 2_000,
              ((identity, False),), identity, False, 4, STANDARD_SYSTEMS, "MB/s"),
     Workload("W4", "latency: one item at a time through 2 identity stages", 2_000,
-             ((identity, False), (identity, False)), identity, False, 1, ALL_SYSTEMS, "p50/p99 ms"),
+             ((identity, False), (identity, False)), identity, False, 1, LATENCY_SYSTEMS, "p50/p99 ms"),
     Workload("W5", "memory: W1's pipeline on 1,000,000 lazy inputs vs 10,000", 1_000_000,
              ((pair, True), (identity, False)), pair_identity, True, 500, STANDARD_SYSTEMS, "RSS ratio"),
     Workload("W6", "scale-out: 8 node servers x 4 workers, 20 ms sleep per item; node only", 4_000,
