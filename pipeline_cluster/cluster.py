@@ -36,7 +36,7 @@ from pipeline_cluster.model import Pipeline, as_pipeline
 from pipeline_cluster.placement import Placement, make_placement, start_thread
 from pipeline_cluster.run import FEED_CHUNK, Feeder, Results, RunPhase, RunState
 from pipeline_cluster.rundir import DeadLetterStore, RunDir, WriteTrouble
-from pipeline_cluster.stats import StageStats
+from pipeline_cluster.stats import RecentRates, StageStats
 from pipeline_cluster.transport.auth import resolve_authkey
 from pipeline_cluster.transport.links import LocalLink, NodeLink, RemoteLink
 from pipeline_cluster.verdict import verdict
@@ -78,6 +78,7 @@ class Cluster:
         self.log_level = log_level
         self._log_file_option = log_file
         self._trouble = WriteTrouble()
+        self._recent = RecentRates()
         self._log_room = threading.Semaphore(LOG_BACKLOG)
         self._log_dropped = 0
         forward = LogClient(log_server) if log_server is not None else None  # the older project's log server
@@ -495,11 +496,16 @@ class Cluster:
         return unfinished
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Per stage: items in, out, dropped, failed, retried, restarts, workers, mean and p95 seconds per item."""
+        """Per stage: items in, out, dropped, failed, retried, restarts, workers, seconds per item, rates (since the
+        start, and over about the last RECENT_SECONDS) and shares of time busy, held and starved."""
         if self._phase is not RunPhase.RUNNING:
             return self._last_stats
         per_node = [link.ask(Stats(), timeout=30) for link in self._live_links()]
-        return self._merge_stats(per_node) or self._last_stats
+        merged = self._merge_stats(per_node)
+        if not merged:
+            return self._last_stats
+        self._recent.add(time.monotonic(), merged)
+        return merged
 
     def verdict(self) -> str:
         """One line on what limits the run's throughput now (a stage, the input, or the consumer) and what to do."""

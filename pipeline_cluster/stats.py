@@ -1,11 +1,15 @@
 """Per-stage item accounting: counts, time per item (mean and p95 from a bounded sample), workers, restarts."""
 from __future__ import annotations
 
+import threading
+from collections import deque
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from collections.abc import Iterable
 
 SAMPLE_LIMIT = 4096
+RECENT_SECONDS = 5.0  # the window of the "recent" rates
+SNAPSHOT_LIMIT = 256  # snapshots kept for them (a caller polling in a tight loop shortens the window)
 
 
 @dataclass
@@ -89,6 +93,38 @@ class StageStats:
             total.elapsed_seconds = max(total.elapsed_seconds, part.elapsed_seconds)
             total.samples.extend(part.samples)
         return total
+
+
+class RecentRates:
+    """Adds `in_per_s_recent` and `out_per_s_recent` to a run's merged stage figures: the rates since the newest
+    earlier snapshot at least RECENT_SECONDS old (or, early in a run, the oldest one), so they follow a stage that
+    speeds up or stalls where the since-start `out_per_s` barely moves. Snapshots are the figures' own earlier calls
+    (stats.json is refreshed every few seconds, so there always are some)."""
+
+    def __init__(self, window: float = RECENT_SECONDS) -> None:
+        self.window = window
+        self._snapshots: deque[tuple[float, dict[str, tuple[int, int]]]] = deque(maxlen=SNAPSHOT_LIMIT)
+        self._lock = threading.Lock()
+
+    def add(self, now: float, stages: dict[str, dict[str, Any]]) -> None:
+        """Annotate `stages` (as `stats()` returns them) taken at `now` (a monotonic time), and keep them as a
+        snapshot. Counts lower than a snapshot's mean a new run: earlier snapshots are dropped."""
+        counts = {name: (figures["items_in"], figures["items_out"]) for name, figures in stages.items()}
+        with self._lock:
+            snapshots = self._snapshots
+            if snapshots and any(counts.get(name, (0, 0))[1] < out for name, (_, out) in snapshots[-1][1].items()):
+                snapshots.clear()
+            while len(snapshots) > 1 and now - snapshots[1][0] >= self.window:
+                snapshots.popleft()
+            base = snapshots[0] if snapshots and now > snapshots[0][0] else None
+            snapshots.append((now, counts))
+        for name, figures in stages.items():
+            if base is None or name not in base[1]:
+                figures["in_per_s_recent"] = figures["out_per_s_recent"] = None
+                continue
+            seconds, (items_in, items_out) = now - base[0], base[1][name]
+            figures["in_per_s_recent"] = (figures["items_in"] - items_in) / seconds
+            figures["out_per_s_recent"] = (figures["items_out"] - items_out) / seconds
 
 
 def format_table(stats: dict[str, dict[str, Any]]) -> str:

@@ -130,3 +130,35 @@ def test_progress_bar_counts_the_inputs_completed_and_log_lines_print_above_it(t
     assert "item seven looks odd" in err
     line = next(line for line in err.replace("\r", "\n").splitlines() if "item seven looks odd" in line)
     assert line.index("WARNING") < line.index("item seven")  # a whole log line, not cut by the bar
+
+
+def _gated(x: int) -> int:
+    """Items from 20 on wait until the file the test names in GATE_FILE exists (at most a minute)."""
+    deadline = time.monotonic() + 60
+    while x >= 20 and not os.path.exists(os.environ["GATE_FILE"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_a_stalled_stage_shows_a_recent_rate_of_zero(tmp_path, monkeypatch):
+    gate = tmp_path / "gate"
+    monkeypatch.setenv("GATE_FILE", str(gate))  # inherited by the workers, which start after this
+    outputs: list[int] = []
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=2) as cluster:
+        cluster.setup("stall", "1", [_gated])
+        cluster.boot(output_handler=outputs.append)
+        for item in range(40):
+            cluster.feed(item)
+        deadline = time.monotonic() + 30
+        while True:  # some come out (those in batches without a gated item), then nothing: the recent rate falls
+            figures = cluster.stats()["_gated"]  # to 0, the since-start one does not
+            if figures["items_out"] > 0 and figures["out_per_s_recent"] == 0:
+                break
+            assert time.monotonic() < deadline, figures
+            time.sleep(0.2)
+        assert figures["out_per_s"] > 0 and figures["in_per_s_recent"] == 0
+        gate.touch()
+        cluster.wait_empty(30)
+        assert cluster.stats()["_gated"]["items_out"] == 40
+    assert sorted(outputs) == list(range(40))
