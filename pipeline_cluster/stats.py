@@ -128,19 +128,23 @@ class RecentRates:
 
 
 def format_table(stats: dict[str, dict[str, Any]]) -> str:
-    """Render `cluster.stats()` as a plain text table."""
-    header = ("stage", "in", "out", "out/s", "busy", "queued", "dropped", "failed", "retried", "restarts", "workers",
-              "mean ms", "p95 ms")
+    """Render `cluster.stats()` as a plain text table ("out/s" since the start, "now/s" over the last seconds)."""
+    header = ("stage", "in", "out", "out/s", "now/s", "busy", "queued", "dropped", "failed", "retried", "restarts",
+              "workers", "mean ms", "p95 ms")
     rows = [header]
     for name, s in stats.items():
-        rate, busy = s.get("out_per_s"), s.get("busy")
-        rows.append((name, s["items_in"], s["items_out"], "-" if rate is None else f"{rate:,.0f}",
+        busy = s.get("busy")
+        rows.append((name, s["items_in"], s["items_out"], _rate(s.get("out_per_s")), _rate(s.get("out_per_s_recent")),
                      "-" if busy is None else f"{busy:.0%}", s["queued"], s["dropped"], s["failed"], s["retried"],
                      s["restarts"], s["workers"], _ms(s["mean_s"]), _ms(s["p95_s"])))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     lines = ["  ".join(str(cell).rjust(w) if i else str(cell).ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
     return "\n".join(lines)
+
+
+def _rate(per_second: float | None) -> str:
+    return "-" if per_second is None else f"{per_second:,.0f}"
 
 
 def _ms(seconds: float | None) -> str:

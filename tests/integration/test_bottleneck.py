@@ -34,7 +34,7 @@ def test_a_slow_middle_stage_is_named(tmp_path):
     assert stats["slow"]["busy"] > 0.75 > stats["fast"]["busy"]
     assert stats["slow"]["queued"] > 0 and stats["slow"]["out_per_s"] > 0
     table = format_table(stats)
-    assert "out/s" in table and "busy" in table and "queued" in table
+    assert "out/s" in table and "now/s" in table and "busy" in table and "queued" in table
 
 
 def _slow_source(count: int) -> Iterator[int]:
