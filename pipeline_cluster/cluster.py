@@ -42,6 +42,7 @@ from pipeline_cluster.transport.links import LocalLink, NodeLink, RemoteLink
 from pipeline_cluster.verdict import verdict
 
 STATS_REFRESH_SECONDS = 2.0
+TRACEBACK_SHOWN = 4000  # characters of a dead letter's traceback (its end) and message shown live
 LOG_BACKLOG = 10_000  # log records that may wait for the LogActor; more are dropped and counted
 
 _open_clusters: weakref.WeakSet[Cluster] = weakref.WeakSet()
@@ -266,7 +267,14 @@ class Cluster:
             "stages": self.stats() if self._phase is not RunPhase.CLOSED else self._last_stats,
             "verdict": self.verdict() if self._phase is not RunPhase.CLOSED else None,
             "node_figures": self.nodes() if self._phase is not RunPhase.CLOSED else [],
+            "recent_failures": self._recent_failures(),
         }
+
+    def _recent_failures(self) -> list[dict[str, Any]]:
+        """The last few dead letters, newest first, as the dashboard shows them (the traceback's end)."""
+        return [{"stage": letter.stage, "cause": letter.cause, "error_type": letter.error_type,
+                 "message": letter.message[:TRACEBACK_SHOWN], "traceback": letter.traceback[-TRACEBACK_SHOWN:],
+                 "attempts": letter.attempts, "node": letter.node} for letter in self._dead.recent()]
 
     def reset(self) -> dict[str, Any]:
         """Stop the pipeline at once (kill its workers) and forget it; returns what was unfinished.
@@ -446,7 +454,8 @@ class Cluster:
                                  "running": self._phase is RunPhase.RUNNING,
                                  "pipeline": None if self.pipeline is None else self.pipeline.name,
                                  "failures": len(self._dead), "stages": stages,
-                                 "verdict": verdict(stages, outputs_waiting), "node_figures": self.nodes()},
+                                 "verdict": verdict(stages, outputs_waiting), "node_figures": self.nodes(),
+                                 "recent_failures": self._recent_failures()},
                                 self._trouble)
 
     def _next_run_dir(self) -> None:

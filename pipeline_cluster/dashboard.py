@@ -36,8 +36,20 @@ th { border-bottom: 1px solid #999 } td:first-child, th:first-child { text-align
 <h2>nodes</h2>
 <table id="nodes"><thead><tr><th>node</th><th>state</th><th>in flight</th><th>credit</th><th>heard, s ago</th>
 </tr></thead><tbody></tbody></table>
+<h2>recent dead letters</h2>
+<div id="failures"></div>
 <script>
 const query = location.search;
+function esc(text) {
+  return String(text ?? "").replace(/[&<>"']/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;",
+    "'": "&#39;"})[c]);
+}
+function failure(f) {
+  const what = `${f.stage}: ${f.error_type || f.cause}: ${f.message}`;
+  const where = `${f.cause}, ${f.attempts} attempt(s)${f.node ? ", node " + f.node : ""}`;
+  return `<details class="failure"><summary>${esc(what)} (${esc(where)})</summary>` +
+    `<pre>${esc(f.traceback)}</pre></details>`;
+}
 function spark(points) {
   const w = 240, h = 40, top = Math.max(1, ...points);
   const x = i => (i * w / Math.max(1, points.length - 1)).toFixed(1);
@@ -70,6 +82,8 @@ async function refresh() {
   document.querySelector("#nodes tbody").innerHTML = (s.node_figures || []).map(n =>
     `<tr class="node"><td>${n.node}</td><td>${n.state}${n.lost_reason ? ": " + n.lost_reason : ""}</td>` +
     `<td>${n.in_flight}</td><td>${n.credit}</td><td>${n.heartbeat_age_s.toFixed(1)}</td></tr>`).join("");
+  const failures = s.recent_failures || [];
+  document.getElementById("failures").innerHTML = failures.length ? failures.map(failure).join("") : "none";
 }
 refresh(); setInterval(refresh, 1000);
 </script></body></html>

@@ -8,6 +8,7 @@ import secrets
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 from collections.abc import Iterable
@@ -124,6 +125,7 @@ class DeadLetterStore:
     """
 
     OVERFLOW = 10_000
+    LATEST = 10  # letters kept in memory too, for the dashboard's "recent dead letters"
 
     def __init__(self, path: Path, trouble: WriteTrouble) -> None:
         self.path = path
@@ -134,6 +136,7 @@ class DeadLetterStore:
         self.refed: set[int] = set()  # seqs fed again: no longer failures
         self.unwritten: list[DeadLetter] = []  # letters the disk refused
         self.dropped = 0  # letters refused beyond OVERFLOW: only counted
+        self.latest: deque[DeadLetter] = deque(maxlen=self.LATEST)
 
     def __len__(self) -> int:
         return self.stored - len(self.refed) - self.dropped
@@ -144,6 +147,7 @@ class DeadLetterStore:
             for letter in letters:
                 letter.seq = self.stored
                 self.stored += 1
+            self.latest.extend(letters)
             data = "".join(letter.to_json() + "\n" for letter in letters).encode()
             try:
                 append_whole(self.path, data)
@@ -163,6 +167,11 @@ class DeadLetterStore:
                     letters = [DeadLetter.from_json(line.decode()) for line in f if line.endswith(b"\n")]
             letters += self.unwritten
             return [letter for letter in letters if letter.seq not in self.refed]
+
+    def recent(self) -> list[DeadLetter]:
+        """The last few dead letters (at most LATEST) not fed again, newest first, without reading the file."""
+        with self.lock:
+            return [letter for letter in reversed(self.latest) if letter.seq not in self.refed]
 
     def forget(self, letters: Iterable[DeadLetter]) -> None:
         """These letters were fed again: they are failures no more."""

@@ -30,6 +30,13 @@ def slow(x: int) -> int:
     return x
 
 
+def picky(x: int) -> int:
+    """Fails item 7 with markup in its message: the page must show it as text."""
+    if x == 7:
+        raise ValueError("<b>item</b> 7")
+    return x
+
+
 @pytest.mark.timeout(60)
 def test_the_page_its_json_and_metrics_match_the_running_cluster(tmp_path, capfd):
     with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=2, dashboard="127.0.0.1:0") as cluster:
@@ -76,7 +83,7 @@ def test_the_page_renders_and_updates_in_a_real_browser(tmp_path):
     if chromium is None:
         pytest.fail("the browser test needs Debian's chromium: apt-get install -y chromium (.ci/run does)")
     with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=2, dashboard=True) as cluster:
-        results = iter(cluster.run([slow], range(4000)))
+        results = iter(cluster.run([slow, pc.Stage(picky, supervision={"max_attempts": 1})], range(4000)))
         for _ in range(1000):
             next(results)
 
@@ -97,6 +104,9 @@ def test_the_page_renders_and_updates_in_a_real_browser(tmp_path):
     outs = [int(re.search(r'<tr class="stage"><td>slow</td><td>\d+</td><td>(\d+)</td>', dom).group(1))
             for dom in (first, second)]
     assert 1000 <= outs[0] < outs[1]  # it updates as the run goes on
+    for dom in (first, second):  # item 7's dead letter, its markup shown as text, with its traceback
+        assert '<summary>picky: ValueError: &lt;b&gt;item&lt;/b&gt; 7 (exception, 1 attempt(s)' in dom, dom[-3000:]
+        assert "<b>item</b>" not in dom and 'raise ValueError("&lt;b&gt;item&lt;/b&gt; 7")' in dom
     assert (tmp_path / "dashboard.png").stat().st_size > 5000  # kept with the test's files
 
 
