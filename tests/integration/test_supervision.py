@@ -159,12 +159,16 @@ def crash_in_pid_file_worker(x, path):
 
 
 @pytest.mark.timeout(60)
-def test_degrade_goes_on_with_the_workers_left(tmp_path):
+def test_degrade_goes_on_with_the_workers_left(tmp_path, capfd):
     stage = pc.Stage(crash_in_pid_file_worker, args=(str(tmp_path / "pid"),),
                      supervision=pc.Supervision(max_restarts=0, on_exhausted="degrade"))
     with pc.LocalCluster(workers=2, run_dir=str(tmp_path / "run")) as cluster:
         assert sorted(cluster.run([stage], range(50))) == list(range(50))
         assert cluster.stats()["crash_in_pid_file_worker"]["workers"] == 1
+        log = cluster.rundir.log_file
+    said = "stage 'crash_in_pid_file_worker': restart budget exhausted, going on with 1 worker(s)"
+    assert said in capfd.readouterr().err  # the degraded stage is a warning on stderr ...
+    assert said in log.read_text()  # ... and in the run's log
 
 
 def fails_until_fixed(x, flag):
