@@ -5,6 +5,7 @@ that could not be written are counted, and writing resumes when the file takes l
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -51,8 +52,16 @@ class LogActor(Actor):
     @handles(LogTo)
     def on_log_to(self, message: LogTo) -> None:
         self._close()
-        self.path = message.path
+        old, self.path = self.path, message.path
         self._open()
+        if message.move and old and self.file is not None:
+            try:
+                with open(old, encoding="utf-8") as lines:
+                    self.file.write(lines.read())
+                os.unlink(old)
+                os.rmdir(os.path.dirname(old))
+            except OSError:  # the old directory holds more than the log: it stays
+                pass
 
     @handles(Record)
     def on_record(self, record: Record) -> None:

@@ -83,9 +83,9 @@ class RootActor(Actor):
     @handles(Feed)
     def on_feed(self, message: Feed) -> None:
         """Accept root items that enter the pipeline at `stage` (0, or a dead letter's stage when re-fed)."""
-        count = len(message.items)
-        self.backlog.append(Submit(list(range(self.next_rid, self.next_rid + count)), message.items, message.stage))
-        self.next_rid += count
+        first, end = message.first_rid, message.first_rid + len(message.items)
+        self.backlog.append(Submit(list(range(first, end)), message.items, message.stage))
+        self.next_rid = max(self.next_rid, end)
         self._dispatch()
 
     @handles(Pause)

@@ -24,13 +24,20 @@ _EXPORTS = {
     "Stage": "pipeline_cluster.model",
     "Supervision": "pipeline_cluster.model",
     "SSHCluster": "pipeline_cluster.deploy.cluster",
+    "RunSummary": "pipeline_cluster.run",
+    "RunExists": "pipeline_cluster.journal",
+    "IdentityChanged": "pipeline_cluster.journal",
+    "RunLocked": "pipeline_cluster.journal",
 }
-__all__ = sorted(_EXPORTS)
+_SUBMODULES = {"sinks"}  # `pc.sinks.JsonLines`
+__all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"pipeline_cluster.{name}")
     raise AttributeError(f"module 'pipeline_cluster' has no attribute {name!r}")
 
 

@@ -64,8 +64,10 @@ def _lines(path: str) -> Iterator[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run a user's pipeline over the lines of a file, writing outputs as JSON lines."""
+    """Run a user's pipeline over the lines of a file, writing outputs as JSON lines. With --output FILE the run
+    is durable: its id is printed, and `--resume ID` goes on with it after a crash."""
     import pipeline_cluster as pc
+    from pipeline_cluster.rundir import new_run_id, runs_root
     from pipeline_cluster.stats import format_table
 
     sys.path.insert(0, ".")
@@ -74,28 +76,92 @@ def cmd_run(args: argparse.Namespace) -> int:
         pipeline = pipeline()
     if args.cluster and args.workers is not None:
         raise SystemExit("--workers is for the local cluster: with --cluster, set workers in the cluster file")
-    out = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8")
-    try:
-        with (pc.SSHCluster.from_config(args.cluster) if args.cluster else
-              pc.LocalCluster(workers=args.workers)) as cluster:
-            if args.ordered:  # in input order, each with its input's line number (from 1)
-                results = cluster.run(pipeline, _lines(args.input), ordered=True, keyed=True)
-                for index, output in _progress(results, None, "outputs"):
-                    out.write(json.dumps({"line": index + 1, "output": output}, default=repr) + "\n")
-            else:
-                for output in _progress(cluster.run(pipeline, _lines(args.input)), None, "outputs"):
-                    out.write(json.dumps(output, default=repr) + "\n")
-            stats = cluster.stats()
-            said = cluster.verdict()
-            failures = len(cluster.failures())
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    if args.cluster and args.connect:
+        raise SystemExit("give --cluster or --connect, not both")
+    run_id = args.resume or args.run_id
+    if args.resume and not (runs_root() / args.resume / "journal.sqlite").exists():
+        raise SystemExit(f"no run {args.resume!r} to resume in {runs_root()}: start it with --run-id {args.resume}")
+    to_file = args.output not in (None, "-")
+    if to_file and run_id is None:
+        run_id = new_run_id()
+    if run_id is not None:
+        print(f"run {run_id} (after a crash, go on with --resume {run_id})", file=sys.stderr)
+    options: dict[str, Any] = {"run_id": run_id, "resume": bool(args.resume)}
+    with _cluster(args) as cluster:
+        if to_file:
+            encode = _line_and_output if args.ordered else _json_or_repr
+            sink = pc.sinks.JsonLines(args.output, encode=encode)
+            cluster.run(pipeline, _lines(args.input), ordered=args.ordered, keyed=args.ordered, sink=sink,
+                        progress=sys.stderr.isatty(), **options)
+        else:
+            results = cluster.run(pipeline, _lines(args.input), ordered=args.ordered, keyed=args.ordered,
+                                  **options)
+            for output in _progress(results, None, "outputs"):
+                print(_line_and_output(output) if args.ordered else _json_or_repr(output))
+        stats = cluster.stats()
+        said = cluster.verdict()
+        failures = len(cluster.failures())
+        where = "the run's journal (pipeline-cluster runs)" if run_id else "dead_letters.jsonl in the run directory"
     print(format_table(stats), file=sys.stderr)
     print(said, file=sys.stderr)
     if failures:
-        print(f"{failures} item(s) failed: see dead_letters.jsonl in the run directory", file=sys.stderr)
+        print(f"{failures} item(s) failed: see {where}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _cluster(args: argparse.Namespace) -> Any:
+    """The cluster `run` asked for: SSH nodes from a file, running node servers, or this machine."""
+    import pipeline_cluster as pc
+
+    if args.cluster:
+        return pc.SSHCluster.from_config(args.cluster)
+    if args.connect:
+        return pc.Cluster.connect([_address(text) for text in args.connect])
+    return pc.LocalCluster(workers=args.workers)
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"--connect takes HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def _json_or_repr(output: Any) -> str:
+    return json.dumps(output, default=repr)
+
+
+def _line_and_output(pair: tuple[int, Any]) -> str:
+    """An ordered run's output with its input line (from 1)."""
+    return json.dumps({"line": pair[0] + 1, "output": pair[1]}, default=repr)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    """List runs, or remove some (`runs rm ID...`, `runs prune --keep N --older-than AGE`)."""
+    from pipeline_cluster import runs
+
+    if args.action == "rm":
+        if not args.ids:
+            raise SystemExit("runs rm needs the id of the run(s) to remove")
+        for run_id in args.ids:
+            try:
+                print(f"removed {runs.remove_run(run_id)}")
+            except (FileNotFoundError, RuntimeError) as exc:
+                raise SystemExit(str(exc)) from None
+        return 0
+    if args.action == "prune":
+        try:
+            older = runs.parse_age(args.older_than) if args.older_than else None
+            removed = runs.prune_runs(args.keep, older)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        print(f"removed {len(removed)} run(s)" + (": " + ", ".join(removed) if removed else ""))
+        return 0
+    if args.action is not None:
+        raise SystemExit(f"unknown runs action {args.action!r}: use rm or prune (or nothing, to list)")
+    listed = runs.list_runs()
+    print(runs.format_runs(listed) if listed else f"no runs in {runs.runs_root()}")
+    return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -231,7 +297,27 @@ def build_parser() -> argparse.ArgumentParser:
                      help='outputs in input order, each as {"line": N, "output": ...} (N: its input line, from 1)')
     run.add_argument("--cluster", default=None, metavar="FILE",
                      help="run on the nodes of this cluster.toml, started over SSH (default: this machine)")
+    run.add_argument("--connect", action="append", default=[], metavar="HOST:PORT",
+                     help="run on this running node server (`pipeline-cluster node`); repeat for more")
+    durable = run.add_mutually_exclusive_group()
+    durable.add_argument("--run-id", default=None, metavar="ID",
+                         help="name the run (a journal in its run directory records what is done; with --output "
+                              "FILE every run has one)")
+    durable.add_argument("--resume", default=None, metavar="ID",
+                         help="go on with run ID after a crash: complete inputs are skipped and --output is cut "
+                              "back to its last commit, so it holds each output exactly once")
     run.set_defaults(func=cmd_run)
+
+    runs = sub.add_parser("runs", help="list runs (state, inputs done, dead letters), or remove them",
+                          description="`runs` lists the runs under the runs directory, newest first; `runs rm ID` "
+                                      "removes one; `runs prune --keep N --older-than 7d` removes runs that are "
+                                      "neither among the newest N nor changed within 7 days. Running runs stay.")
+    runs.add_argument("action", nargs="?", choices=["rm", "prune"], default=None)
+    runs.add_argument("ids", nargs="*", help="run ids (for rm)")
+    runs.add_argument("--keep", type=int, default=None, help="prune: keep the newest N runs")
+    runs.add_argument("--older-than", default=None, metavar="AGE",
+                      help="prune: remove runs not changed for AGE (90s, 30m, 12h, 7d, 2w)")
+    runs.set_defaults(func=cmd_runs)
 
     node = sub.add_parser("node", help="run a node server that roots connect to",
                           description="Host the stages of a pipeline for a root (pc.Cluster.connect or "

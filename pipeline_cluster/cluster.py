@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, overload
 from collections.abc import Callable, Iterable, Sequence, Sized
 
 import pykka
@@ -27,15 +27,18 @@ from pipeline_cluster.actors.root import RootActor
 from pipeline_cluster.alerts import Alerts
 from pipeline_cluster.config import load_toml, stage_overrides
 from pipeline_cluster.dashboard import Dashboard
+from pipeline_cluster.durable import DurableRun
 from pipeline_cluster.errors import ClusterError
+from pipeline_cluster.journal import Journal, check_run_id
 from pipeline_cluster.logs.records import Record
 from pipeline_cluster.logs.route import LogClient, attach_local, detach_local, make_record
 from pipeline_cluster.messages import (AddNode, Begin, Boot, DeadLetter, Feed, Kill, LogTo, NodeLoad, Pause, Resize,
                                        Setup, Shutdown, Stats, Unfinished)
 from pipeline_cluster.model import Pipeline, as_pipeline
 from pipeline_cluster.placement import Placement, make_placement, start_thread
-from pipeline_cluster.run import FEED_CHUNK, Feeder, Results, RunPhase, RunState
-from pipeline_cluster.rundir import DeadLetterStore, RunDir, WriteTrouble
+from pipeline_cluster.run import FEED_CHUNK, Feeder, Results, RunPhase, RunState, RunSummary
+from pipeline_cluster.rundir import DeadLetterStore, RunDir, WriteTrouble, new_run_id, runs_root
+from pipeline_cluster.sinks import Sink
 from pipeline_cluster.stats import RecentRates, StageStats
 from pipeline_cluster.transport.auth import resolve_authkey
 from pipeline_cluster.transport.links import LocalLink, NodeLink, RemoteLink
@@ -86,7 +89,8 @@ class Cluster:
         self.log_ref = LogActor.start(log_file or str(self.rundir.log_file), log_stderr, placement=self.placement,
                                       forward=forward, trouble=self._trouble, room=self._log_room)
         attach_local(self.log_sink, node="root")
-        self._dead = DeadLetterStore(self.rundir.dead_letter_file, self._trouble)
+        self._dead: DeadLetterStore | DurableRun = DeadLetterStore(self.rundir.dead_letter_file, self._trouble)
+        self._durable: DurableRun | None = None  # the running run's journal side, when it has one
         self._dead_alerts = Alerts(self._warn, "item(s) dead-lettered")
         self.root = RootActor.start(credit, self._on_dead_letters, self.placement, self._warn)
         self.links: list[NodeLink] = []
@@ -186,13 +190,16 @@ class Cluster:
         self._check_running()
         self._feed_chunks(items, 0)
 
-    def _feed_chunks(self, items: Sequence[Any], stage: int) -> None:
+    def _feed_chunks(self, items: Sequence[Any], stage: int, letters: Sequence[DeadLetter] = ()) -> None:
+        """Feed items in chunks as room allows; `letters`: the dead letters they are, when fed again."""
         state = self.state
         for start in range(0, len(items), FEED_CHUNK):
             chunk = list(items[start:start + FEED_CHUNK])
             state.wait(lambda: state.room() > 0, what="room to feed")
-            state.fed_items(len(chunk))
-            self.root.tell(Feed(chunk, stage))
+            first_rid = state.fed_items(len(chunk))
+            if letters and self._durable is not None:
+                self._durable.refeeding(first_rid, list(letters[start:start + FEED_CHUNK]))
+            self.root.tell(Feed(chunk, first_rid, stage))
 
     def wait_input(self, timeout: float | None = None) -> None:
         """Wait until every fed item has been handed to a node."""
@@ -347,8 +354,20 @@ class Cluster:
 
     # -- the streaming interface ---------------------------------------------------------------------------------
 
+    @overload
     def run(self, pipeline: Any, inputs: Iterable[Any], *, ordered: bool = False, keyed: bool = False,
-            window: int | None = None, progress: bool = False) -> Results:
+            window: int | None = None, progress: bool = False, run_id: str | None = None,
+            resume: bool | str = False, key: Callable[[Any], Any] | None = None, sink: None = None) -> Results: ...
+
+    @overload
+    def run(self, pipeline: Any, inputs: Iterable[Any], *, ordered: bool = False, keyed: bool = False,
+            window: int | None = None, progress: bool = False, run_id: str | None = None,
+            resume: bool | str = False, key: Callable[[Any], Any] | None = None, sink: Sink) -> RunSummary: ...
+
+    def run(self, pipeline: Any, inputs: Iterable[Any], *, ordered: bool = False, keyed: bool = False,
+            window: int | None = None, progress: bool = False, run_id: str | None = None,
+            resume: bool | str = False, key: Callable[[Any], Any] | None = None,
+            sink: Sink | None = None) -> Results | RunSummary:
         """Run `pipeline` over `inputs` (read lazily); returns an iterator of outputs.
 
         Outputs come in completion order; `ordered=True` gives them in input order (an input's own outputs in the
@@ -357,6 +376,13 @@ class Cluster:
         without bound. `keyed=True` gives each output as `(input_index, output)`, counting inputs from 0.
         `progress=True` shows a bar of the inputs completed on stderr (out of their number, when `inputs` has a
         length); log lines print above it.
+
+        Durable runs: with `run_id` the run keeps a journal in its run directory, and `resume=True` goes on with
+        that run after a crash, skipping the inputs it completed (`resume="force"` even when the pipeline's code or
+        settings changed). Inputs are known by their position in `inputs` (which must then give the same items in
+        the same order again, as a file does), or by `key(input)`. With `sink` (say `sinks.JsonLines(path)`) the
+        outputs go there, committed with the journal so each is written exactly once, and `run` returns a
+        RunSummary when the run ends.
         """
         self._check_open()
         if self._phase is RunPhase.RUNNING:
@@ -365,18 +391,54 @@ class Cluster:
             raise TypeError(f"inputs must be an iterable of items, got {type(inputs).__name__}")
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ValueError(f"window must be a positive int (or None: the nodes' credit), got {window!r}")
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be a function of an input, got {key!r}")
         self.setup(pipeline=pipeline, keyed=ordered or keyed)
         self._handler_mode = False
-        self._start_run()
+        durable = None
+        if run_id is not None or resume or key is not None or sink is not None:
+            durable = self._start_durable(run_id, resume, key, sink)
+            inputs = durable.inputs(inputs)
+        self._start_run(durable)
         state = self.state
         state.window = window
-        feeder = Feeder(iter(inputs), state, lambda chunk: self.root.tell(Feed(chunk)), self._stop, self.placement)
+
+        def send(chunk: list, first_rid: int) -> None:
+            if durable is not None:
+                durable.fed(first_rid, len(chunk))
+            self.root.tell(Feed(chunk, first_rid))
+
+        feeder = Feeder(iter(inputs), state, send, self._stop, self.placement)
         self._threads += feeder.start()
         bar = None
         if progress:
-            total = len(inputs) if isinstance(inputs, Sized) else None
-            bar = tqdm(total=total, unit="input", desc=self.pipeline.name if self.pipeline else None)
-        return Results(state, lambda finished: self._end_results(state, finished), ordered, keyed, bar)
+            total = len(inputs) if isinstance(inputs, Sized) else durable.total if durable is not None else None
+            bar = tqdm(total=total, initial=0 if durable is None else durable.complete, unit="input",
+                       desc=self.pipeline.name if self.pipeline else None)
+        results = Results(state, lambda finished: self._end_results(state, finished), ordered, keyed, bar, durable)
+        if sink is None:
+            return results
+        assert durable is not None
+        results.drain(durable.wrote, sink.write)
+        return RunSummary(self.run_id, durable.complete, durable.total, durable.outputs, len(durable))
+
+    def _start_durable(self, run_id: str | None, resume: bool | str, key: Callable[[Any], Any] | None,
+                       sink: Sink | None) -> DurableRun:
+        """Open (or create) the run's journal; a bad run id, a run that exists, or a changed pipeline raise here,
+        before any worker starts."""
+        if run_id is None and resume:
+            raise ValueError("resume needs the run_id of the run to go on with")
+        run_id = new_run_id() if run_id is None else check_run_id(run_id)
+        assert self.pipeline is not None
+        journal = Journal.start(runs_root() / run_id, self.pipeline, resume, by_key=key is not None)
+        try:
+            durable = DurableRun(journal, key, sink, lambda: self.state.capacity, self._trouble)
+        except BaseException:
+            journal.close()
+            raise
+        if durable.finished_before:
+            self._warn(f"run {run_id} finished before ({durable.complete} input(s) complete): nothing to do")
+        return durable
 
     # -- internals -----------------------------------------------------------------------------------------------
 
@@ -399,7 +461,7 @@ class Cluster:
             if self._phase is RunPhase.RUNNING and self.state is state:
                 self._finish_run(graceful=False)
 
-    def _start_run(self) -> None:
+    def _start_run(self, durable: DurableRun | None = None) -> None:
         self._check_open()
         if self._phase is not RunPhase.SETUP:
             raise ClusterError("call setup() before boot()" if self._phase is RunPhase.IDLE else
@@ -408,7 +470,7 @@ class Cluster:
         self.state = RunState(self.placement, on_fail=self._run_failed)
         self._last_error = None
         self.outputs = []
-        self._next_run_dir()
+        self._next_run_dir(durable)
         self._stop.clear()
         self._paused = False
         self.state.first_rid = ask(self.root, Begin(self.state, [stage.name for stage in self.pipeline.stages]))
@@ -458,23 +520,31 @@ class Cluster:
                                  "recent_failures": self._recent_failures()},
                                 self._trouble)
 
-    def _next_run_dir(self) -> None:
+    def _next_run_dir(self, durable: DurableRun | None) -> None:
         """Give a run after the first a run directory of its own (the first has the one made with the cluster):
-        a new run id, or, under a `run_dir` the user chose, that path with `-2`, `-3`, ... added."""
+        a new run id, or, under a `run_dir` the user chose, that path with `-2`, `-3`, ... added. A durable run
+        uses its journal's directory, and its dead letters live in the journal."""
         self._runs += 1
-        if self._runs == 1:
+        self._durable = durable
+        first_dir_unused = self._runs == 1 and self._run_dir_option is None
+        if durable is not None:
+            self.rundir = RunDir(run_id=durable.journal.path.name)
+            self._dead = durable
+        elif self._runs == 1:
             return
-        if self._run_dir_option is None:
+        elif self._run_dir_option is None:
             self.rundir = RunDir()
         else:
             base = str(self._run_dir_option).rstrip("/")
             self.rundir = RunDir(f"{base}-{self._runs}", run_id=f"{os.path.basename(base)}-{self._runs}")
-        self._dead = DeadLetterStore(self.rundir.dead_letter_file, self._trouble)
-        if self._log_file_option is None:
-            self.log_ref.tell(LogTo(str(self.rundir.log_file)))
+        if durable is None:
+            self._dead = DeadLetterStore(self.rundir.dead_letter_file, self._trouble)
+        if self._log_file_option is None:  # the first run's directory made with the cluster goes, unused
+            self.log_ref.tell(LogTo(str(self.rundir.log_file), move=durable is not None and first_dir_unused))
 
     def _finish_run(self, graceful: bool | None) -> int:
         """Stop the running pipeline: gracefully, at once (False), or gracefully only if nothing is left (None)."""
+        error_before = self.state.error
         try:
             self._last_stats = self.stats()
         except Exception:
@@ -497,6 +567,10 @@ class Cluster:
                 thread.join(timeout=5)
         self._threads.clear()
         self._write_stats()
+        if self._durable is not None:
+            durable, self._durable = self._durable, None
+            failed = error_before is not None or self.state.input_error is not None
+            durable.finish("failed" if failed else "finished" if self.state.finished() else "stopped")
         self._dead_alerts.flush()
         if self._log_dropped:
             dropped, self._log_dropped = self._log_dropped, 0
@@ -547,11 +621,11 @@ class Cluster:
                 raise ValueError(f"dead letter from stage {letter.stage!r} does not belong to pipeline "
                                  f"{self.pipeline.name!r} (stages {names})")
         self._dead.forget(chosen)
-        by_stage: dict[int, list] = {}
+        by_stage: dict[int, list[DeadLetter]] = {}
         for letter in chosen:
-            by_stage.setdefault(letter.stage_index, []).append(letter.item)
-        for stage, items in sorted(by_stage.items()):
-            self._feed_chunks(items, stage)
+            by_stage.setdefault(letter.stage_index, []).append(letter)
+        for stage, stage_letters in sorted(by_stage.items()):
+            self._feed_chunks([letter.item for letter in stage_letters], stage, stage_letters)
         return len(chosen)
 
     def _on_dead_letters(self, letters: list[DeadLetter]) -> None:

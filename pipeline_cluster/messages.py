@@ -48,7 +48,8 @@ class DeadLetter:
     time: float = field(default_factory=time.time)
     rid: int | None = None
     refeedable: bool = True  # False when `item` is only a repr (the item itself could not be pickled)
-    seq: int | None = None  # its place in the run's dead-letter file
+    seq: int | None = None  # its place in the run's dead-letter file (or journal)
+    input_id: Any = None  # in a durable run: the input it came from (its position, or its key= value)
 
     def to_json(self) -> str:
         """One JSON line for the run directory's dead-letter file. An item that is not JSON is shown as its repr,
@@ -195,9 +196,11 @@ class Begin(NamedTuple):
 
 
 class Feed(NamedTuple):
-    """Root items from the caller; `stage` > 0 for dead letters fed again into the stage they failed in."""
+    """Root items from the caller, numbered from `first_rid` by the run that fed them; `stage` > 0 for dead letters
+    fed again into the stage they failed in."""
 
     items: list
+    first_rid: int
     stage: int = 0
 
 
@@ -426,9 +429,11 @@ class StopWorker(NamedTuple):
 # -- to the LogActor (besides log records) ---------------------------------------------------------------------------
 
 class LogTo(NamedTuple):
-    """Write the log to this file from now on (a new run's directory)."""
+    """Write the log to this file from now on (a new run's directory); `move` the lines written so far there too,
+    and remove the old file's directory if that leaves it empty."""
 
     path: str
+    move: bool = False
 
 
 # -- root <-> node connection frames ----------------------------------------------------------------------------------

@@ -10,11 +10,14 @@ import queue
 import threading
 import time
 from itertools import chain
-from typing import Any, NamedTuple
-from collections.abc import Callable, Generator, Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Generator, Iterator, Sequence
 
 from pipeline_cluster.errors import ClusterError, InputFailed
 from pipeline_cluster.placement import Placement, start_thread
+
+if TYPE_CHECKING:
+    from pipeline_cluster.durable import DurableRun
 
 FEED_CHUNK = 1024  # items per message from the feeder (or feed()) to the root
 FLUSH_SECONDS = 0.002  # a partial chunk goes out this long after its first item, even while the input blocks
@@ -65,12 +68,15 @@ class RunState:
         if self._waiters:
             self._cond.notify_all()
 
-    def fed_items(self, n: int) -> None:
-        """`n` root items were accepted and wait at the root."""
+    def fed_items(self, n: int) -> int:
+        """`n` root items were accepted and wait at the root; returns the root item id of the first (root items are
+        numbered in the order they are fed, from `first_rid`)."""
         with self._cond:
+            first = self.first_rid + self.fed
             self.fed += n
             self.at_root += n
             self._changed()
+        return first
 
     def sent_to_nodes(self, n: int) -> None:
         """`n` root items left the root for nodes (negative: a lost node's items came back)."""
@@ -173,16 +179,29 @@ class RunState:
                 return self._outputs.get()
 
 
+class RunSummary(NamedTuple):
+    """How a durable run into a sink ended: its id, inputs complete (and their number, once known), outputs
+    written and dead letters, counting earlier attempts of the run."""
+
+    run_id: str
+    complete: int
+    total: int | None
+    outputs: int
+    failures: int
+
+
 class Results:
     """The outputs of `cluster.run(...)`: in completion order, or in input order (`ordered`), each as
     `(input_index, output)` when `keyed`. Leaving the loop early (or `close()`) stops the run."""
 
     def __init__(self, state: RunState, on_end: Callable[[bool], None], ordered: bool = False,
-                 keyed: bool = False, progress: Any = None) -> None:
-        """`progress`: a tqdm bar to advance by the inputs completed."""
+                 keyed: bool = False, progress: Any = None, durable: DurableRun | None = None) -> None:
+        """`progress`: a tqdm bar to advance by the inputs completed; `durable`: the run's journal side, told
+        which inputs are complete (and, for keyed output, what each input's index is)."""
         self._current: list[list] = [[]]  # the batch being handed out, so close() can cut it short
         arrange = _in_order if ordered else _keyed if keyed else None
-        self._batches = _batches(state, self._current, on_end, arrange, keyed, progress)
+        index = durable.ids.input_id if durable is not None else None
+        self._batches = _batches(state, self._current, on_end, arrange, keyed, progress, durable, index)
         self._outputs = chain.from_iterable(self._batches)  # Python runs once per batch, not per output (W1)
 
     def __iter__(self) -> Iterator[Any]:
@@ -196,40 +215,51 @@ class Results:
         self._current[0].clear()  # the batch's list iterator inside chain stops at its next step
         self._batches.close()
 
+    def drain(self, before: Callable[[], None], write: Callable[[list], None]) -> None:
+        """Hand every batch of outputs to `write` (calling `before` first each time) until the run ends."""
+        for outputs in self._batches:
+            before()
+            write(outputs)
 
-Arrange = Callable[[Delivery, RunState, dict[int, list], bool], tuple[list, int]]
+
+Index = Callable[[int], Any]  # root item id -> the input index keyed output shows
+Arrange = Callable[[Delivery, RunState, dict[int, list], bool, Index], tuple[list, Sequence[int]]]
 
 
-def _keyed(delivery: Delivery, state: RunState, held: dict[int, list], keyed: bool) -> tuple[list, int]:
+def _keyed(delivery: Delivery, state: RunState, held: dict[int, list], keyed: bool,
+           index: Index) -> tuple[list, Sequence[int]]:
     """Outputs as (input index, output), in completion order; every finished root item is consumed at once."""
-    base = state.first_rid
-    return [(rid - base, output) for rid, output in zip(delivery.rids or (), delivery.outputs)], len(delivery.done)
+    return [(index(rid), output) for rid, output in zip(delivery.rids or (), delivery.outputs)], delivery.done
 
 
-def _in_order(delivery: Delivery, state: RunState, held: dict[int, list], keyed: bool) -> tuple[list, int]:
+def _in_order(delivery: Delivery, state: RunState, held: dict[int, list], keyed: bool,
+              index: Index) -> tuple[list, Sequence[int]]:
     """The outputs of the next root items in input order, as far as they are finished; later ones wait in `held`
     (bounded: they are not consumed yet, so they count against the room to feed)."""
     for rid in delivery.done:
         held.setdefault(rid, [])
     for rid, output in zip(delivery.rids or (), delivery.outputs):
         held[rid].append(output)
-    base = state.first_rid
     ready: list = []
-    rid = base + state.consumed
+    first = rid = state.first_rid + state.consumed
     while rid in held:
         outputs = held.pop(rid)
-        ready.extend([(rid - base, output) for output in outputs] if keyed else outputs)
+        ready.extend([(index(rid), output) for output in outputs] if keyed else outputs)
         rid += 1
-    return ready, rid - base - state.consumed
+    return ready, range(first, rid)
 
 
 def _batches(state: RunState, current: list[list], on_end: Callable[[bool], None], arrange: Arrange | None,
-             keyed: bool, progress: Any) -> Generator[list, None, None]:
+             keyed: bool, progress: Any, durable: DurableRun | None,
+             index: Index | None) -> Generator[list, None, None]:
     """Yield lists of outputs until every input is done; a root item's outputs count as consumed once the caller
     asks for what follows them. A module-level generator, so nothing refers back to it: when the caller's loop lets
     go of it (break, an exception), CPython closes it at once and `on_end(finished)` stops the run."""
     finished = False
     held: dict[int, list] = {}  # ordered output: finished root items waiting for earlier ones
+    if index is None:
+        base = state.first_rid
+        index = lambda rid: rid - base  # noqa: E731 (inputs are numbered in order from the run's first root item)
     try:
         while True:
             if state.error is not None:
@@ -242,15 +272,18 @@ def _batches(state: RunState, current: list[list], on_end: Callable[[bool], None
             delivery = state.next_delivery()
             if delivery is None:
                 continue
+            done: Sequence[int]
             if arrange is None:
-                outputs, roots = delivery.outputs, len(delivery.done)
+                outputs, done = delivery.outputs, delivery.done
             else:
-                outputs, roots = arrange(delivery, state, held, keyed)
+                outputs, done = arrange(delivery, state, held, keyed, index)
             current[0] = outputs
             yield outputs
-            state.consume(roots)
+            state.consume(len(done))
+            if durable is not None:
+                durable.completed(done, len(outputs))
             if progress is not None:
-                progress.update(roots)
+                progress.update(len(done))
     finally:
         if progress is not None:
             progress.close()
@@ -266,7 +299,7 @@ class Feeder:
     only the puller replaces the chunk, so nothing is sent twice or skipped.
     """
 
-    def __init__(self, inputs: Iterator[Any], state: RunState, send: Callable[[list], None],
+    def __init__(self, inputs: Iterator[Any], state: RunState, send: Callable[[list, int], None],
                  stop: threading.Event, placement: Placement) -> None:
         self.inputs = inputs
         self.state = state
@@ -353,8 +386,8 @@ class Feeder:
         end = len(self.chunk)
         items = self.chunk[self.sent:end]
         if items and not self.stop.is_set():
-            self.state.fed_items(len(items))  # before `sent` moves: room is never overcounted
+            first_rid = self.state.fed_items(len(items))  # before `sent` moves: room is never overcounted
             self.sent = end
-            self.send(items)
+            self.send(items, first_rid)
         else:
             self.sent = end
