@@ -28,7 +28,7 @@ def _row(workload: str, system: str, trials: list[dict[str, Any]]) -> dict[str, 
         return row
     row["rounds"] = len(main)
     row["median"] = medians(main)
-    if workload == "W5":
+    if workload in ("W5", "W10"):
         small = {t["round"]: t for t in good if t.get("variant") == "small"}
         pairs = [(t, small[t["round"]]) for t in main if t["round"] in small]
         if not pairs:
@@ -75,7 +75,7 @@ def _figure(row: dict[str, Any]) -> str:
         return f"{value:,.0f} MB/s"
     if row["workload"] == "W4":
         return f"p50 {med['p50_ms']:.3f} / p99 {med['p99_ms']:.3f} ms"
-    if row["workload"] == "W5":
+    if row["workload"] in ("W5", "W10"):
         return f"RSS ratio {value:.2f}"
     return f"efficiency {value:.2f}"
 
@@ -91,6 +91,15 @@ def _notes(row: dict[str, Any]) -> str:
             notes.append("two pool.apply calls per item; chunksize does not apply")
         elif system == "localdash":
             notes.append("with the dashboard, its figures fetched once a second")
+        elif system == "localjournal":
+            notes.append("durable run (run_id): the journal, outputs iterated")
+        elif system == "localfile":
+            notes.append("outputs iterated and written as JSON lines by the caller; no journal")
+        elif system == "localsink":
+            notes.append("durable run into pc.sinks.JsonLines: journal and file committed together")
+        elif workload == "W10":
+            notes.append(f"peak RSS {med['peak_rss_mb']:.0f} MB with {med['dead_letters']:,.0f} dead letters, "
+                         f"{row['small']['peak_rss_mb']:.0f} MB with {row['small']['dead_letters']:,.0f}")
         elif system == "localev":
             notes.append("awaited on the caller's own Event, set by the output handler")
         elif workload == "W8" and system in ("local", "node"):

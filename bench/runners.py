@@ -115,6 +115,37 @@ def _drain(outputs: Iterable[Any], timing: StreamTiming, tally: bool, expected: 
     timing.outputs, timing.total = count, total
 
 
+def _drain_to_file(outputs: Iterable[Any], file: Any, timing: StreamTiming, expected: int) -> None:
+    """Write every output to `file` as a JSON line, as a caller without a sink would; stamp as `_drain` does."""
+    count = 0
+    for output in outputs:
+        file.write(json.dumps(output) + "\n")
+        count += 1
+        if count == 1:
+            timing.first_output = time.perf_counter()
+        if count == expected:
+            _stamp_last(timing)
+    if count != expected:
+        _stamp_last(timing)
+    timing.outputs = count
+
+
+class _TimedJsonLines(pc.sinks.JsonLines):
+    """The JSON-lines sink, stamping the first and the `expected`-th output as `_drain` does."""
+
+    def __init__(self, path: str, timing: StreamTiming, expected: int) -> None:
+        super().__init__(path)
+        self.timing, self.expected, self.count = timing, expected, 0
+
+    def write(self, outputs: list) -> None:
+        super().write(outputs)
+        if outputs and not self.count:
+            self.timing.first_output = time.perf_counter()
+        self.count += len(outputs)
+        if self.count >= self.expected and not self.timing.last_output:
+            _stamp_last(self.timing)
+
+
 def _stamp_last(timing: StreamTiming) -> None:
     """Mark the last output's arrival: the wall clock, and this process's CPU time for W6's root figure."""
     timing.last_output = time.perf_counter()
@@ -164,8 +195,9 @@ class ClusterRunner:
     """
 
     def __init__(self, run_dir: str, own_event: bool = False, placement: bool = False,
-                 workers: int | None = None, dashboard: bool = False) -> None:
+                 workers: int | None = None, dashboard: bool = False, output: str | None = None) -> None:
         self.run_dir = run_dir
+        self.output = output  # None, or a durable run's outputs: "journal", "file" (no journal), "sink"
         self.own_event = own_event
         self.placement = placement
         self.workers = workers  # per stage, overriding the workload's concurrency
@@ -183,8 +215,20 @@ class ClusterRunner:
         """`cluster.run(pipeline, inputs)`, consumed to the end (`expected` outputs)."""
         timing = StreamTiming(time.perf_counter())
         with self.make_cluster() as cluster, _watched(cluster.dashboard_url):
-            _drain(cluster.run(pipeline_of(workload, self.workers), _tapped(inputs, timing)), timing, workload.tally,
-                   expected)
+            pipeline, tapped = pipeline_of(workload, self.workers), _tapped(inputs, timing)
+            path = os.path.join(self.run_dir, f"outputs-{next(self._runs)}.jsonl")
+            if self.output == "sink":
+                sink = _TimedJsonLines(path, timing, expected)
+                cluster.run(pipeline, tapped, run_id=f"bench-{os.path.basename(path)}", sink=sink)
+                timing.outputs = sink.count
+            elif self.output == "file":
+                with open(path, "w") as file:
+                    _drain_to_file(cluster.run(pipeline, tapped), file, timing, expected)
+            elif self.output == "journal":
+                _drain(cluster.run(pipeline, tapped, run_id=f"bench-{os.path.basename(path)}"), timing,
+                       workload.tally, expected)
+            else:
+                _drain(cluster.run(pipeline, tapped), timing, workload.tally, expected)
         return timing
 
     def latency(self, workload: Workload, count: int) -> LatencyTiming:

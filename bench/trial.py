@@ -17,8 +17,9 @@ from typing import Any
 from collections.abc import Iterator
 
 from . import runners
-from .workloads import (NAP_SECONDS, PAYLOAD_BYTES, W6_NODES, W6_WORKERS_PER_NODE, WORKLOADS, Workload,
-                             burn_inputs, calibrate_burn, ints, payloads, time_burn)
+from .workloads import (DURABLE_SYSTEMS, NAP_SECONDS, PAYLOAD_BYTES, W6_NODES, W6_WORKERS_PER_NODE,
+                        W10_SMALL_FAILURES, WORKLOADS, Workload, burn_inputs, calibrate_burn, fail_every, ints,
+                        payloads, time_burn)
 
 RESULT_PREFIX = "BENCHRESULT "
 NODE_HOST = "127.0.0.2"
@@ -28,9 +29,10 @@ NODE_HOST = "127.0.0.2"
 def runner_for(system: str, workload: Workload, tmp: str, placement: bool) -> Iterator[Any]:
     """The runner of `system`; for "node", one node server on loopback that is stopped afterwards."""
     cores = os.cpu_count() or 1
-    if system in ("local", "localev", "localw64", "localdash"):
+    if system in ("local", "localev", "localw64", "localdash") + DURABLE_SYSTEMS:
         yield runners.LocalRunner(tmp, own_event=system == "localev", placement=placement,
-                                  workers=64 if system == "localw64" else None, dashboard=system == "localdash")
+                                  workers=64 if system == "localw64" else None, dashboard=system == "localdash",
+                                  output=system[len("local"):] if system in DURABLE_SYSTEMS else None)
     elif system == "node":
         with runners.node_servers([NODE_HOST], cores, tmp, placement) as addresses:
             yield runners.NodeRunner(tmp, addresses, placement)
@@ -155,6 +157,24 @@ def scale_out_trial(workload: Workload, count: int, tmp: str, placement: bool) -
     return result
 
 
+def dead_letter_trial(count: int, failures: int, tmp: str, placement: bool) -> dict[str, Any]:
+    """W10: a durable run of `count` inputs of which `failures` fail (every one is tried once): dead letters go to
+    the journal, so peak RSS (measured by the harness) should not grow with their number."""
+    import pipeline_cluster as pc
+
+    step = max(1, count // failures)
+    stage = pc.Stage(fail_every, supervision={"max_attempts": 1})
+    started = time.perf_counter()
+    with pc.LocalCluster(placement=placement) as cluster:
+        outputs = sum(1 for _ in cluster.run([stage], ((n, step) for n in range(count)), run_id="w10"))
+        letters = len(cluster.failures())
+    elapsed = time.perf_counter() - started
+    if outputs + letters != count:
+        raise AssertionError(f"W10: {outputs} outputs and {letters} dead letters for {count} inputs")
+    return {"outputs": outputs, "dead_letters": letters, "startup_s": 0.0, "elapsed_s": elapsed,
+            "items_per_s": count / elapsed, "figure": count / elapsed}
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     """Run the trial that `spec` names (workload, system, inputs) with a private temp run dir."""
     workload = WORKLOADS[spec["workload"]]
@@ -162,12 +182,16 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     count = int(spec["inputs"])
     placement = bool(spec.get("placement", False))
     with tempfile.TemporaryDirectory(prefix="pcbench-") as tmp:
+        os.environ["XDG_CACHE_HOME"] = tmp  # durable runs' journals go under the trial's temp dir, not ~/.cache
         if workload.name == "W6":
             return scale_out_trial(workload, count, tmp, placement)
         if workload.name == "W9":
             return autoscale_trial(workload, count, tmp, placement)
         if workload.name == "W4":
             return latency_trial(workload, system, count, tmp, placement)
+        if workload.name == "W10":
+            return dead_letter_trial(count, W10_SMALL_FAILURES if spec["variant"] == "small" else count, tmp,
+                                     placement)
         return stream_trial(workload, system, count, tmp, placement)
 
 

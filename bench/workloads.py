@@ -42,6 +42,14 @@ def io_wait(x: Any) -> Any:
     return x
 
 
+def fail_every(x: tuple[int, int]) -> int:
+    """W10: raise for every input whose number is a multiple of its step (the input is (number, step))."""
+    number, step = x
+    if number % step == 0:
+        raise ValueError(f"input {number} fails on purpose")
+    return number
+
+
 def light_wait(x: Any) -> Any:
     """W9 stage 1: 1 ms of waiting."""
     time.sleep(IO_SECONDS / 10)
@@ -139,13 +147,16 @@ STANDARD_SYSTEMS = ("local", "node", "pool1", "pooltuned", "loop")
 # W4 only: "localev" awaits each item on the caller's own Event (set by the output handler) rather than in
 # cluster.wait_empty()
 LATENCY_SYSTEMS = ("local", "localev", "localw64", "node", "pool1", "pooltuned", "loop")
-# W1 only: "localdash" serves the dashboard, its figures fetched once a second as an open page does
-ALL_SYSTEMS = LATENCY_SYSTEMS + ("localdash",)
+# W1 only: "localdash" serves the dashboard, its figures fetched once a second as an open page does; durable runs:
+# "localjournal" with a journal (outputs iterated), "localfile" iterating and writing JSON lines to a file itself
+# (no journal), "localsink" with a journal and the JSON-lines file sink
+DURABLE_SYSTEMS = ("localjournal", "localfile", "localsink")
+ALL_SYSTEMS = LATENCY_SYSTEMS + ("localdash",) + DURABLE_SYSTEMS
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("W1", "tiny: generator x -> (x, x), then identity", 200_000,
-             ((pair, True), (identity, False)), pair_identity, True, 500, STANDARD_SYSTEMS + ("localdash",),
-             "outputs/s"),
+             ((pair, True), (identity, False)), pair_identity, True, 500,
+             STANDARD_SYSTEMS + ("localdash",) + DURABLE_SYSTEMS, "outputs/s"),
     Workload("W2", "cpu: ~10 ms pure-Python CPU per item", 400,
              ((burn, False),), burn, False, 10, STANDARD_SYSTEMS, "efficiency", tally=True),
     Workload("W3", "payload: identity on 100 KB bytes", 2_000,
@@ -161,9 +172,12 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("W8", "I/O: 10 ms of waiting per item, 64 at a time", 2_000,
              ((io_wait, False),), io_wait, False, 1, ("local", "localw64", "node", "pooltuned"), "items/s",
              concurrency=IO_WAYS, pool_processes=IO_WAYS),
+    Workload("W10", "dead letters: a durable run of 100,000 inputs that all fail vs one where 100 do", 100_000,
+             ((fail_every, False),), None, False, 1, ("local",), "RSS ratio"),
 )}
 
 W5_SMALL_INPUTS = 10_000
+W10_SMALL_FAILURES = 100
 
 
 def scaled(count: int, scale: float) -> int:

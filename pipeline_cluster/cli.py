@@ -182,7 +182,11 @@ def _summary(name: str, snapshot: dict[str, Any]) -> str:
     from pipeline_cluster.stats import format_table
 
     state = "running" if snapshot.get("running") else "finished"
-    lines = [f"run {name} ({state}): pipeline {snapshot.get('pipeline')}, {snapshot.get('failures', 0)} failure(s)",
+    done = snapshot.get("inputs_complete")
+    total = snapshot.get("inputs_total")
+    inputs = "" if done is None else f", {done}/{'?' if total is None else total} input(s) complete"
+    lines = [f"run {name} ({state}): pipeline {snapshot.get('pipeline')}, {snapshot.get('failures', 0)} failure(s)"
+             + inputs,
              format_table(snapshot["stages"])]
     if snapshot.get("verdict"):
         lines.append(snapshot["verdict"])

@@ -269,6 +269,7 @@ class Cluster:
             "waiting_at_root": state.at_root,
             "unfinished": state.fed - state.consumed,
             "failures": len(self._dead),
+            **self._inputs_complete(),
             "error": None if state.error is None else str(state.error),
             "run_dir": str(self.rundir.path),
             "stages": self.stats() if self._phase is not RunPhase.CLOSED else self._last_stats,
@@ -276,6 +277,12 @@ class Cluster:
             "node_figures": self.nodes() if self._phase is not RunPhase.CLOSED else [],
             "recent_failures": self._recent_failures(),
         }
+
+    def _inputs_complete(self) -> dict[str, Any]:
+        """A durable run's inputs complete (earlier attempts included) and their number once known; {} otherwise."""
+        if not isinstance(self._dead, DurableRun):  # the current (or last) run's dead letters: its journal, if any
+            return {}
+        return {"inputs_complete": self._dead.complete, "inputs_total": self._dead.total}
 
     def _recent_failures(self) -> list[dict[str, Any]]:
         """The last few dead letters, newest first, as the dashboard shows them (the traceback's end)."""
@@ -515,7 +522,7 @@ class Cluster:
         self.rundir.write_stats({"run_id": self.rundir.run_id, "time": time.time(),
                                  "running": self._phase is RunPhase.RUNNING,
                                  "pipeline": None if self.pipeline is None else self.pipeline.name,
-                                 "failures": len(self._dead), "stages": stages,
+                                 "failures": len(self._dead), **self._inputs_complete(), "stages": stages,
                                  "verdict": verdict(stages, outputs_waiting), "node_figures": self.nodes(),
                                  "recent_failures": self._recent_failures()},
                                 self._trouble)

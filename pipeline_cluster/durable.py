@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from itertools import islice
+from itertools import chain, islice
 from typing import Any
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -137,15 +137,22 @@ class DurableRun:
         return self._by_position(iter(items))
 
     def _by_position(self, items: Iterator[Any]) -> Iterator[Any]:
-        position = 0
-        for start, end in self.done.gaps():
-            if start > position:
-                next(islice(items, start - position, start - position), None)  # skip complete inputs unread
-            if end is None:
-                yield from items
-                return
-            yield from islice(items, end - start)
-            position = end
+        """The items at the positions still to run; the stream is read through at C speed between gaps."""
+        if not self.done.starts:
+            return items
+
+        def stretches() -> Iterator[Iterator[Any]]:
+            position = 0
+            for start, end in self.done.gaps():
+                if start > position:
+                    next(islice(items, start - position, start - position), None)  # read past the complete inputs
+                if end is None:
+                    yield items
+                    return
+                yield islice(items, end - start)
+                position = end
+
+        return chain.from_iterable(stretches())
 
     def _by_key(self, items: Iterator[Any]) -> Iterator[Any]:
         key_of, seen = self.key, 0

@@ -146,6 +146,7 @@ def test_changed_pipeline_is_refused_unless_forced():
             cluster.run([triple], range(50), run_id="ident", resume=True)
         rest = cluster.run([triple], range(50), run_id="ident", resume="force")
         assert sorted(rest) == [3 * x for x in range(30, 50)]
+        assert cluster.status()["inputs_complete"] == 50  # earlier attempts count
         assert list(cluster.run([triple], range(50), run_id="ident", resume="force")) == []  # finished: nothing
 
 
@@ -216,6 +217,8 @@ def test_runs_lists_removes_and_prunes(capsys):
         db.execute("UPDATE meta SET value = ? WHERE name = 'updated'", (json.dumps(time.time() - 8 * 86400),))
     assert cli.main(["runs", "prune", "--older-than", "7d"]) == 0
     assert "removed 1 run(s): old" in capsys.readouterr().out
+    assert cli.main(["stats", "new"]) == 0
+    assert "10/10 input(s) complete" in capsys.readouterr().out
     assert cli.main(["runs", "rm", "stopped"]) == 0
     assert not (runs_root() / "stopped").exists()
     assert cli.main(["runs", "prune", "--keep", "1"]) == 0
