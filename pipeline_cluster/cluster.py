@@ -573,11 +573,11 @@ class Cluster:
             if thread is not threading.current_thread():
                 thread.join(timeout=5)
         self._threads.clear()
-        self._write_stats()
         if self._durable is not None:
             durable, self._durable = self._durable, None
             failed = error_before is not None or self.state.input_error is not None
             durable.finish("failed" if failed else "finished" if self.state.finished() else "stopped")
+        self._write_stats()
         self._dead_alerts.flush()
         if self._log_dropped:
             dropped, self._log_dropped = self._log_dropped, 0
