@@ -576,7 +576,10 @@ class Cluster:
         if self._durable is not None:
             durable, self._durable = self._durable, None
             failed = error_before is not None or self.state.input_error is not None
-            durable.finish("failed" if failed else "finished" if self.state.finished() else "stopped")
+            try:
+                durable.finish("failed" if failed else "finished" if self.state.finished() else "stopped")
+            except Exception as exc:  # the sink could not be closed, say: the run itself has ended
+                self._warn(f"run {self.run_id}: closing its journal or sink failed: {exc!r}")
         self._write_stats()
         self._dead_alerts.flush()
         if self._log_dropped:

@@ -1,5 +1,6 @@
 """The driver's side of a durable run (`run(..., run_id=...)`): it skips inputs the journal has as complete, knows
-which input each root item is, and commits completed inputs, dead letters and the sink's position together.
+which input each root item is, writes dead letters as they come, and commits completed inputs and the sink's
+position together.
 
 Commits are batched: one every COMMIT_SECONDS, or sooner when the inputs completed since the last one reach the
 run's capacity, so a crash can hand over again only the inputs in flight and those completed since that commit.
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from pipeline_cluster.journal import Journal, Spans
 from pipeline_cluster.messages import DeadLetter
-from pipeline_cluster.rundir import WriteTrouble
+from pipeline_cluster.rundir import DeadLetterStore, WriteTrouble
 from pipeline_cluster.sinks import Sink
 
 COMMIT_SECONDS = 0.02
@@ -115,7 +116,7 @@ class DurableRun:
         self.pending = 0  # inputs completed since the last commit
         self.new_keys: list[str] = []
         self.new_refed: list[int] = []
-        self.new_letters: list[tuple[DeadLetter, Any, int | None]] = []
+        self.new_letters: list[tuple[DeadLetter, Any, int | None]] = []  # letters whose write failed, to retry
         self.hidden: set[int] = set()  # letters fed again in this attempt: not failures any more
         self.letters = journal.count_letters()
         self.next_seq = journal.next_seq()
@@ -220,9 +221,9 @@ class DurableRun:
         self.written = True
 
     def commit(self, state: str | None = None) -> None:
-        """Write what completed since the last commit, the new dead letters and the sink's position, in one
-        transaction; `state` also records how the run ended. A journal that cannot be written (a full disk) is
-        reported and tried again at the next commit; the run goes on."""
+        """Write what completed since the last commit, the sink's position (and dead letters whose first write
+        failed) in one transaction; `state` also records how the run ended. A journal that cannot be written (a
+        full disk) is reported and tried again at the next commit; the run goes on."""
         with self.commit_lock:
             with self.lock:
                 keys, self.new_keys = self.new_keys, []
@@ -238,7 +239,7 @@ class DurableRun:
                 changes["sink"] = self.sink.commit()
             elif self.sink is not None:  # outputs of unfinished inputs are in the sink: keep the last commit's point
                 changes = {"state": state} if state is not None else {}
-                keys, refed, letters = [], [], []
+                keys, refed = [], []
             try:
                 self.journal.commit(changes, keys, letters, refed)
             except sqlite3.Error as exc:
@@ -265,16 +266,26 @@ class DurableRun:
     # -- dead letters (the cluster's store while this run lasts) -------------------------------------------------
 
     def add(self, letters: list[DeadLetter]) -> None:
-        """Dead letters of finished root items (from the root's thread): committed with the next commit."""
+        """Dead letters of finished root items, from the root's thread: written at once, before their root items are
+        delivered, so no commit can record an input complete without its letters (a resume drops the letters of
+        inputs that did not complete). A failed write is retried with the next commit."""
         with self.lock:
+            rows = []
             for letter in letters:
                 letter.seq = self.next_seq
                 self.next_seq += 1
                 origin = self.ids.refeeds.get(letter.rid) if letter.rid is not None else None
                 letter.input_id = self.ids.input_id(letter.rid) if letter.rid is not None else None
-                self.new_letters.append((letter, letter.input_id, None if origin is None else origin.seq))
+                rows.append((letter, letter.input_id, None if origin is None else origin.seq))
             self.letters += len(letters)
             self.latest.extend(letters)
+        try:
+            self.journal.commit({}, [], rows, [])
+        except sqlite3.Error as exc:  # kept to retry, up to OVERFLOW of them; beyond that only counted
+            self.trouble.failed(self.journal.path / "journal.sqlite", OSError(str(exc)), len(rows))
+            with self.lock:
+                room = max(0, DeadLetterStore.OVERFLOW - len(self.new_letters))
+                self.new_letters += rows[:room]
 
     def __len__(self) -> int:
         return self.letters

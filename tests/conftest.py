@@ -4,6 +4,10 @@ Helpers that are not fixtures (wait_until, live_children, read_ready, NodeProces
 """
 from __future__ import annotations
 
+import os
+import subprocess
+from collections.abc import Iterator
+
 import pytest
 
 from tests.helpers import KEY, NodeProcess, live_children, wait_until
@@ -54,3 +58,17 @@ def nodes(tmp_path, monkeypatch):
     yield start
     for node in started:
         node.stop()
+
+
+@pytest.fixture
+def full_disk(tmp_path) -> Iterator[str]:
+    """A 1 MB tmpfs: a run directory there fills up within the run."""
+    if os.geteuid() != 0:
+        pytest.fail("the full-disk test needs root to mount a tmpfs (CI runs as root)")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        yield str(mount)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)

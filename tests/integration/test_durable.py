@@ -189,6 +189,27 @@ def test_resumed_run_refeeds_the_first_attempts_dead_letters(tmp_path):
         assert cluster.failures() == []
 
 
+def _good_or_loud_failure(x: int) -> int:
+    if x % 2:
+        raise ValueError(f"odd item {x}: " + "y" * 500)
+    return x
+
+
+@pytest.mark.timeout(120)
+def test_a_full_disk_under_the_journal_loses_no_output(full_disk, monkeypatch, capfd):
+    monkeypatch.setenv("XDG_CACHE_HOME", full_disk)
+    with pc.LocalCluster(workers=2) as cluster:
+        stage = pc.Stage(_good_or_loud_failure, supervision={"max_attempts": 1})
+        outputs = list(cluster.run([stage], range(10_000), run_id="full"))
+        status = cluster.status()
+        failures = cluster.failures()
+    assert sorted(outputs) == list(range(0, 10_000, 2))  # every good output arrived
+    assert status["failures"] == 5_000 and len(failures) == 5_000  # those the disk refused were kept to retry
+    journal = runs_root() / "full" / "journal.sqlite"
+    err = capfd.readouterr().err
+    assert err.count(f"cannot write {journal}: database or disk is full") == 1, err[-3000:]
+
+
 def test_bad_run_ids_and_resume_without_one_are_refused():
     with pc.LocalCluster(workers=1) as cluster:
         for bad in ("../escape", "", "latest", "a/b"):

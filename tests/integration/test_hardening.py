@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import subprocess
 from collections.abc import Iterator
 
 import psutil
@@ -72,20 +71,6 @@ def _good_or_loud_failure(x: int) -> int:
         logging.getLogger("task").warning("item %d fails: %s", x, "x" * 200)
         raise ValueError(f"odd item {x}: " + "y" * 500)
     return x
-
-
-@pytest.fixture
-def full_disk(tmp_path) -> Iterator[str]:
-    """A 1 MB tmpfs: a run directory there fills up within the run."""
-    if os.geteuid() != 0:
-        pytest.fail("the full-disk test needs root to mount a tmpfs (CI runs as root)")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    try:
-        yield str(mount)
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 @pytest.mark.timeout(120)
