@@ -67,8 +67,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run a user's pipeline over the lines of a file, writing outputs as JSON lines. With --output FILE the run
     is durable: its id is printed, and `--resume ID` goes on with it after a crash."""
     import pipeline_cluster as pc
+    from pipeline_cluster.journal import IdentityChanged, RunExists, RunLocked
     from pipeline_cluster.rundir import new_run_id, runs_root
-    from pipeline_cluster.stats import format_table
 
     sys.path.insert(0, ".")
     pipeline = _load_attr(args.pipeline)
@@ -86,7 +86,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_id = new_run_id()
     if run_id is not None:
         print(f"run {run_id} (after a crash, go on with --resume {run_id})", file=sys.stderr)
-    options: dict[str, Any] = {"run_id": run_id, "resume": bool(args.resume)}
+    if args.force and not args.resume:
+        raise SystemExit("--force goes with --resume ID")
+    options: dict[str, Any] = {"run_id": run_id, "resume": ("force" if args.force else True) if args.resume else False}
+    try:
+        return _run_and_report(args, pipeline, options, to_file)
+    except (RunExists, IdentityChanged, RunLocked) as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def _run_and_report(args: argparse.Namespace, pipeline: Any, options: dict[str, Any], to_file: bool) -> int:
+    import pipeline_cluster as pc
+    from pipeline_cluster.stats import format_table
+
     with _cluster(args) as cluster:
         if to_file:
             encode = _line_and_output if args.ordered else _json_or_repr
@@ -100,8 +112,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(_line_and_output(output) if args.ordered else _json_or_repr(output))
         stats = cluster.stats()
         said = cluster.verdict()
-        failures = len(cluster.failures())
-        where = "the run's journal (pipeline-cluster runs)" if run_id else "dead_letters.jsonl in the run directory"
+        failures = cluster.status()["failures"]
+        where = ("the run's journal (pipeline-cluster runs)" if options["run_id"] else
+                 "dead_letters.jsonl in the run directory")
     print(format_table(stats), file=sys.stderr)
     print(said, file=sys.stderr)
     if failures:
@@ -310,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     durable.add_argument("--resume", default=None, metavar="ID",
                          help="go on with run ID after a crash: complete inputs are skipped and --output is cut "
                               "back to its last commit, so it holds each output exactly once")
+    run.add_argument("--force", action="store_true",
+                     help="with --resume: go on even though the pipeline's code or settings changed")
     run.set_defaults(func=cmd_run)
 
     runs = sub.add_parser("runs", help="list runs (state, inputs done, dead letters), or remove them",

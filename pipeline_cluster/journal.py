@@ -192,8 +192,8 @@ class Journal:
             raise IdentityChanged(
                 f"run {self.path.name!r} was made by pipeline {meta.get('pipeline')!r} version "
                 f"{meta.get('version')!r} (identity {meta.get('identity')}); this pipeline, {pipeline.name!r} version "
-                f"{pipeline.version!r}, is {identity}: its code or settings changed. Pass resume='force' to resume "
-                "anyway, or start a new run_id")
+                f"{pipeline.version!r}, is {identity}: its code or settings changed. Pass resume='force' (--force on "
+                "the command line) to resume anyway, or start a new run_id")
 
     def _forget_unfinished(self) -> None:
         """Drop dead letters of inputs that are not complete (they run again), and those of refeeds whose letter

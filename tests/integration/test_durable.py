@@ -189,6 +189,29 @@ def test_resumed_run_refeeds_the_first_attempts_dead_letters(tmp_path):
         assert cluster.failures() == []
 
 
+def test_cli_refuses_to_resume_a_changed_pipeline_without_force(tmp_path):
+    (tmp_path / "in.txt").write_text("".join(f"{n}\n" for n in range(20)))
+    module = tmp_path / "changing.py"
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline_cluster.cli", "run", "changing:pipeline",
+                               "--input", "in.txt", "--output", "out.jsonl", "--workers", "1", *args],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
+
+    module.write_text("def pipeline_stage(line):\n    return int(line)\n\npipeline = [pipeline_stage]\n")
+    assert cli("--run-id", "v1").returncode == 0
+    again = cli("--resume", "v1")
+    assert again.returncode == 0 and "run v1 finished before (20 input(s) complete): nothing to do" in again.stderr
+    module.write_text("def pipeline_stage(line):\n    return -int(line)\n\npipeline = [pipeline_stage]\n")
+    refused = cli("--resume", "v1")
+    assert refused.returncode != 0 and "--force on the command line" in refused.stderr, refused.stderr
+    assert "exists already" in cli("--run-id", "v1").stderr
+    assert cli("--resume", "v1", "--force").returncode == 0
+    assert "no run 'v9' to resume" in cli("--resume", "v9").stderr
+    assert sorted(map(int, (tmp_path / "out.jsonl").read_text().split())) == list(range(20))
+
+
 def _good_or_loud_failure(x: int) -> int:
     if x % 2:
         raise ValueError(f"odd item {x}: " + "y" * 500)
