@@ -53,6 +53,7 @@ class RootActor(Actor):
         self.held[link.name] = {}
         self.credit[link.name] = self.fixed_credit or policies.DEFAULT_CREDIT
         self._update_capacity()
+        self._dispatch()  # a node that joins a running pipeline takes backlog at once
 
     @handles(SizeHint)
     def on_size_hint(self, message: SizeHint) -> None:

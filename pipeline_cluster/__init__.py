@@ -24,6 +24,7 @@ _EXPORTS = {
     "Stage": "pipeline_cluster.model",
     "Supervision": "pipeline_cluster.model",
     "SSHCluster": "pipeline_cluster.deploy.cluster",
+    "RayCluster": "pipeline_cluster.raycluster",
     "RunSummary": "pipeline_cluster.run",
     "RunExists": "pipeline_cluster.journal",
     "IdentityChanged": "pipeline_cluster.journal",

@@ -95,6 +95,7 @@ class Cluster:
         self.root = RootActor.start(credit, self._on_dead_letters, self.placement, self._warn)
         self.links: list[NodeLink] = []
         self.pipeline: Pipeline | None = None
+        self._keyed = False  # the pipeline's nodes report each output's input (ordered or keyed runs)
         self.state = RunState(self.placement)
         self.outputs: list = []
         self._phase = RunPhase.IDLE
@@ -149,6 +150,18 @@ class Cluster:
         self.links.append(link)
         ask(self.root, AddNode(link))
 
+    def _join(self, link: NodeLink) -> None:
+        """Add a node while a pipeline is set up or running: it gets the pipeline, starts its workers when a run is
+        on, and only then takes work (the link delivers in order, so its workers are booted before items come)."""
+        with self._run_lock:
+            self._check_open()
+            if self._phase in (RunPhase.SETUP, RunPhase.RUNNING):
+                assert self.pipeline is not None
+                link.ask(Setup(self.pipeline, self._keyed), timeout=60)
+            if self._phase is RunPhase.RUNNING:
+                link.tell(Boot())
+            self._add_link(link)
+
     @property
     def capacity(self) -> int:
         """Root items allowed between feed and consumption: every node's credit plus one credit of backlog."""
@@ -167,6 +180,7 @@ class Cluster:
         if self._phase is RunPhase.RUNNING:
             raise ClusterError("a pipeline is running: call reset() (or let run() finish) before setup()")
         self.pipeline = as_pipeline(pipeline, None if name is None else str(name), version)
+        self._keyed = keyed
         if self.stage_config:
             self.pipeline.with_overrides(self.stage_config)
         for link in self._live_links():
