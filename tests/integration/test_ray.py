@@ -3,6 +3,8 @@ once over the nodes, a node killed mid-run, a node added mid-run, nothing of our
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import psutil
@@ -102,3 +104,10 @@ def test_a_ray_cluster_with_no_cpu_for_a_node_server_is_refused(ray_nodes, monke
             RayCluster(cpuless.address)
     finally:
         cpuless.shutdown()
+
+
+def test_the_local_example_runs_on_a_ray_it_starts_itself():
+    done = subprocess.run([sys.executable, str(REPO / "examples" / "ray_local.py")], capture_output=True, text=True,
+                          timeout=150, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "9000 words on 1 Ray node(s)"
