@@ -91,6 +91,10 @@ def _notes(row: dict[str, Any]) -> str:
             notes.append("two pool.apply calls per item; chunksize does not apply")
         elif system == "localdash":
             notes.append("with the dashboard, its figures fetched once a second")
+        elif system == "ray":
+            notes.append("pc.RayCluster on a local Ray (one node)")
+        elif system == "raydata":
+            notes.append("Ray Data with its defaults: from_items, map/flat_map per stage, iter_rows")
         elif system == "localjournal":
             notes.append("durable run (run_id): the journal, outputs iterated")
         elif system == "localfile":

@@ -282,6 +282,50 @@ class NodeRunner(ClusterRunner):
         return pc.Cluster.connect(self.addresses, run_dir=self._next_run_dir(), placement=self.placement)
 
 
+class RayRunner(ClusterRunner):
+    """`pc.RayCluster()` on a local Ray it starts (one Ray node with this machine's CPUs)."""
+
+    def make_cluster(self) -> pc.Cluster:
+        """A RayCluster whose run directory sits under this trial's temp dir."""
+        return pc.RayCluster(run_dir=self._next_run_dir(), placement=self.placement)
+
+
+class RayDataRunner:
+    """Ray Data doing the same work with its defaults: a dataset of the inputs, one `map` (or `flat_map` for a
+    generator stage) per stage, rows iterated on the driver. Rows are dicts, so each task takes and gives
+    `{"item": value}`."""
+
+    def stream(self, workload: Workload, inputs: Iterable[Any], expected: int) -> StreamTiming:
+        """Build the dataset from the inputs, run it, and consume every row (`expected` of them)."""
+        import ray
+
+        timing = StreamTiming(time.perf_counter())
+        ray.init(logging_level="WARNING")
+        try:
+            dataset = ray.data.from_items(list(_tapped(inputs, timing)))
+            for fn, generator in workload.stages:
+                if generator:
+                    dataset = dataset.flat_map(_row_flat(fn))
+                else:
+                    dataset = dataset.map(_row_map(fn))
+            _drain((row["item"] for row in dataset.iter_rows()), timing, workload.tally, expected)
+        finally:
+            ray.shutdown()
+        return timing
+
+
+def _row_map(fn: Any) -> Any:
+    def apply(row: dict[str, Any]) -> dict[str, Any]:
+        return {"item": fn(row["item"])}
+    return apply
+
+
+def _row_flat(fn: Any) -> Any:
+    def apply(row: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"item": output} for output in fn(row["item"])]
+    return apply
+
+
 class PoolRunner:
     """`multiprocessing.Pool(os.cpu_count())` (the platform's default start method) with a fixed chunksize.
 

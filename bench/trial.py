@@ -36,6 +36,10 @@ def runner_for(system: str, workload: Workload, tmp: str, placement: bool) -> It
     elif system == "node":
         with runners.node_servers([NODE_HOST], cores, tmp, placement) as addresses:
             yield runners.NodeRunner(tmp, addresses, placement)
+    elif system == "ray":
+        yield runners.RayRunner(tmp, placement=placement)
+    elif system == "raydata":
+        yield runners.RayDataRunner()
     elif system == "pool1":
         yield runners.PoolRunner(1)
     elif system == "pooltuned":
@@ -183,6 +187,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     placement = bool(spec.get("placement", False))
     with tempfile.TemporaryDirectory(prefix="pcbench-") as tmp:
         os.environ["XDG_CACHE_HOME"] = tmp  # durable runs' journals go under the trial's temp dir, not ~/.cache
+        # Ray on one machine over loopback (as Ray's own tests do): no service listens on the host's address
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         if workload.name == "W6":
             return scale_out_trial(workload, count, tmp, placement)
         if workload.name == "W9":

@@ -151,14 +151,17 @@ LATENCY_SYSTEMS = ("local", "localev", "localw64", "node", "pool1", "pooltuned",
 # "localjournal" with a journal (outputs iterated), "localfile" iterating and writing JSON lines to a file itself
 # (no journal), "localsink" with a journal and the JSON-lines file sink
 DURABLE_SYSTEMS = ("localjournal", "localfile", "localsink")
-ALL_SYSTEMS = LATENCY_SYSTEMS + ("localdash",) + DURABLE_SYSTEMS
+# W1, W2, W8: "ray" is pc.RayCluster on a local Ray it starts; "raydata" is Ray Data doing the same work (the
+# `bench` extra installs it)
+RAY_SYSTEMS = ("ray", "raydata")
+ALL_SYSTEMS = LATENCY_SYSTEMS + ("localdash",) + DURABLE_SYSTEMS + RAY_SYSTEMS
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("W1", "tiny: generator x -> (x, x), then identity", 200_000,
              ((pair, True), (identity, False)), pair_identity, True, 500,
-             STANDARD_SYSTEMS + ("localdash",) + DURABLE_SYSTEMS, "outputs/s"),
+             STANDARD_SYSTEMS + ("localdash",) + DURABLE_SYSTEMS + RAY_SYSTEMS, "outputs/s"),
     Workload("W2", "cpu: ~10 ms pure-Python CPU per item", 400,
-             ((burn, False),), burn, False, 10, STANDARD_SYSTEMS, "efficiency", tally=True),
+             ((burn, False),), burn, False, 10, STANDARD_SYSTEMS + RAY_SYSTEMS, "efficiency", tally=True),
     Workload("W3", "payload: identity on 100 KB bytes", 2_000,
              ((identity, False),), identity, False, 4, STANDARD_SYSTEMS, "MB/s"),
     Workload("W4", "latency: one item at a time through 2 identity stages", 2_000,
@@ -170,7 +173,8 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("W9", "autoscaling: a stage 4x slower than the one before it, 4 workers per node to share", 8_000,
              ((light_wait, False), (heavy_wait, False)), None, False, 1, ("local",), "speed-up"),
     Workload("W8", "I/O: 10 ms of waiting per item, 64 at a time", 2_000,
-             ((io_wait, False),), io_wait, False, 1, ("local", "localw64", "node", "pooltuned"), "items/s",
+             ((io_wait, False),), io_wait, False, 1, ("local", "localw64", "node", "pooltuned") + RAY_SYSTEMS,
+             "items/s",
              concurrency=IO_WAYS, pool_processes=IO_WAYS),
     Workload("W10", "dead letters: a durable run of 100,000 inputs that all fail vs one where 100 do", 100_000,
              ((fail_every, False),), None, False, 1, ("local",), "RSS ratio"),
