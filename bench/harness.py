@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from . import measure, report
-from .workloads import ALL_SYSTEMS, W5_SMALL_INPUTS, WORKLOADS, scaled
+from .workloads import ALL_SYSTEMS, W5_SMALL_INPUTS, WORKLOADS, available_systems, scaled
 
 
 def _names(text: str, known: list[str] | tuple[str, ...], what: str) -> list[str]:
@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workloads", default=",".join(WORKLOADS),
                         type=lambda s: _names(s, list(WORKLOADS), "workload"),
                         help="comma-separated workloads (default: all, W1..W6)")
-    parser.add_argument("--systems", default=",".join(ALL_SYSTEMS),
-                        type=lambda s: _names(s, ALL_SYSTEMS, "system"),
-                        help=f"comma-separated systems (default: {','.join(ALL_SYSTEMS)})")
+    parser.add_argument("--systems", default=None, type=lambda s: _names(s, available_systems(), "system"),
+                        help=f"comma-separated systems (default: those installed of {','.join(ALL_SYSTEMS)}; "
+                             "ray and raydata need the bench extra)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per workload and system; medians are shown")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every input count (0.01 for a smoke run)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write machine, rows and trials as JSON")
@@ -76,6 +76,7 @@ def _progress(trial: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the table (Markdown), optionally write JSON; exit 1 if any trial failed."""
     args = build_parser().parse_args(argv)
+    args.systems = args.systems or list(available_systems())
     if args.rounds < 1 or args.scale <= 0:
         raise SystemExit("--rounds must be >= 1 and --scale > 0")
     env = {**os.environ, "PIPELINE_CLUSTER_AUTHKEY": secrets.token_hex(16)}

@@ -5,6 +5,7 @@ their working directory import them by name instead of receiving pickled code.
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import statistics
 import time
@@ -155,6 +156,13 @@ DURABLE_SYSTEMS = ("localjournal", "localfile", "localsink")
 # `bench` extra installs it)
 RAY_SYSTEMS = ("ray", "raydata")
 ALL_SYSTEMS = LATENCY_SYSTEMS + ("localdash",) + DURABLE_SYSTEMS + RAY_SYSTEMS
+NEEDS = {"ray": ("ray",), "raydata": ("ray", "pyarrow", "pandas")}  # systems that need optional packages: which
+
+
+def available_systems() -> tuple[str, ...]:
+    """The systems whose optional packages are installed here (Ray, Ray Data: the `bench` extra)."""
+    return tuple(system for system in ALL_SYSTEMS
+                 if all(importlib.util.find_spec(name) is not None for name in NEEDS.get(system, ())))
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("W1", "tiny: generator x -> (x, x), then identity", 200_000,

@@ -59,9 +59,10 @@ def test_a_pipeline_runs_exactly_once_over_ray_nodes_and_close_leaves_nothing(ra
     nodes = ray_nodes(2)
     with RayCluster(nodes.address) as cluster:
         assert len(cluster.worker_parents) == 2
-        outputs = list(cluster.run([tagged], range(20_000)))
+        outputs = list(cluster.run([tagged], range(20_000), run_id="on-ray"))  # a durable run, as anywhere
         assert sorted(x for x, _, _ in outputs) == list(range(20_000))
         assert {parent for _, _, parent in outputs} == set(cluster.worker_parents.values())  # both nodes worked
+        assert list(cluster.run([tagged], range(20_000), run_id="on-ray", resume=True)) == []  # finished before
         workers = {pid for _, pid, _ in outputs}
     assert wait_until(lambda: _gone(workers), timeout=15), "worker processes outlived close()"
 
