@@ -13,6 +13,16 @@ from .measure import medians
 from .workloads import ALL_SYSTEMS, WORKLOADS
 
 REFERENCES = {"vs_pooltuned": "pooltuned", "vs_loop": "loop"}
+SYSTEM_NOTES = {  # what a system is, said once in its rows' notes
+    "localdash": "with the dashboard, its figures fetched once a second",
+    "localev": "awaited on the caller's own Event, set by the output handler",
+    "localw64": "workers=64, one item at a time each",
+    "localjournal": "durable run (run_id): the journal, outputs iterated",
+    "localfile": "outputs iterated and written as JSON lines by the caller; no journal",
+    "localsink": "durable run into pc.sinks.JsonLines: journal and file committed together",
+    "ray": "pc.RayCluster on a local Ray (one node)",
+    "raydata": "Ray Data with its defaults: from_items, map/flat_map per stage, iter_rows",
+}
 
 
 def _row(workload: str, system: str, trials: list[dict[str, Any]]) -> dict[str, Any]:
@@ -85,31 +95,17 @@ def _notes(row: dict[str, Any]) -> str:
     notes = []
     if row["value"] is not None:
         workload, system = row["workload"], row["system"]
-        if system.startswith("pool") and workload in ("W1", "W5"):
+        if system in SYSTEM_NOTES:
+            notes.append(SYSTEM_NOTES[system])
+        elif system.startswith("pool") and workload in ("W1", "W5"):
             notes.append("both stages in one call per input")
         elif system.startswith("pool") and workload == "W4":
             notes.append("two pool.apply calls per item; chunksize does not apply")
-        elif system == "localdash":
-            notes.append("with the dashboard, its figures fetched once a second")
-        elif system == "ray":
-            notes.append("pc.RayCluster on a local Ray (one node)")
-        elif system == "raydata":
-            notes.append("Ray Data with its defaults: from_items, map/flat_map per stage, iter_rows")
-        elif system == "localjournal":
-            notes.append("durable run (run_id): the journal, outputs iterated")
-        elif system == "localfile":
-            notes.append("outputs iterated and written as JSON lines by the caller; no journal")
-        elif system == "localsink":
-            notes.append("durable run into pc.sinks.JsonLines: journal and file committed together")
         elif workload == "W10":
             notes.append(f"peak RSS {med['peak_rss_mb']:.0f} MB with {med['dead_letters']:,.0f} dead letters, "
                          f"{row['small']['peak_rss_mb']:.0f} MB with {row['small']['dead_letters']:,.0f}")
-        elif system == "localev":
-            notes.append("awaited on the caller's own Event, set by the output handler")
         elif workload == "W8" and system in ("local", "node"):
             notes.append("concurrency=64 on the default workers")
-        elif system == "localw64":
-            notes.append("workers=64, one item at a time each")
         elif workload == "W8" and system == "pooltuned":
             notes.append("Pool(64), chunksize 1")
         elif workload == "W9":
