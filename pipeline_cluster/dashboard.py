@@ -16,7 +16,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 HISTORY = 300  # samples of the figures kept for the page's plots, one a second
 
@@ -102,6 +103,9 @@ class _Collector:
                                     labels=["stage", "event"])
         restarts = CounterMetricFamily("pipeline_cluster_stage_restarts", "Worker restarts of a stage.",
                                        labels=["stage"])
+        seconds = HistogramMetricFamily("pipeline_cluster_stage_item_seconds",
+                                        "Seconds per item in a worker (bucket counts estimated from timed items).",
+                                        labels=["stage"])
         gauges = {name: GaugeMetricFamily(f"pipeline_cluster_stage_{name}", text, labels=["stage"]) for name, text in
                   (("queued", "Items waiting for a worker."), ("workers", "Workers up."),
                    ("busy_ratio", "Share of the workers' time spent on items."),
@@ -111,6 +115,11 @@ class _Collector:
                                ("failed", "failed"), ("retried", "retried")):
                 items.add_metric([stage, event], figures[key])
             restarts.add_metric([stage], figures["restarts"])
+            histogram = figures.get("seconds_histogram")
+            if histogram:
+                seconds.add_metric([stage], [(floatToGoString(float(le)), count)
+                                             for le, count in zip(histogram["le"], histogram["cumulative"])],
+                                   histogram["sum"])
             for name, key in (("queued", "queued"), ("workers", "workers"), ("busy_ratio", "busy"),
                               ("seconds_per_item", "mean_s")):
                 if figures.get(key) is not None:
@@ -127,7 +136,7 @@ class _Collector:
                 node_gauges[name].add_metric([node["node"]], node[key])
         for state, count in states.items():
             nodes.add_metric([state], count)
-        yield from (items, restarts, *gauges.values(), nodes, *node_gauges.values())
+        yield from (items, restarts, seconds, *gauges.values(), nodes, *node_gauges.values())
 
 
 def needs_token(host: str) -> bool:

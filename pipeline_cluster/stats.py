@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import threading
-from collections import deque
+from bisect import bisect_left
+from collections import Counter, deque
+from functools import partial
+from itertools import accumulate
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from collections.abc import Iterable
 
 SAMPLE_LIMIT = 4096
+BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)  # seconds per item, upper bounds
 RECENT_SECONDS = 5.0  # the window of the "recent" rates
 SNAPSHOT_LIMIT = 256  # snapshots kept for them (a caller polling in a tight loop shortens the window)
 
@@ -34,19 +38,25 @@ class StageStats:
     held_seconds: float = 0.0  # held back by the next stage (its queue full)
     starved_seconds: float = 0.0  # its queue empty
     samples: list[float] = field(default_factory=list, repr=False)
+    buckets: list[float] = field(default_factory=lambda: [0.0] * (len(BUCKETS) + 1), repr=False)
 
     def add_timing(self, seconds: float, count: int, samples: list[float]) -> None:
         """Fold one batch's timing in; the sample stays bounded by keeping every other one when it is full (spread
-        over the whole run like a random half, without a Python call per kept sample)."""
+        over the whole run like a random half, without a Python call per kept sample). The histogram counts every
+        item of the run: each timed item stands for its share of the batch's items."""
         self.busy_seconds += seconds
         self.timed_items += count
+        if samples:
+            weight = count / len(samples)
+            for bucket, times in Counter(map(partial(bisect_left, BUCKETS), samples)).items():
+                self.buckets[bucket] += times * weight
         self.samples.extend(samples)
         if len(self.samples) > SAMPLE_LIMIT:
             del self.samples[::2]
 
     def copy(self) -> StageStats:
         """A snapshot that later batches do not change."""
-        return replace(self, samples=list(self.samples))
+        return replace(self, samples=list(self.samples), buckets=list(self.buckets))
 
     @property
     def mean_seconds(self) -> float | None:
@@ -67,8 +77,8 @@ class StageStats:
 
     def public(self) -> dict[str, Any]:
         """The user-facing dict: counts, mean and p95 seconds per item, workers and restarts."""
-        hidden = ("samples", "busy_seconds", "timed_items", "node_seconds", "worker_seconds", "held_seconds",
-                  "starved_seconds")  # not asdict: it deep-copies the sample, float by float
+        hidden = ("samples", "buckets", "busy_seconds", "timed_items", "node_seconds", "worker_seconds",
+                  "held_seconds", "starved_seconds")  # not asdict: it deep-copies the sample, float by float
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in hidden}
         data["mean_s"] = self.mean_seconds
         data["p50_s"] = self.percentile(0.5)
@@ -77,6 +87,8 @@ class StageStats:
         data["busy"] = min(1.0, self.busy_seconds / self.worker_seconds) if self.worker_seconds else None
         data["held"] = self.held_seconds / self.node_seconds if self.node_seconds else None
         data["starved"] = self.starved_seconds / self.node_seconds if self.node_seconds else None
+        data["seconds_histogram"] = {"le": [*BUCKETS, "+Inf"], "cumulative": list(accumulate(self.buckets)),
+                                     "sum": self.busy_seconds, "count": self.timed_items}
         return data
 
     @classmethod
@@ -89,6 +101,7 @@ class StageStats:
                          "busy_seconds", "timed_items", "node_seconds", "worker_seconds", "held_seconds",
                          "starved_seconds"):
                 setattr(total, name, getattr(total, name) + getattr(part, name))
+            total.buckets = [mine + theirs for mine, theirs in zip(total.buckets, part.buckets)]
             total.peak_queued = max(total.peak_queued, part.peak_queued)
             total.elapsed_seconds = max(total.elapsed_seconds, part.elapsed_seconds)
             total.samples.extend(part.samples)

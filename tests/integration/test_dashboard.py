@@ -59,6 +59,13 @@ def test_the_page_its_json_and_metrics_match_the_running_cluster(tmp_path, capfd
     items_out = metrics[("pipeline_cluster_stage_items_total", (("event", "out"), ("stage", "slow")))]
     assert 500 <= items_out <= stats["slow"]["items_out"] and items_out <= items_in <= 2000
     assert metrics[("pipeline_cluster_stage_workers", (("stage", "slow"),))] == 2 == stats["slow"]["workers"]
+    buckets = {dict(labels)["le"]: value for (name, labels), value in metrics.items()
+               if name == "pipeline_cluster_stage_item_seconds_bucket"}
+    timed = metrics[("pipeline_cluster_stage_item_seconds_count", (("stage", "slow"),))]
+    assert items_out <= timed <= items_in and buckets["+Inf"] == pytest.approx(timed)
+    assert buckets["0.001"] == 0 and buckets["10.0"] == pytest.approx(timed)  # every item sleeps 2 ms
+    assert list(buckets.values()) == sorted(buckets.values())  # cumulative
+    assert metrics[("pipeline_cluster_stage_item_seconds_sum", (("stage", "slow"),))] >= timed * 0.002
     assert metrics[("pipeline_cluster_nodes", (("state", "ready"),))] == 1
     assert metrics[("pipeline_cluster_node_credit", (("node", "local"),))] > 0
     assert [node["node"] for node in state["node_figures"]] == ["local"]
