@@ -103,6 +103,9 @@ class Cluster:
         self._handler_mode = False  # outputs go to a handler thread (boot) rather than a Results iterator (run)
         self._threads: list[threading.Thread] = []
         self._last_stats: dict[str, dict[str, Any]] = {}
+        self._last_root: dict[str, float | None] = {}  # the last run's root load, for verdicts after it ended
+        self._run_clock = (0.0, 0.0)  # (monotonic, process CPU) when the run's workers were up
+        self._feeder: Feeder | None = None
         self._last_error: BaseException | None = None  # what ended the last run, if it failed
         self._run_lock = threading.RLock()  # one thread at a time ends a run
         self._stop = threading.Event()
@@ -288,6 +291,7 @@ class Cluster:
             "run_dir": str(self.rundir.path),
             "stages": self.stats() if self._phase is not RunPhase.CLOSED else self._last_stats,
             "verdict": self.verdict() if self._phase is not RunPhase.CLOSED else None,
+            "root": self._root_load(),
             "node_figures": self.nodes() if self._phase is not RunPhase.CLOSED else [],
             "recent_failures": self._recent_failures(),
         }
@@ -430,6 +434,7 @@ class Cluster:
             self.root.tell(Feed(chunk, first_rid))
 
         feeder = Feeder(iter(inputs), state, send, self._stop, self.placement)
+        self._feeder = feeder
         self._threads += feeder.start()
         bar = None
         if progress:
@@ -504,6 +509,8 @@ class Cluster:
         except BaseException:
             self._finish_run(graceful=False)
             raise
+        self._run_clock = (time.monotonic(), time.process_time())
+        self._feeder = None
         self._threads.append(self.placement.start_thread(self._refresh_stats, name="pipeline-cluster-stats"))
 
     def _deliver(self, handler: Callable[[Any], Any], state: RunState) -> None:
@@ -532,12 +539,14 @@ class Cluster:
 
     def _write_stats(self) -> None:
         stages = self.stats()
+        root = self._root_load()
         outputs_waiting = self._phase is RunPhase.RUNNING and self.state.outputs_waiting()
         self.rundir.write_stats({"run_id": self.rundir.run_id, "time": time.time(),
                                  "running": self._phase is RunPhase.RUNNING,
                                  "pipeline": None if self.pipeline is None else self.pipeline.name,
                                  "failures": len(self._dead), **self._inputs_complete(), "stages": stages,
-                                 "verdict": verdict(stages, outputs_waiting), "node_figures": self.nodes(),
+                                 "verdict": verdict(stages, outputs_waiting, root), "root": root,
+                                 "node_figures": self.nodes(),
                                  "recent_failures": self._recent_failures()},
                                 self._trouble)
 
@@ -570,6 +579,7 @@ class Cluster:
             self._last_stats = self.stats()
         except Exception:
             pass
+        self._root_load()  # kept as the run's last figures
         self._stop.set()
         self.state.wake()
         unfinished = ask(self.root, Unfinished())
@@ -615,8 +625,24 @@ class Cluster:
         return merged
 
     def verdict(self) -> str:
-        """One line on what limits the run's throughput now (a stage, the input, or the consumer) and what to do."""
-        return verdict(self.stats(), self._phase is RunPhase.RUNNING and self.state.outputs_waiting())
+        """One line on what limits the run's throughput now (a stage, the input, the root, or the consumer) and
+        what to do."""
+        return verdict(self.stats(), self._phase is RunPhase.RUNNING and self.state.outputs_waiting(),
+                       self._root_load())
+
+    def _root_load(self) -> dict[str, float | None]:
+        """Since the run's workers were up: the share of a CPU this process used, and the share of the time the
+        feeder spent in the caller's iterable (None without a feeder: the step-by-step interface)."""
+        if self._phase is not RunPhase.RUNNING:
+            return self._last_root
+        wall_start, cpu_start = self._run_clock
+        wall = time.monotonic() - wall_start
+        if wall <= 0:
+            return {"cpu": None, "reading_input": None}
+        feeder = self._feeder
+        self._last_root = {"cpu": (time.process_time() - cpu_start) / wall,
+                           "reading_input": None if feeder is None else min(1.0, feeder.input_seconds / wall)}
+        return self._last_root
 
     def _merge_stats(self, per_node: list[list[StageStats]]) -> dict[str, dict[str, Any]]:
         per_node = [stages for stages in per_node if stages]

@@ -311,6 +311,7 @@ class Feeder:
         self.sent = 0  # items at the front of `chunk` that the flusher has sent already
         self.first_at = 0.0  # when the oldest unsent item arrived
         self.done = False
+        self.input_seconds = 0.0  # time spent in the caller's iterable (for the verdict: is the input the limit?)
 
     def start(self) -> list[threading.Thread]:
         """Start pulling; returns the threads (they end when the inputs end or the run stops)."""
@@ -329,6 +330,7 @@ class Feeder:
                     state.wait(lambda: self._room() > 0 or self.stop.is_set(), what="room to feed")
                 except BaseException:  # the run failed: nothing more is read
                     return
+                started = time.perf_counter()
                 try:
                     self._read(min(FEED_CHUNK, self._room()))
                 except StopIteration:
@@ -336,6 +338,8 @@ class Feeder:
                 except BaseException as exc:  # the caller's iterable raised: what it gave runs to the end first
                     failure = exc
                     return
+                finally:
+                    self.input_seconds += time.perf_counter() - started
                 with self.cond:
                     self._send_unsent()
                     self.chunk, self.sent = [], 0

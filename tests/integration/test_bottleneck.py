@@ -56,6 +56,19 @@ def test_a_slow_input_and_a_slow_consumer_are_named(tmp_path):
                 assert cluster.verdict().startswith("the consumer limits throughput"), cluster.verdict()
 
 
+@pytest.mark.timeout(60)
+def test_tiny_items_fed_as_fast_as_they_come_name_the_root(tmp_path):
+    with pc.LocalCluster(run_dir=str(tmp_path / "run"), workers=1) as cluster:
+        results = cluster.run([fast, fast], range(5_000_000))
+        said = []
+        for count, _ in enumerate(results, 1):
+            if count % 500_000 == 0:
+                said.append(cluster.verdict())
+                if len(said) == 3:
+                    results.close()
+    assert any(line.startswith("the root limits throughput: the driver process is busy") for line in said), said
+
+
 def tagged_slow(x: int) -> tuple[int, int]:
     time.sleep(0.002)
     return x, os.getpid()

@@ -1,4 +1,4 @@
-"""The bottleneck verdict on its own: which stage, the input, or the consumer."""
+"""The bottleneck verdict on its own: which stage, the input, the root, or the consumer."""
 from __future__ import annotations
 
 from pipeline_cluster.verdict import verdict
@@ -19,6 +19,16 @@ def test_the_input_or_the_consumer_when_no_stage_is_busy():
     assert verdict(idle).startswith("the input limits throughput: every stage waits for items at least 90%")
     assert verdict(idle, outputs_waiting=True).startswith("the consumer limits throughput")
     assert verdict({"a": _stage(0.5, starved=0.2)}) == "no single bottleneck: the busiest stage, a, is busy 50%"
+
+
+def test_the_root_when_stages_starve_while_the_input_is_quick_and_the_driver_busy():
+    idle = {"a": _stage(0.2, starved=0.8)}
+    root = verdict(idle, root={"cpu": 0.76, "reading_input": 0.1})
+    assert root.startswith("the root limits throughput: the driver process is busy 76% of a CPU while every stage "
+                           "waits for items at least 80% of the time; send fewer, bigger items"), root
+    slow_input = verdict(idle, root={"cpu": 0.9, "reading_input": 0.95})
+    assert slow_input.startswith("the input limits throughput") and "reading them takes 95% of the run" in slow_input
+    assert verdict(idle, root={"cpu": 0.2, "reading_input": 0.1}).startswith("the input limits throughput")
 
 
 def test_no_verdict_before_any_item():
