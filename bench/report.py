@@ -22,6 +22,7 @@ SYSTEM_NOTES = {  # what a system is, said once in its rows' notes
     "localsink": "durable run into pc.sinks.JsonLines: journal and file committed together",
     "ray": "pc.RayCluster on a local Ray (one node)",
     "raydata": "Ray Data with its defaults: from_items, map/flat_map per stage, iter_rows",
+    "pypeln": "pypeln: a process stage per stage (a thread stage with 64 workers for W8)",
 }
 
 
@@ -81,7 +82,7 @@ def _figure(row: dict[str, Any]) -> str:
         return f"{value:,.0f} items/s"
     if row["workload"] == "W9":
         return f"auto / fixed {value:.2f}x"
-    if row["workload"] == "W3":
+    if row["workload"] in ("W3", "W7"):
         return f"{value:,.0f} MB/s"
     if row["workload"] == "W4":
         return f"p50 {med['p50_ms']:.3f} / p99 {med['p99_ms']:.3f} ms"
@@ -97,8 +98,8 @@ def _notes(row: dict[str, Any]) -> str:
         workload, system = row["workload"], row["system"]
         if system in SYSTEM_NOTES:
             notes.append(SYSTEM_NOTES[system])
-        elif system.startswith("pool") and workload in ("W1", "W5"):
-            notes.append("both stages in one call per input")
+        elif (system.startswith("pool") or system == "mpire") and workload in ("W1", "W5", "W7"):
+            notes.append(("mpire: " if system == "mpire" else "") + "both stages in one call per input")
         elif system.startswith("pool") and workload == "W4":
             notes.append("two pool.apply calls per item; chunksize does not apply")
         elif workload == "W10":
@@ -106,8 +107,8 @@ def _notes(row: dict[str, Any]) -> str:
                          f"{row['small']['peak_rss_mb']:.0f} MB with {row['small']['dead_letters']:,.0f}")
         elif workload == "W8" and system in ("local", "node"):
             notes.append("concurrency=64 on the default workers")
-        elif workload == "W8" and system == "pooltuned":
-            notes.append("Pool(64), chunksize 1")
+        elif workload == "W8" and system in ("pooltuned", "mpire"):
+            notes.append(("mpire WorkerPool(64)" if system == "mpire" else "Pool(64)") + ", chunksize 1")
         elif workload == "W9":
             notes.append(f"auto {med['items_per_s']:,.0f} items/s, ending with {med['auto_light_workers']:.0f} + "
                          f"{med['auto_heavy_workers']:.0f} workers; fixed 2 + 2 {med['fixed_items_per_s']:,.0f} "

@@ -368,6 +368,46 @@ class PoolRunner:
         return timing
 
 
+class MpireRunner:
+    """mpire's `WorkerPool(n_jobs).imap_unordered(function, inputs, chunk_size)`, as Pool with the same function and
+    chunksize (both stages in one call per input; W8 with 64 jobs, as Pool(64))."""
+
+    def __init__(self, chunksize: int) -> None:
+        self.chunksize = chunksize
+
+    def stream(self, workload: Workload, inputs: Iterable[Any], expected: int) -> StreamTiming:
+        """Consume every output (`expected` of them)."""
+        from mpire import WorkerPool
+
+        timing = StreamTiming(time.perf_counter())
+        with WorkerPool(n_jobs=workload.pool_processes or os.cpu_count()) as pool:
+            results = pool.imap_unordered(workload.pool_function, _tapped(inputs, timing), chunk_size=self.chunksize)
+            _drain(itertools.chain.from_iterable(results) if workload.pool_returns_many else results, timing,
+                   workload.tally, expected)
+        return timing
+
+
+class PypelnRunner:
+    """pypeln: one stage per workload stage, each with a worker per CPU (`pl.process`), or for W8's waiting stage
+    `pl.thread` with 64 workers, as its docs advise for I/O."""
+
+    def stream(self, workload: Workload, inputs: Iterable[Any], expected: int) -> StreamTiming:
+        """Chain the stages and consume every output (`expected` of them)."""
+        import pypeln as pl
+
+        timing = StreamTiming(time.perf_counter())
+        outputs: Any = _tapped(inputs, timing)
+        for fn, generator in workload.stages:
+            if workload.concurrency > 1:
+                outputs = pl.thread.map(fn, outputs, workers=workload.concurrency)
+            elif generator:
+                outputs = pl.process.flat_map(fn, outputs, workers=os.cpu_count() or 1)
+            else:
+                outputs = pl.process.map(fn, outputs, workers=os.cpu_count() or 1)
+        _drain(outputs, timing, workload.tally, expected)
+        return timing
+
+
 class LoopRunner:
     """The floor: the stages chained lazily in this one process, no pickling, no other process."""
 

@@ -17,8 +17,8 @@ from typing import Any
 from collections.abc import Iterator
 
 from . import runners
-from .workloads import (DURABLE_SYSTEMS, NAP_SECONDS, PAYLOAD_BYTES, W6_NODES, W6_WORKERS_PER_NODE,
-                        W10_SMALL_FAILURES, WORKLOADS, Workload, burn_inputs, calibrate_burn, fail_every, ints,
+from .workloads import (ARRAY_BYTES, DURABLE_SYSTEMS, NAP_SECONDS, PAYLOAD_BYTES, W6_NODES, W6_WORKERS_PER_NODE,
+                        W10_SMALL_FAILURES, WORKLOADS, Workload, arrays, burn_inputs, calibrate_burn, fail_every, ints,
                         payloads, time_burn)
 
 RESULT_PREFIX = "BENCHRESULT "
@@ -36,6 +36,10 @@ def runner_for(system: str, workload: Workload, tmp: str, placement: bool) -> It
     elif system == "node":
         with runners.node_servers([NODE_HOST], cores, tmp, placement) as addresses:
             yield runners.NodeRunner(tmp, addresses, placement)
+    elif system == "mpire":
+        yield runners.MpireRunner(workload.tuned_chunksize)
+    elif system == "pypeln":
+        yield runners.PypelnRunner()
     elif system == "ray":
         yield runners.RayRunner(tmp, placement=placement)
     elif system == "raydata":
@@ -55,6 +59,8 @@ def _inputs(workload: Workload, count: int, iterations: int) -> Iterator[Any]:
         return burn_inputs(count, iterations)
     if workload.name == "W3":
         return payloads(count)
+    if workload.name == "W7":
+        return arrays(count)
     return ints(count)
 
 
@@ -90,6 +96,12 @@ def stream_trial(workload: Workload, system: str, count: int, tmp: str, placemen
         result["figure"] = result["efficiency"]
     elif workload.name == "W3":
         result["mb_per_s"] = timing.outputs * PAYLOAD_BYTES / 1e6 / timing.elapsed
+        result["figure"] = result["mb_per_s"]
+    elif workload.name == "W7":
+        result["mb_per_s"] = count * ARRAY_BYTES / 1e6 / timing.elapsed
+        expected_total = 2 * (ARRAY_BYTES // 8) * count * (count - 1) / 2
+        if abs(timing.total - expected_total) > 1e-6 * expected_total:
+            raise AssertionError(f"W7: outputs sum to {timing.total}, expected {expected_total}")
         result["figure"] = result["mb_per_s"]
     else:
         result["figure"] = result["items_per_s"]

@@ -14,6 +14,7 @@ from typing import Any
 from collections.abc import Callable, Iterator
 
 PAYLOAD_BYTES = 100_000
+ARRAY_BYTES = 1 << 20  # W7: one numpy array of float64, 1 MiB
 BURN_SECONDS = 0.010
 NAP_SECONDS = 0.020
 IO_SECONDS = 0.010
@@ -49,6 +50,21 @@ def fail_every(x: tuple[int, int]) -> int:
     if number % step == 0:
         raise ValueError(f"input {number} fails on purpose")
     return number
+
+
+def doubled(a: Any) -> Any:
+    """W7 stage 1: a new array, every element times two (numpy)."""
+    return a * 2
+
+
+def total(a: Any) -> float:
+    """W7 stage 2: the array's sum, a float."""
+    return float(a.sum())
+
+
+def doubled_total(a: Any) -> float:
+    """W7 for Pool and mpire: both stages in one call per input."""
+    return total(doubled(a))
 
 
 def light_wait(x: Any) -> Any:
@@ -116,6 +132,14 @@ def payloads(count: int, size: int = PAYLOAD_BYTES) -> Iterator[bytes]:
         yield i.to_bytes(8, "little") + base[:size - 8]
 
 
+def arrays(count: int) -> Iterator[Any]:
+    """W7 inputs: `count` distinct float64 arrays of ARRAY_BYTES each, made lazily (numpy is a bench extra)."""
+    import numpy
+
+    for i in range(count):
+        yield numpy.full(ARRAY_BYTES // 8, float(i))
+
+
 def burn_inputs(count: int, iterations: int) -> Iterator[int]:
     """W2 inputs: each item is the burn iteration count."""
     return itertools.repeat(iterations, count)
@@ -155,23 +179,36 @@ DURABLE_SYSTEMS = ("localjournal", "localfile", "localsink")
 # W1, W2, W8: "ray" is pc.RayCluster on a local Ray it starts; "raydata" is Ray Data doing the same work (the
 # `bench` extra installs it)
 RAY_SYSTEMS = ("ray", "raydata")
-ALL_SYSTEMS = LATENCY_SYSTEMS + ("localdash",) + DURABLE_SYSTEMS + RAY_SYSTEMS
-NEEDS = {"ray": ("ray",), "raydata": ("ray", "pyarrow", "pandas")}  # systems that need optional packages: which
+# W1, W3, W7, W8: the peers mpire (WorkerPool.imap_unordered, both stages in one call as for Pool) and pypeln (one
+# process stage per stage; a thread stage for W8); pypeln skips W1, which takes it minutes
+PEERS = ("mpire", "pypeln")
+ALL_SYSTEMS = LATENCY_SYSTEMS + ("localdash",) + DURABLE_SYSTEMS + RAY_SYSTEMS + PEERS
+NEEDS = {"ray": ("ray",), "raydata": ("ray", "pyarrow", "pandas"), "mpire": ("mpire",),
+         "pypeln": ("pypeln",)}  # systems that need optional packages (the bench extra): which
+WORKLOAD_NEEDS = {"W7": ("numpy",)}
+
+
+def _installed(names: tuple[str, ...]) -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in names)
 
 
 def available_systems() -> tuple[str, ...]:
-    """The systems whose optional packages are installed here (Ray, Ray Data: the `bench` extra)."""
-    return tuple(system for system in ALL_SYSTEMS
-                 if all(importlib.util.find_spec(name) is not None for name in NEEDS.get(system, ())))
+    """The systems whose optional packages are installed here (Ray, Ray Data, mpire, pypeln: the `bench` extra)."""
+    return tuple(system for system in ALL_SYSTEMS if _installed(NEEDS.get(system, ())))
+
+
+def available_workloads() -> tuple[str, ...]:
+    """The workloads whose inputs can be made here (W7 needs numpy)."""
+    return tuple(name for name in WORKLOADS if _installed(WORKLOAD_NEEDS.get(name, ())))
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("W1", "tiny: generator x -> (x, x), then identity", 200_000,
              ((pair, True), (identity, False)), pair_identity, True, 500,
-             STANDARD_SYSTEMS + ("localdash",) + DURABLE_SYSTEMS + RAY_SYSTEMS, "outputs/s"),
+             STANDARD_SYSTEMS + ("localdash", "mpire") + DURABLE_SYSTEMS + RAY_SYSTEMS, "outputs/s"),
     Workload("W2", "cpu: ~10 ms pure-Python CPU per item", 400,
              ((burn, False),), burn, False, 10, STANDARD_SYSTEMS + RAY_SYSTEMS, "efficiency", tally=True),
     Workload("W3", "payload: identity on 100 KB bytes", 2_000,
-             ((identity, False),), identity, False, 4, STANDARD_SYSTEMS, "MB/s"),
+             ((identity, False),), identity, False, 4, STANDARD_SYSTEMS + PEERS, "MB/s"),
     Workload("W4", "latency: one item at a time through 2 identity stages", 2_000,
              ((identity, False), (identity, False)), identity, False, 1, LATENCY_SYSTEMS, "p50/p99 ms"),
     Workload("W5", "memory: W1's pipeline on 1,000,000 lazy inputs vs 10,000", 1_000_000,
@@ -181,9 +218,12 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("W9", "autoscaling: a stage 4x slower than the one before it, 4 workers per node to share", 8_000,
              ((light_wait, False), (heavy_wait, False)), None, False, 1, ("local",), "speed-up"),
     Workload("W8", "I/O: 10 ms of waiting per item, 64 at a time", 2_000,
-             ((io_wait, False),), io_wait, False, 1, ("local", "localw64", "node", "pooltuned") + RAY_SYSTEMS,
+             ((io_wait, False),), io_wait, False, 1, ("local", "localw64", "node", "pooltuned") + RAY_SYSTEMS + PEERS,
              "items/s",
              concurrency=IO_WAYS, pool_processes=IO_WAYS),
+    Workload("W7", "arrays: 400 numpy arrays of 1 MiB, a*2 then a.sum()", 400,
+             ((doubled, False), (total, False)), doubled_total, False, 4, ("local", "node", "pooltuned") + PEERS,
+             "MB/s", tally=True),
     Workload("W10", "dead letters: a durable run of 100,000 inputs that all fail vs one where 100 do", 100_000,
              ((fail_every, False),), None, False, 1, ("local",), "RSS ratio"),
 )}
