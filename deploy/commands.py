@@ -45,6 +45,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         jump = f" via {', '.join(map(str, spec.ssh.jump))}" if spec.ssh.jump else ""
         print(f"  {spec.name}: {spec.address}{jump}, python {spec.python}, ship {spec.ship}, "
               f"host keys {spec.ssh.host_key_policy} ({spec.ssh.known_hosts})")
+    if config.stages:
+        print(f"  stage settings for {', '.join(config.stages)}: used by pipelines with those stages, skipped "
+              f"(with a warning) by the others")
     return 0
 
 

@@ -283,15 +283,16 @@ class SshLab:
         return {"name": name, "host": server.address, "port": server.port, "python": sys.executable,
                 "workdir": str(self.tmp / f"work-{name}"), "env": {"NODE_TAG": name}, **options}
 
-    def config(self, nodes: list[dict], ssh: dict | None = None, **cluster) -> Path:
-        """Write a cluster.toml for `nodes`; short heartbeats so that losses show fast."""
+    def config(self, nodes: list[dict], ssh: dict | None = None, stages: dict | None = None, **cluster) -> Path:
+        """Write a cluster.toml for `nodes` (and `[stages.NAME]` tables); short heartbeats so that losses show fast."""
         cluster = {"name": "test", "heartbeat": 0.3, "dead_after": 3.0, "start_timeout": 30.0, "workers": 2,
                    **cluster}
         ssh = {"user": "root", "identity_file": str(self.user_key), "known_hosts": str(self.known_hosts),
                "connect_timeout": 5.0, **(ssh or {})}
         path = self.tmp / f"cluster-{len(list(self.tmp.glob('cluster-*.toml')))}.toml"
         path.write_text(toml_table("[cluster]", cluster) + toml_table("[ssh]", ssh)
-                        + "".join(toml_table("[[node]]", node) for node in nodes))
+                        + "".join(toml_table("[[node]]", node) for node in nodes)
+                        + "".join(toml_table(f"[stages.{name}]", table) for name, table in (stages or {}).items()))
         return path
 
     def sessions(self) -> list[int]:

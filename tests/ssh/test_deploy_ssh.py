@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -200,4 +201,20 @@ def test_cli_run_on_a_cluster_file(ssh_lab, tmp_path, monkeypatch):
                      str(path)]) == 0
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
     assert sorted(lines) == sorted(f'"LINE {i}"' for i in range(300))
+    assert wait_until(lambda: ssh_lab.sessions() == [], 10)
+
+
+@pytest.mark.timeout(60)
+def test_stage_tables_apply_to_pipelines_with_the_stage_and_are_skipped_by_others(ssh_lab, caplog):
+    server = ssh_lab.sshd("127.0.0.13")
+    path = ssh_lab.config([ssh_lab.node(server, "n")], stages={"split": {"workers": 1}})  # the README's example
+    with pc.SSHCluster.from_config(path) as cluster:
+        with caplog.at_level(logging.WARNING, logger="pipeline_cluster.config"):
+            assert sorted(x for x, _ in cluster.run([tagger()], range(50))) == list(range(50))
+        (note,) = caplog.records
+        assert f"{path}: [stages.split] skipped" in note.getMessage() and "no stage 'split'" in note.getMessage()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipeline_cluster.config"):
+            assert sorted(x for x, _ in cluster.run([pc.Stage(tagger(), name="split")], range(50))) == list(range(50))
+        assert cluster.pipeline.stages[0].workers == 1 and caplog.records == []
     assert wait_until(lambda: ssh_lab.sessions() == [], 10)

@@ -148,6 +148,7 @@ def test_check_ok_and_syntax_error(tmp_path, capsys):
     assert cli.main(["deploy", "check", str(path)]) == 0
     out = capsys.readouterr().out
     assert "ok: cluster 'lab'" in out and "2 node(s)" in out and "via ops@bastion:2200" in out
+    assert "stage settings for split: used by pipelines with those stages, skipped" in out
     path.write_text("[cluster\nname = 1\n")
     assert cli.main(["deploy", "check", str(path)]) == 2
     assert "cluster.toml" in capsys.readouterr().err
