@@ -5,6 +5,7 @@ Importing this module is cheap (no paramiko): the CLI builds its parser in every
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -13,7 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pipeline_cluster.deploy.config import DeployConfig
+    from pipeline_cluster.deploy.config import DeployConfig, NodeSpec
 
 
 def _config(path: str) -> DeployConfig:
@@ -37,14 +38,24 @@ def run_action(args: argparse.Namespace) -> int:
         return 1
 
 
+def _explain(spec: NodeSpec) -> None:
+    """Each SSH setting of a node and where it came from (cluster.toml, the ssh_config file, a default)."""
+    values = {"host": spec.host, **{f.name: getattr(spec.ssh, f.name) for f in dataclasses.fields(spec.ssh)}}
+    for name, value in values.items():
+        shown = (", ".join(map(str, value)) or "none") if isinstance(value, tuple) else value
+        print(f"      {name:<16} {str(shown):<40} {spec.sources.get(name, 'default')}")
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate a cluster.toml without connecting anywhere."""
+    """Validate a cluster.toml without connecting anywhere; --explain shows each node's resolved SSH settings."""
     config = _config(args.file)
     print(f"{args.file}: ok: cluster {config.name!r}, connect = {config.connect!r}, {len(config.nodes)} node(s)")
     for spec in config.nodes:
         jump = f" via {', '.join(map(str, spec.ssh.jump))}" if spec.ssh.jump else ""
         print(f"  {spec.name}: {spec.address}{jump}, python {spec.python}, ship {spec.ship}, "
               f"host keys {spec.ssh.host_key_policy} ({spec.ssh.known_hosts})")
+        if args.explain:
+            _explain(spec)
     if config.stages:
         print(f"  stage settings for {', '.join(config.stages)}: used by pipelines with those stages, skipped "
               f"(with a warning) by the others")
@@ -143,6 +154,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                         "--cluster FILE`; nodes never outlive the process that started them.")
     actions = deploy.add_subparsers(dest="action", required=True)
     check = actions.add_parser("check", help="validate the file without connecting; names every bad key")
+    check.add_argument("--explain", action="store_true",
+                       help="show each node's SSH settings and where each came from (cluster.toml, ssh_config)")
     up = actions.add_parser("up", help="start every node and keep them up until Ctrl-C or SIGTERM")
     up.add_argument("--json", action="store_true", help="print the per-host results as one JSON line")
     down = actions.add_parser("down", help="stop the cluster's nodes on every host, by pidfile (idempotent)")

@@ -7,6 +7,7 @@ their stdout and stderr drained concurrently, and every wait is bounded.
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import threading
 import time
@@ -14,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import paramiko
+from paramiko.auth_strategy import AuthFailure
 
 from pipeline_cluster.deploy.config import Jump, NodeSpec, SSHSettings
 from pipeline_cluster.deploy.errors import HostError
 from pipeline_cluster.deploy.hostkeys import UnknownHostKey, host_key_name, new_client
+from pipeline_cluster.deploy.sshkeys import KeyStrategy
 
 HOSTSCRIPT = (Path(__file__).parent / "hostscript.py").read_bytes()
 STDERR_TAIL_LINES = 40
@@ -54,7 +57,7 @@ class Connector:
     def _jump(self, node: NodeSpec, chain: tuple[Jump, ...]) -> paramiko.SSHClient:
         """The connection to the last hop of `chain`, opened once and shared by every node behind it."""
         settings, hop = node.ssh, chain[-1]
-        key = (chain, settings.identity_file, settings.known_hosts, settings.host_key_policy)
+        key = (chain, settings.identity_files, settings.known_hosts, settings.host_key_policy)
         with self._lock:
             client = self._jumps.get(key)
             if client is not None and client.get_transport() is not None and client.get_transport().is_active():
@@ -86,15 +89,15 @@ class Connector:
 
 def _connect(node: NodeSpec, host: str, port: int, user: str, settings: SSHSettings, sock: Any,
              via: str = "") -> paramiko.SSHClient:
-    """Connect and authenticate one hop, turning each failure into a HostError naming its phase."""
+    """Connect and authenticate one hop, turning each failure into a HostError naming its phase: "connect" for
+    TCP and SSH transport failures only, "auth" (with the keys tried) when no key was accepted."""
     where = f"{via} {user}@{host}:{port}: " if via else ""
     client = new_client(settings)
-    explicit_key = settings.identity_file is not None
+    keys = KeyStrategy(settings, user)
     timeout = settings.connect_timeout
     try:
-        client.connect(host, port, username=user, key_filename=settings.identity_file, allow_agent=not explicit_key,
-                       look_for_keys=not explicit_key, timeout=timeout, banner_timeout=timeout,
-                       auth_timeout=timeout, channel_timeout=timeout, sock=sock)
+        client.connect(host, port, username=user, timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
+                       channel_timeout=timeout, sock=sock, auth_strategy=keys)
     except paramiko.BadHostKeyException as exc:
         client.close()
         raise HostError(node.name, node.address, "host key",
@@ -105,16 +108,15 @@ def _connect(node: NodeSpec, host: str, port: int, user: str, settings: SSHSetti
     except UnknownHostKey as exc:
         client.close()
         raise HostError(node.name, node.address, "host key", f"{where}{exc}") from None
-    except paramiko.AuthenticationException as exc:
+    except AuthFailure as exc:
         client.close()
-        key = f" with {settings.identity_file}" if explicit_key else " (agent and default keys)"
         raise HostError(node.name, node.address, "auth",
-                        f"{where}authentication as {user!r}{key} was refused: {exc}") from None
+                        f"{where}authentication as {user!r} failed: {keys.describe(exc)}") from None
     except (paramiko.SSHException, OSError, EOFError) as exc:
         client.close()
         raise HostError(node.name, node.address, "connect",
                         f"{where}cannot connect to {host}:{port}: {exc or type(exc).__name__}") from None
-    client.get_transport().set_keepalive(max(1, int(settings.keepalive)))
+    client.get_transport().set_keepalive(math.ceil(settings.keepalive))  # 0 (ServerAliveInterval 0): off
     return client
 
 

@@ -267,6 +267,8 @@ class SshLab:
         self.user_key = keygen(tmp / "id_user")
         self.known_hosts = tmp / "known_hosts"
         self.known_hosts.touch()
+        self.ssh_config = tmp / "ssh_config"  # never the real ~/.ssh/config
+        self.ssh_config.touch()
         self.servers: list[Sshd] = []
 
     def sshd(self, address: str, netns: str | None = None, port: int | None = None, trust: bool = True) -> Sshd:
@@ -288,7 +290,8 @@ class SshLab:
         cluster = {"name": "test", "heartbeat": 0.3, "dead_after": 3.0, "start_timeout": 30.0, "workers": 2,
                    **cluster}
         ssh = {"user": "root", "identity_file": str(self.user_key), "known_hosts": str(self.known_hosts),
-               "connect_timeout": 5.0, **(ssh or {})}
+               "connect_timeout": 5.0, "ssh_config": str(self.ssh_config), **(ssh or {})}
+        ssh = {key: value for key, value in ssh.items() if value is not None}  # None: leave it to ssh_config
         path = self.tmp / f"cluster-{len(list(self.tmp.glob('cluster-*.toml')))}.toml"
         path.write_text(toml_table("[cluster]", cluster) + toml_table("[ssh]", ssh)
                         + "".join(toml_table("[[node]]", node) for node in nodes)
