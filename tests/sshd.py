@@ -51,11 +51,37 @@ def require_sshd() -> None:
         pytest.fail("the deploy tests run sshd for other users' logins, which needs root (as CI runs)")
 
 
-def keygen(path: Path) -> Path:
-    """An ed25519 key pair at `path` / `path`.pub, without passphrase."""
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pipeline-cluster-test", "-f", str(path)],
-                   check=True)
+def keygen(path: Path, passphrase: str = "") -> Path:
+    """An ed25519 key pair at `path` / `path`.pub, without passphrase unless given one."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-C", "pipeline-cluster-test", "-f",
+                    str(path)], check=True)
     return path
+
+
+class SshAgent:
+    """A real ssh-agent on a socket of its own (`sock`); `add` loads a key, typing its passphrase; stop() by pid."""
+
+    def __init__(self, directory: Path) -> None:
+        self.sock = directory / "agent.sock"
+        self.directory = directory
+        self.proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(self.sock)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        if not wait_until(self.sock.exists, 10):
+            self.stop()
+            raise RuntimeError("ssh-agent did not create its socket")
+
+    def add(self, key: Path, passphrase: str) -> None:
+        """`ssh-add KEY`, its passphrase given by an SSH_ASKPASS script (no terminal needed)."""
+        askpass = self.directory / "askpass.sh"
+        askpass.write_text(f"#!/bin/sh\necho '{passphrase}'\n")
+        askpass.chmod(0o700)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(self.sock), "SSH_ASKPASS": str(askpass),
+               "SSH_ASKPASS_REQUIRE": "force"}
+        subprocess.run(["ssh-add", "-q", str(key)], env=env, check=True, stdin=subprocess.DEVNULL, timeout=30)
+
+    def stop(self) -> None:
+        """Stop the agent, by pid."""
+        terminate(self.proc, 10)
 
 
 def free_port(address: str) -> int:
@@ -271,9 +297,10 @@ class SshLab:
         self.ssh_config.touch()
         self.servers: list[Sshd] = []
 
-    def sshd(self, address: str, netns: str | None = None, port: int | None = None, trust: bool = True) -> Sshd:
-        """Start an sshd; `trust` puts its host key into the lab's known_hosts."""
-        server = Sshd(self.tmp / f"sshd-{len(self.servers)}", address, [self.user_key], port, netns)
+    def sshd(self, address: str, netns: str | None = None, port: int | None = None, trust: bool = True,
+             keys: tuple[Path, ...] = ()) -> Sshd:
+        """Start an sshd accepting the lab's user key (and `keys`); `trust` puts its host key into known_hosts."""
+        server = Sshd(self.tmp / f"sshd-{len(self.servers)}", address, [self.user_key, *keys], port, netns)
         self.servers.append(server)
         if trust:
             with open(self.known_hosts, "a") as f:

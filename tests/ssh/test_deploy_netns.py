@@ -6,6 +6,7 @@ cannot be created.
 from __future__ import annotations
 
 import collections
+import re
 import socket
 
 import pytest
@@ -80,6 +81,42 @@ def test_jump_host_reaches_a_host_the_root_cannot(ssh_lab, netlab):
         socket.create_connection((inner, 22), timeout=2).close()
     node = ssh_lab.node(inner_server, "inner", jump=f"root@{bastion}")
     path = ssh_lab.config([node], connect="tunnel")
+    with pc.SSHCluster.from_config(path) as cluster:
+        assert sorted(x for x, tag in cluster.run([tagger()], range(200)) if tag == "inner") == list(range(200))
+    assert wait_until(lambda: inner_server.sessions() == [] and jump_server.sessions() == [], 10)
+
+
+@pytest.mark.timeout(90)
+def test_an_ssh_config_alias_with_proxyjump_reaches_a_host_behind_a_bastion(ssh_lab, netlab, capsys):
+    bastion = netlab.host("j")
+    netlab.host("x", to_root=False)
+    _, inner = netlab.link("j", "x")
+    jump_server = ssh_lab.sshd(bastion, netns=netlab.namespace("j"), port=22)
+    inner_server = ssh_lab.sshd(inner, netns=netlab.namespace("x"), port=22)
+    ssh_lab.ssh_config.write_text(f"""
+Host inner-*
+    HostName {inner}
+    ProxyJump bastion
+    ConnectTimeout 4
+    ServerAliveInterval 7
+
+Host bastion
+    HostName {bastion}
+
+Host *
+    User root
+    IdentityFile {ssh_lab.user_key}
+    IdentitiesOnly yes
+    UserKnownHostsFile {ssh_lab.known_hosts}
+""")
+    node = {**ssh_lab.node(inner_server, "inner"), "host": "inner-x"}
+    del node["port"]
+    path = ssh_lab.config([node], {"user": None, "identity_file": None, "known_hosts": None,
+                                   "connect_timeout": None}, connect="tunnel")
+    assert cli.main(["deploy", "check", "--explain", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"inner: root@{inner}:22 via root@{bastion}" in out and "(HostName of 'inner-x')" in out
+    assert re.search(r"connect_timeout +4\.0 +ssh_config ", out) and re.search(r"keepalive +7\.0 +ssh_config", out)
     with pc.SSHCluster.from_config(path) as cluster:
         assert sorted(x for x, tag in cluster.run([tagger()], range(200)) if tag == "inner") == list(range(200))
     assert wait_until(lambda: inner_server.sessions() == [] and jump_server.sessions() == [], 10)

@@ -4,10 +4,15 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
+import pty
+import select
 import signal
 import subprocess
 import sys
+import time
 
+import paramiko
 import psutil
 import pytest
 
@@ -15,7 +20,7 @@ import pipeline_cluster as pc
 from pipeline_cluster import cli
 from pipeline_cluster.deploy.errors import DeployError
 from tests.helpers import NO_HANG, read_line, returns_within, wait_until
-from tests.sshd import alive, keygen, tagger
+from tests.sshd import SshAgent, alive, keygen, tagger
 
 pytestmark = pytest.mark.ssh
 
@@ -82,6 +87,7 @@ def test_host_keys_unknown_pinned_changed_and_wrong_user_key(ssh_lab, capsys):
     stranger = keygen(ssh_lab.tmp / "id_stranger")
     error = deploy_error(ssh_lab.config([node], {"identity_file": str(stranger)})).errors[0]
     assert (error.phase, error.node) == ("auth", "n") and "127.0.0.4" in str(error) and "'root'" in str(error)
+    assert f"tried {stranger} (ssh-ed25519 SHA256:" in str(error) and ") refused" in str(error), error
 
 
 @pytest.mark.timeout(60)
@@ -218,3 +224,93 @@ def test_stage_tables_apply_to_pipelines_with_the_stage_and_are_skipped_by_other
             assert sorted(x for x, _ in cluster.run([pc.Stage(tagger(), name="split")], range(50))) == list(range(50))
         assert cluster.pipeline.stages[0].workers == 1 and caplog.records == []
     assert wait_until(lambda: ssh_lab.sessions() == [], 10)
+
+
+PASSPHRASE = "correct horse"
+
+
+@pytest.mark.timeout(60)
+def test_an_encrypted_identity_file_authenticates_through_the_agent_key_that_matches_it(ssh_lab, monkeypatch):
+    encrypted = keygen(ssh_lab.tmp / "id_encrypted", PASSPHRASE)
+    server = ssh_lab.sshd("127.0.0.14", keys=(encrypted,))
+    path = ssh_lab.config([ssh_lab.node(server, "n")], {"identity_file": str(encrypted)})
+    agent = SshAgent(ssh_lab.tmp)
+    try:
+        other = keygen(ssh_lab.tmp / "id_other")
+        agent.add(other, "")  # not the one: only the key matching the identity file is offered
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(agent.sock))
+        error = deploy_error(path).errors[0]
+        assert error.phase == "auth" and "no key to offer" in str(error), error
+        assert f"could not use {encrypted} (encrypted; not in the agent; no terminal" in str(error), error
+
+        agent.add(encrypted, PASSPHRASE)
+        with pc.SSHCluster.from_config(path) as cluster:
+            assert sorted(x for x, _ in cluster.run([tagger()], range(20))) == list(range(20))
+    finally:
+        agent.stop()
+    assert wait_until(lambda: ssh_lab.sessions() == [], 10)
+
+
+PROMPTED_STATUS = """
+import fcntl, os, sys, termios
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # the pty becomes this session's terminal: getpass reads /dev/tty
+from pipeline_cluster import cli
+sys.exit(cli.main(["deploy", "status", sys.argv[1]]))
+"""
+
+
+def _read_until(fd: int, text: bytes, timeout: float) -> bytes:
+    """What the pty's master gives until `text` appears (or the child closes it), within `timeout` s."""
+    got = b""
+    deadline = time.monotonic() + timeout
+    while text not in got and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        try:
+            chunk = os.read(fd, 4096) if ready else b""
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if ready and not chunk:
+            break
+        got += chunk
+    return got
+
+
+@pytest.mark.timeout(60)
+def test_a_passphrase_is_asked_on_a_terminal_when_no_agent_has_the_key(ssh_lab, tmp_path):
+    encrypted = keygen(ssh_lab.tmp / "id_encrypted", PASSPHRASE)
+    server = ssh_lab.sshd("127.0.0.15", keys=(encrypted,))
+    path = ssh_lab.config([ssh_lab.node(server, "n")], {"identity_file": str(encrypted)})
+    script = tmp_path / "status.py"
+    script.write_text(PROMPTED_STATUS)
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+    child = subprocess.Popen([sys.executable, str(script), str(path)], stdin=slave, stdout=slave, stderr=slave,
+                             start_new_session=True, env=env, cwd="/")
+    os.close(slave)
+    try:
+        prompt = _read_until(master, b"Enter passphrase for key", 30)
+        assert f"Enter passphrase for key '{encrypted}'".encode() in prompt, prompt
+        os.write(master, PASSPHRASE.encode() + b"\n")
+        out = _read_until(master, b"not running", 30)
+        assert child.wait(30) == 0 and b"n: not running" in out, out
+    finally:
+        child.kill()
+        child.wait()
+        os.close(master)
+
+
+@pytest.mark.timeout(60)
+def test_accept_new_hashes_the_names_it_pins_when_known_hosts_is_hashed(ssh_lab, capsys):
+    server = ssh_lab.sshd("127.0.0.16", trust=False)
+    hashed = paramiko.HostKeys.hash_host("elsewhere.example")
+    ssh_lab.known_hosts.write_text(f"{hashed} {' '.join(server.known_hosts_line().split()[1:])}\n")
+    node = ssh_lab.node(server, "n")
+    assert cli.main(["deploy", "status", str(ssh_lab.config([node], {"host_key_policy": "accept-new"}))]) == 0
+    pinned = ssh_lab.known_hosts.read_text().splitlines()[1]
+    assert pinned.startswith("|1|") and "127.0.0.16" not in pinned, pinned
+    name = f"[127.0.0.16]:{server.port}"
+    found = subprocess.run(["ssh-keygen", "-F", name, "-f", str(ssh_lab.known_hosts)], capture_output=True,
+                           text=True)
+    assert found.returncode == 0 and found.stdout.count("|1|") == 1, found  # OpenSSH finds it
+    assert cli.main(["deploy", "status", str(ssh_lab.config([node]))]) == 0  # and strict accepts it now
+    assert "n: not running" in capsys.readouterr().out
