@@ -18,6 +18,7 @@ import secrets
 import socket
 import threading
 import time
+import warnings
 from typing import Any, cast, TypeVar
 from collections.abc import Callable
 
@@ -28,7 +29,7 @@ from pipeline_cluster.transport import wire
 from pipeline_cluster.transport.auth import client_handshake
 from pipeline_cluster.deploy.channelsock import ChannelSocket
 from pipeline_cluster.deploy.config import DeployConfig, NodeSpec
-from pipeline_cluster.deploy.errors import DeployError, HostError
+from pipeline_cluster.deploy.errors import DeployError, HostError, NodesMissing
 from pipeline_cluster.deploy.remote import Connector, remote_argv, run_hostscript, tail
 from pipeline_cluster.deploy.wheel import build_wheel
 from pipeline_cluster.transport.links import RemoteLink
@@ -329,22 +330,29 @@ class Deployment:
         return [node.result for node in self.nodes]
 
     def up(self, root: Any, log_sink: Callable) -> list[RemoteLink]:
-        """Bring every node up; on any failure stop them all and raise DeployError with one HostError per failure."""
+        """Bring every node up, in parallel; the links of those that came up.
+
+        With fewer than min_nodes (default: all) up, stop them all and raise DeployError; else stop what the failed
+        ones started and warn (NodesMissing), one HostError per failure either way.
+        """
         try:
             outcomes = in_parallel(self.nodes, lambda node: node.up(self.connector, self.authkey, root, log_sink))
         except BaseException:  # Ctrl-C while hosts come up
             self._abort()
             raise
-        errors = []
+        failed: dict[RemoteNode, HostError] = {}
         for node, outcome in zip(self.nodes, outcomes):
             if isinstance(outcome, BaseException):
                 error = outcome if isinstance(outcome, HostError) else node.fail(f"{type(outcome).__name__}: "
                                                                                  f"{outcome}")
-                node.result.error = error
-                errors.append(error)
-        if errors:
+                node.result.error = failed[node] = error
+        needed = self.config.min_nodes or len(self.nodes)
+        if len(self.nodes) - len(failed) < needed:
             self._abort()
-            raise DeployError(errors, len(self.nodes))
+            raise DeployError(list(failed.values()), len(self.nodes), needed)
+        if failed:
+            in_parallel(list(failed), RemoteNode.down)
+            warnings.warn(NodesMissing(list(failed.values()), len(self.nodes)), stacklevel=3)
         return [node.link for node in self.nodes if node.link is not None]
 
     def _abort(self) -> None:

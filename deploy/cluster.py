@@ -41,7 +41,8 @@ class SSHCluster(Cluster):
 
     @property
     def hosts(self) -> list[HostResult]:
-        """One result per node: ship mode, pid, port, seconds to come up (or the error)."""
+        """One result per node, up or not (`ok`): ship mode, pid, port, seconds to come up, or the HostError of a
+        node the cluster goes on without (min_nodes)."""
         return self.deployment.results
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:

@@ -75,11 +75,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     lost: list = []
     try:
         if args.json:
-            print(json.dumps([{k: v for k, v in vars(r).items() if k != "error"} for r in cluster.hosts]))
+            print(json.dumps([{**vars(r), "error": r.error and str(r.error)} for r in cluster.hosts]))
         else:
             for r in cluster.hosts:
-                print(f"{r.node}: up on {r.address}, pid {r.pid}, port {r.port}, code {r.ship}, {r.seconds:.2f} s")
-        print(f"{len(cluster.hosts)} node(s) up in {time.monotonic() - started:.2f} s (run {cluster.rundir.run_id}, "
+                print(f"{r.node}: up on {r.address}, pid {r.pid}, port {r.port}, code {r.ship}, {r.seconds:.2f} s"
+                      if r.ok else f"{r.node}: not up ({r.error and r.error.phase} failed), going on without it")
+        up = sum(r.ok for r in cluster.hosts)
+        print(f"{up} node(s) up in {time.monotonic() - started:.2f} s (run {cluster.rundir.run_id}, "
               f"connect = {config.connect}); they stop when this command does: Ctrl-C, SIGTERM, or "
               f"`pipeline-cluster deploy down {args.file}`", flush=True)
         while not stop.wait(0.5):

@@ -1,6 +1,7 @@
 """`cluster.toml`: the nodes to deploy to and how to reach them, validated as a whole so every bad key is named.
 
-    [cluster]                     # name, connect, heartbeat, dead_after, start_timeout, credit, node defaults
+    [cluster]                     # name, connect, heartbeat, dead_after, start_timeout, credit, min_nodes, node
+                                  # defaults
     [ssh]                         # user, port, identity_file, known_hosts, host_key_policy, jump, ssh_config...
     [[node]]                      # name, host, python, workdir, env, workers, ship, listen, node_port + any [ssh] key
     [stages.NAME]                 # workers / supervision overrides, as for any cluster
@@ -95,6 +96,7 @@ class DeployConfig:
     dead_after: float = 10.0
     start_timeout: float = 60.0
     credit: int | None = None  # None: adapt to item size (see actors/root.py)
+    min_nodes: int | None = None  # None: every node must come up
     stages: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def node(self, name: str) -> NodeSpec:
@@ -162,7 +164,7 @@ _NODE_DEFAULT_KEYS: dict[str, Check] = {
 _NODE_KEYS: dict[str, Check] = {"name": _name, "host": _text, "listen": _text, **_NODE_DEFAULT_KEYS, **_SSH_KEYS}
 _CLUSTER_KEYS: dict[str, Check] = {
     "name": _name, "connect": _choice(*CONNECT_MODES), "heartbeat": _seconds, "dead_after": _seconds,
-    "start_timeout": _seconds, "credit": positive_int, **_NODE_DEFAULT_KEYS,
+    "start_timeout": _seconds, "credit": positive_int, "min_nodes": positive_int, **_NODE_DEFAULT_KEYS,
 }
 _TABLES = ("cluster", "ssh", "node", "stages")
 
@@ -233,6 +235,10 @@ def load_config(source: str | os.PathLike | Mapping[str, Any]) -> DeployConfig:
     stages = problems.stages(raw.get("stages", {}))
     node_defaults = {k: v for k, v in cluster.items() if k in _NODE_DEFAULT_KEYS}
     nodes = _nodes(raw.get("node"), ssh, node_defaults, base, problems)
+    tables = raw.get("node")
+    count = len(tables) if isinstance(tables, list) else 0
+    if cluster.get("min_nodes", 0) > count:
+        problems.add("[cluster].min_nodes", f"is {cluster['min_nodes']}, but there are {count} [[node]] table(s)")
     if "heartbeat" in cluster and "dead_after" in cluster and cluster["dead_after"] <= cluster["heartbeat"]:
         problems.add("[cluster].dead_after", f"must be longer than heartbeat ({cluster['heartbeat']} s)")
     default_name = Path(label).stem if not isinstance(source, Mapping) else "cluster"

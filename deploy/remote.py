@@ -32,11 +32,16 @@ def tail(text: str, lines: int = STDERR_TAIL_LINES) -> str:
 
 
 class Connector:
-    """Opens SSH connections to nodes, sharing one connection per jump host; `close` ends them all."""
+    """Opens SSH connections to nodes, sharing one connection per jump host; `close` ends them all.
+
+    Nodes connect concurrently, each within its connect timeout; the nodes behind one jump host wait for its single
+    attempt, and share its failure rather than each trying again.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.RLock()  # a jump chain opens its hops recursively
-        self._jumps: dict[tuple, paramiko.SSHClient] = {}
+        self._lock = threading.Lock()
+        self._jump_locks: dict[tuple, threading.Lock] = {}
+        self._jumps: dict[tuple, paramiko.SSHClient | HostError] = {}
         self._clients: list[paramiko.SSHClient] = []
 
     def open(self, node: NodeSpec) -> paramiko.SSHClient:
@@ -59,15 +64,27 @@ class Connector:
         settings, hop = node.ssh, chain[-1]
         key = (chain, settings.identity_files, settings.known_hosts, settings.host_key_policy)
         with self._lock:
-            client = self._jumps.get(key)
-            if client is not None and client.get_transport() is not None and client.get_transport().is_active():
-                return client
+            lock = self._jump_locks.setdefault(key, threading.Lock())
+        with lock:
+            known = self._jumps.get(key)
+            if isinstance(known, HostError):
+                raise HostError(node.name, node.address, known.phase, known.detail)
+            if known is not None and known.get_transport() is not None and known.get_transport().is_active():
+                return known
             port = hop.port or 22
-            sock = self._via(node, chain[:-1], hop.host, port)
-            client = _connect(node, hop.host, port, hop.user or settings.user, settings, sock,
-                              via=f"jump host {hop}")
-            self._jumps[key] = client
+            try:
+                sock = self._via(node, chain[:-1], hop.host, port)
+                client = _connect(node, hop.host, port, hop.user or settings.user, settings, sock,
+                                  via=f"jump host {hop}")
+            except HostError as exc:
+                self._remember(key, exc)
+                raise
+            self._remember(key, client)
             return client
+
+    def _remember(self, key: tuple, outcome: paramiko.SSHClient | HostError) -> None:
+        with self._lock:
+            self._jumps[key] = outcome
 
     def _tunnel(self, node: NodeSpec, jump: paramiko.SSHClient, host: str, port: int) -> paramiko.Channel:
         """A direct-tcpip channel from the jump host to host:port, to carry the next SSH connection."""
@@ -82,7 +99,7 @@ class Connector:
         """Close every connection, targets first, then jump hosts."""
         with self._lock:
             clients, self._clients = self._clients, []
-            jumps, self._jumps = list(self._jumps.values()), {}
+            jumps, self._jumps = [c for c in self._jumps.values() if isinstance(c, paramiko.SSHClient)], {}
         for client in clients + jumps[::-1]:
             client.close()
 

@@ -194,6 +194,7 @@ class NetLab:
         self.tag = f"pc{os.getpid() % 10000}n{NetLab._instances % 100}"
         self.namespaces: list[str] = []
         self.root_links: list[str] = []
+        self.root_side: dict[str, str] = {}  # host label -> the root namespace's address on its veth
         self.block = self._free_block()
         _ip("route", "add", "blackhole", str(self.block))
         self._subnets = self.block.subnets(new_prefix=24)
@@ -227,7 +228,10 @@ class NetLab:
         _ip("netns", "add", ns)
         self.namespaces.append(ns)
         _ip("-n", ns, "link", "set", "lo", "up")
-        return self._veth(None, ns, f"{self.tag}{label}r")[1] if to_root else None
+        if not to_root:
+            return None
+        self.root_side[label], address = self._veth(None, ns, f"{self.tag}{label}r")
+        return address
 
     def link(self, a: str, b: str) -> tuple[str, str]:
         """A veth between namespaces `a` and `b` (labels); returns (address in a, address in b)."""
@@ -256,6 +260,11 @@ class NetLab:
     def set_link(self, label: str, up: bool) -> None:
         """Bring the root-side end of host `label`'s veth up or down (down = a partition: no FIN, no RST)."""
         _ip("link", "set", f"{self.tag}{label}r", "up" if up else "down")
+
+    def blackhole(self, label: str) -> None:
+        """Host `label` silently drops what it would send back to the root namespace: a connect from here gets no
+        answer at all (no RST, no ICMP) and runs into its timeout, as with a host that is down or firewalled."""
+        _ip("-n", self.namespace(label), "route", "add", "blackhole", f"{self.root_side[label]}/32")
 
     def close(self) -> None:
         """Delete the veths to the root namespace, the namespaces (and their veths) and the blackhole route."""

@@ -8,11 +8,13 @@ from __future__ import annotations
 import collections
 import re
 import socket
+import time
 
 import pytest
 
 import pipeline_cluster as pc
 from pipeline_cluster import cli
+from pipeline_cluster.deploy.errors import DeployError, NodesMissing
 from tests.helpers import NO_HANG, wait_until
 from tests.sshd import NetLab, alive, tagger
 
@@ -120,3 +122,65 @@ Host *
     with pc.SSHCluster.from_config(path) as cluster:
         assert sorted(x for x, tag in cluster.run([tagger()], range(200)) if tag == "inner") == list(range(200))
     assert wait_until(lambda: inner_server.sessions() == [] and jump_server.sessions() == [], 10)
+
+
+@pytest.mark.timeout(120)
+def test_min_nodes_goes_on_without_a_blackholed_host_within_one_connect_timeout(ssh_lab, netlab, capsys):
+    hosts = {label: netlab.host(label) for label in ("a", "b", "c")}
+    servers = {label: ssh_lab.sshd(ip, netns=netlab.namespace(label), port=22) for label, ip in hosts.items()}
+    netlab.blackhole("c")  # up, but nothing it sends reaches us: every connect runs into its timeout
+    timeout = 4.0
+    path = ssh_lab.config([ssh_lab.node(servers[label], label) for label in hosts], {"connect_timeout": timeout},
+                          connect="tunnel", min_nodes=2)
+    started = time.monotonic()
+    with pytest.warns(NodesMissing) as warned:
+        cluster = pc.SSHCluster.from_config(path, credit=64)
+    elapsed = time.monotonic() - started
+    with cluster:
+        assert timeout <= elapsed < 2 * timeout, elapsed  # the hosts were contacted concurrently
+        (error,) = warned[0].message.errors
+        assert (error.node, error.phase) == ("c", "connect") and "timed out" in str(error), error
+        assert [(h.node, h.ok) for h in cluster.hosts] == [("a", True), ("b", True), ("c", False)]
+        assert cluster.hosts[2].error is error
+        outputs = list(cluster.run([tagger()], range(3000)))
+    assert collections.Counter(x for x, _ in outputs) == collections.Counter(range(3000))
+    assert {tag for _, tag in outputs} == {"a", "b"}
+
+    for action in (["status"], ["down", "--grace", "5"]):
+        started = time.monotonic()
+        assert cli.main(["deploy", *action, str(path)]) == 1  # c could not be asked
+        elapsed = time.monotonic() - started
+        assert elapsed < 2 * timeout, (action, elapsed)
+        err = capsys.readouterr().err
+        assert err.count("error: ") == 1 and "node c (" in err and "connect failed" in err, err
+    for label, server in servers.items():
+        assert wait_until(lambda server=server: server.sessions() == [], 10), (label, server.sessions())
+
+
+@pytest.mark.timeout(60)
+def test_fewer_than_min_nodes_up_fails_the_deploy_and_stops_the_rest(ssh_lab, netlab):
+    hosts = {label: netlab.host(label) for label in ("a", "b")}
+    servers = {label: ssh_lab.sshd(ip, netns=netlab.namespace(label), port=22) for label, ip in hosts.items()}
+    netlab.blackhole("b")
+    path = ssh_lab.config([ssh_lab.node(servers[label], label) for label in hosts], {"connect_timeout": 2.0},
+                          min_nodes=2)
+    with pytest.raises(DeployError, match=r"1 of 2 node\(s\) failed to start:\nnode b .*connect failed") as caught:
+        pc.SSHCluster.from_config(path)
+    assert [e.node for e in caught.value.errors] == ["b"]
+    assert wait_until(lambda: servers["a"].sessions() == [], 10)
+
+
+@pytest.mark.timeout(60)
+def test_nodes_behind_an_unreachable_jump_host_share_its_one_connect_timeout(ssh_lab, netlab, capsys):
+    bastion = netlab.host("j")
+    server = ssh_lab.sshd(bastion, netns=netlab.namespace("j"), port=22)
+    netlab.blackhole("j")
+    timeout = 3.0
+    nodes = [{**ssh_lab.node(server, name), "jump": f"root@{bastion}"} for name in ("x", "y", "z")]
+    path = ssh_lab.config(nodes, {"connect_timeout": timeout})
+    started = time.monotonic()
+    assert cli.main(["deploy", "status", str(path)]) == 1
+    elapsed = time.monotonic() - started
+    assert elapsed < 2 * timeout, elapsed  # one attempt at the jump host, not one per node
+    err = capsys.readouterr().err
+    assert err.count(f"jump host root@{bastion}") == 3 and err.count("connect failed") == 3, err

@@ -291,3 +291,11 @@ def test_ssh_config_problems_are_config_errors(tmp_path):
     assert "for host 'a', port: invalid literal" in problems and "proxyjump: 'not@a@jump'" in problems
     with pytest.raises(ConfigError, match=r"\[ssh\].ssh_config: no such file"):
         load_config(write(tmp_path, '[ssh]\nssh_config = "nope"\n[[node]]\nhost = "a"\n'))
+
+
+@pytest.mark.timeout(30)
+def test_min_nodes_defaults_to_all_and_cannot_exceed_the_nodes(tmp_path):
+    assert load_config(write(tmp_path, GOOD)).min_nodes is None
+    assert load_config(write(tmp_path, GOOD.replace('name = "lab"', 'name = "lab"\nmin_nodes = 1'))).min_nodes == 1
+    with pytest.raises(ConfigError, match=r"\[cluster\].min_nodes: is 3, but there are 2 \[\[node\]\] table"):
+        load_config(write(tmp_path, GOOD.replace('name = "lab"', 'name = "lab"\nmin_nodes = 3')))
