@@ -20,23 +20,23 @@ import threading
 import time
 import warnings
 from typing import Any, cast, TypeVar
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import paramiko
 
-from pipeline_cluster import __version__
 from pipeline_cluster.transport import wire
 from pipeline_cluster.transport.auth import client_handshake
 from pipeline_cluster.deploy.channelsock import ChannelSocket
 from pipeline_cluster.deploy.config import DeployConfig, NodeSpec
 from pipeline_cluster.deploy.errors import DeployError, HostError, NodesMissing
 from pipeline_cluster.deploy.remote import Connector, remote_argv, run_hostscript, tail
-from pipeline_cluster.deploy.wheel import build_wheel
+from pipeline_cluster.deploy.wheel import PACKAGES, build_wheel
 from pipeline_cluster.transport.links import RemoteLink
 
 logger = logging.getLogger("pipeline_cluster.deploy")
 
-COMMAND_TIMEOUT = 120.0  # probe, install (pip), stop
+COMMAND_TIMEOUT = 120.0  # probe, stop
+INSTALL_MARGIN = 30.0  # beyond install_timeout: the host kills an install first, and says so
 STOP_GRACE = 10.0
 KILL_GRACE = 3.0
 T = TypeVar("T")
@@ -112,11 +112,12 @@ class RemoteNode:
 
     # -- ship ----------------------------------------------------------------------------------------------------
 
-    def _hostscript(self, *args: str) -> Any:
+    def _hostscript(self, *args: str, timeout: float = COMMAND_TIMEOUT,
+                    private: Mapping[str, str] | None = None) -> Any:
         """Run a hostscript command with the node's python; HostError with exit status and stderr when it fails."""
         python = self.spec.python
         try:
-            status, answer, err = run_hostscript(self.ssh, python, *args, timeout=COMMAND_TIMEOUT)
+            status, answer, err = run_hostscript(self.ssh, python, *args, timeout=timeout, private=private)
         except (TimeoutError, paramiko.SSHException, OSError) as exc:
             raise self.fail(f"{args[0]} on the host: {exc}") from None
         if status != 0 or answer is None:
@@ -129,12 +130,12 @@ class RemoteNode:
         spec = self.spec
         built = build_wheel() if spec.ship != "never" else None
         venv_id = built.sha256[:16] if built else "none"
-        probe = self._hostscript("probe", spec.workdir, venv_id)
+        probe = self._hostscript("probe", spec.workdir, venv_id, ",".join(PACKAGES))
         if tuple(probe["python"]) < (3, 10):
             raise self.fail(f"python {spec.python!r} is {'.'.join(map(str, probe['python']))}; "
                             "pipeline_cluster needs 3.10 or newer")
         self.run_dir = f"{runs_dir(probe['workdir'], self.config.name)}/{self.run_id}/{spec.name}"
-        if spec.ship == "never" or (spec.ship == "auto" and probe["installed"] == __version__):
+        if spec.ship == "never" or (spec.ship == "auto" and built is not None and probe["code"] == built.code):
             if probe["installed"] is None:
                 raise self.fail(f"python {spec.python!r} has no pipeline_cluster and ship = \"never\"")
             self.result.ship = "existing"
@@ -154,7 +155,8 @@ class RemoteNode:
                 sftp.posix_rename(target + ".part", target)
         except (OSError, paramiko.SSHException) as exc:
             raise self.fail(f"cannot upload the wheel to {target} over SFTP: {exc}") from None
-        self._hostscript("install", target, probe["venv"])
+        self._hostscript("install", target, probe["venv"], str(spec.install_timeout), private=spec.install_env,
+                         timeout=spec.install_timeout + INSTALL_MARGIN)
         self.result.ship = "shipped"
         return python
 

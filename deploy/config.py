@@ -3,7 +3,8 @@
     [cluster]                     # name, connect, heartbeat, dead_after, start_timeout, credit, min_nodes, node
                                   # defaults
     [ssh]                         # user, port, identity_file, known_hosts, host_key_policy, jump, ssh_config...
-    [[node]]                      # name, host, python, workdir, env, workers, ship, listen, node_port + any [ssh] key
+    [[node]]                      # name, host, python, workdir, env, workers, ship, install_timeout, install_env,
+                                  # listen, node_port + any [ssh] key
     [stages.NAME]                 # workers / supervision overrides, as for any cluster
 
 Relative paths (identity_file, known_hosts, ssh_config) are relative to the file's directory; `~` is expanded
@@ -74,6 +75,8 @@ class NodeSpec:
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     workers: int | None = None
     ship: str = "auto"
+    install_timeout: float = 120.0  # for a venv's install on the host, pip included; killed after it
+    install_env: Mapping[str, str] = dataclasses.field(default_factory=dict)  # for that install only
     listen: str | None = None
     node_port: int = 0
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)  # setting -> where from
@@ -159,7 +162,7 @@ _SSH_KEYS: dict[str, Check] = {
 }
 _NODE_DEFAULT_KEYS: dict[str, Check] = {
     "python": _text, "workdir": _text, "env": _env, "workers": positive_int, "ship": _choice(*SHIP_MODES),
-    "node_port": _port(0),
+    "node_port": _port(0), "install_timeout": _seconds, "install_env": _env,
 }
 _NODE_KEYS: dict[str, Check] = {"name": _name, "host": _text, "listen": _text, **_NODE_DEFAULT_KEYS, **_SSH_KEYS}
 _CLUSTER_KEYS: dict[str, Check] = {

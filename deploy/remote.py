@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from collections.abc import Mapping
 
 import paramiko
 from paramiko.auth_strategy import AuthFailure
@@ -23,6 +24,8 @@ from pipeline_cluster.deploy.hostkeys import UnknownHostKey, host_key_name, new_
 from pipeline_cluster.deploy.sshkeys import KeyStrategy
 
 HOSTSCRIPT = (Path(__file__).parent / "hostscript.py").read_bytes()
+# reads exactly the hostscript from stdin and runs it; the rest of stdin is the command's private input
+LOADER = f"import sys; exec(compile(sys.stdin.buffer.read({len(HOSTSCRIPT)}), 'hostscript.py', 'exec'))"
 STDERR_TAIL_LINES = 40
 
 
@@ -168,9 +171,12 @@ def run_command(client: paramiko.SSHClient, command: str, stdin: bytes, timeout:
         channel.close()
 
 
-def run_hostscript(client: paramiko.SSHClient, python: str, *args: str, timeout: float) -> tuple[int, Any, str]:
-    """Run a hostscript command with the host's `python`; returns (exit status, its JSON answer or None, stderr)."""
-    status, out, err = run_command(client, remote_argv(python, "-", *args), HOSTSCRIPT, timeout)
+def run_hostscript(client: paramiko.SSHClient, python: str, *args: str, timeout: float,
+                   private: Mapping[str, str] | None = None) -> tuple[int, Any, str]:
+    """Run a hostscript command with the host's `python`, `private` (JSON) on its stdin rather than its command
+    line; returns (exit status, its JSON answer or None, stderr)."""
+    stdin = HOSTSCRIPT + (json.dumps(dict(private)).encode() + b"\n" if private else b"")
+    status, out, err = run_command(client, remote_argv(python, "-c", LOADER, *args), stdin, timeout)
     try:
         answer = json.loads(out.strip().splitlines()[-1]) if status == 0 and out.strip() else None
     except ValueError:

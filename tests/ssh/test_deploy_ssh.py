@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import collections
+import fcntl
+import io
 import json
 import logging
 import os
 import pty
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
+import zipfile
 
 import paramiko
 import psutil
@@ -19,6 +23,7 @@ import pytest
 import pipeline_cluster as pc
 from pipeline_cluster import cli
 from pipeline_cluster.deploy.errors import DeployError
+from pipeline_cluster.deploy.wheel import build_wheel
 from tests.helpers import NO_HANG, read_line, returns_within, wait_until
 from tests.sshd import SshAgent, alive, keygen, tagger
 
@@ -314,3 +319,69 @@ def test_accept_new_hashes_the_names_it_pins_when_known_hosts_is_hashed(ssh_lab,
     assert found.returncode == 0 and found.stdout.count("|1|") == 1, found  # OpenSSH finds it
     assert cli.main(["deploy", "status", str(ssh_lab.config([node]))]) == 0  # and strict accepts it now
     assert "n: not running" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(120)
+def test_auto_replaces_an_install_of_the_same_version_with_other_code(ssh_lab, tmp_path):
+    site = tmp_path / "host-site"  # the host's checkout, on its python's path: this version, one file changed
+    wheel = zipfile.ZipFile(io.BytesIO(build_wheel().data))
+    wheel.extractall(site, [name for name in wheel.namelist() if name.startswith("pipeline_cluster/")])
+    demo = site / "pipeline_cluster" / "demo.py"
+    demo.write_text(demo.read_text() + "\n# changed on the host\n")
+    python = tmp_path / "host-python"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH={site} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    found = subprocess.run([str(python), "-c", "import pipeline_cluster as p; print(p.__version__, p.__file__)"],
+                           capture_output=True, text=True, check=True, cwd="/").stdout.split()
+    assert found == [pc.__version__, str(site / "pipeline_cluster" / "__init__.py")]
+
+    server = ssh_lab.sshd("127.0.0.17")
+    path = ssh_lab.config([ssh_lab.node(server, "s", python=str(python), install_env={"PIP_NO_COLOR": "1"})])
+    for expected in ("shipped", "cached"):
+        with pc.SSHCluster.from_config(path) as cluster:
+            host = cluster.hosts[0]
+            assert host.ship == expected
+            node = psutil.Process(host.pid)
+            assert node.cmdline()[0].startswith(str(ssh_lab.tmp / "work-s" / "venvs")), node.cmdline()
+            assert "PIP_NO_COLOR" not in node.environ()  # install_env is the install's only
+            assert sorted(x for x, _ in cluster.run([tagger()], range(20))) == list(range(20))
+    assert wait_until(lambda: ssh_lab.sessions() == [], 10)
+
+
+def processes_under(directory) -> list[str]:
+    """`ps` on the host: the command lines that mention `directory`."""
+    listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in listing.splitlines() if str(directory) in line]
+
+
+@pytest.mark.timeout(240)
+def test_a_hanging_install_is_killed_at_install_timeout_and_the_next_deploy_succeeds(ssh_lab, tmp_path):
+    bare = tmp_path / "bare"  # a host python with pip but none of the dependencies: pip must ask the index
+    subprocess.run([os.path.join(sys.base_prefix, "bin", "python3"), "-m", "venv", str(bare)], check=True)
+    server = ssh_lab.sshd("127.0.0.18")
+    work = ssh_lab.tmp / "work-h"
+    node = ssh_lab.node(server, "h", python=str(bare / "bin" / "python"), install_timeout=10.0)
+    with socket.socket() as index:  # accepts connections (the kernel does) and never answers
+        index.bind(("127.0.0.1", 0))
+        index.listen(64)
+        hanging = {"PIP_INDEX_URL": f"http://127.0.0.1:{index.getsockname()[1]}/simple"}
+        started = time.monotonic()
+        error = deploy_error(ssh_lab.config([{**node, "install_env": hanging}])).errors[0]
+        elapsed = time.monotonic() - started
+    assert error.phase == "ship" and error.exit_status == 124, error
+    assert "out of time (install_timeout): killed" in error.stderr_tail and "-m pip install" in error.stderr_tail
+    assert 10.0 <= elapsed < 10.0 + NO_HANG, elapsed
+    assert processes_under(work) == []  # pip and whatever it started went with its process group
+
+    venv_lock = work / "venvs" / f"{build_wheel().sha256[:16]}.lock"
+    with open(venv_lock, "w") as lock:  # another install holds the venv: the wait is bounded and names it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write("a test holding it\n")
+        lock.flush()
+        error = deploy_error(ssh_lab.config([{**node, "install_timeout": 1.0}])).errors[0]
+    assert error.phase == "ship" and f"waiting for {venv_lock}, held by a test holding it" in error.stderr_tail
+
+    with pc.SSHCluster.from_config(ssh_lab.config([node])) as cluster:  # the host's usual index (or wheelhouse)
+        assert cluster.hosts[0].ship == "shipped"
+        assert sorted(x for x, _ in cluster.run([tagger()], range(20))) == list(range(20))
+    assert wait_until(lambda: ssh_lab.sessions() == [], 10)

@@ -48,6 +48,8 @@ user = "root"
 workers = 8
 env = { OMP_NUM_THREADS = "1" }
 ship = "never"
+install_timeout = 300
+install_env = { PIP_INDEX_URL = "https://pypi.internal/simple" }
 jump = []
 
 [stages.split]
@@ -76,6 +78,8 @@ def test_config_defaults_overrides_and_paths(tmp_path):
     assert [str(j) for j in first.ssh.jump] == ["ops@bastion:2200"]
     assert big.ssh.user == "root" and big.ssh.port == 22 and big.workers == 8 and big.ship == "never"
     assert big.env == {"OMP_NUM_THREADS": "1"} and big.address == "root@big.example:22"
+    assert (first.install_timeout, first.install_env) == (120.0, {})
+    assert (big.install_timeout, big.install_env) == (300, {"PIP_INDEX_URL": "https://pypi.internal/simple"})
     assert config.stages == {"split": {"workers": 4, "supervision": {"max_attempts": 5}}}
 
 
@@ -87,6 +91,7 @@ connect = "telepathy"
 heartbeat = 5
 dead_after = 1
 credits = 10
+install_timeout = 0
 
 [ssh]
 host_key_policy = "yolo"
@@ -120,6 +125,7 @@ x = 1
     expected = [
         "[cluster].connect: must be one of 'tunnel', 'direct'",
         "[cluster].credits: unknown key (did you mean 'credit'?)",
+        "[cluster].install_timeout: must be a positive number of seconds",
         "[cluster].dead_after: must be longer than heartbeat",
         "[ssh].host_key_policy: must be one of 'strict', 'accept-new', 'insecure'",
         "[ssh].port: must be a port number",
