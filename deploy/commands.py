@@ -136,6 +136,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
     config = _config(args.file)
     try:
+        if args.follow:
+            return _follow(config, args)
         replies = hostops.logs(config, args.node, args.lines, args.run)
     except KeyError as exc:
         print(f"error: {exc.args[0]}", file=sys.stderr)
@@ -146,6 +148,29 @@ def cmd_logs(args: argparse.Namespace) -> int:
             print(f"==> {reply.node.name} ({reply.node.address}), {where} <==")
             print(reply.answer["text"], end="" if reply.answer["text"].endswith("\n") else "\n")
     return _print_errors(replies)
+
+
+def _follow(config: DeployConfig, args: argparse.Namespace) -> int:
+    """Print each node's log lines as they come, prefixed with its name, until Ctrl-C or SIGTERM."""
+    from pipeline_cluster.deploy import hostops
+
+    if args.run:
+        raise SystemExit("--follow follows the latest run, and newer ones as they start: drop --run")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    lock = threading.Lock()
+
+    def write(node: str, line: str) -> None:
+        with lock:
+            print(f"{node} | {line}", flush=True)
+
+    def report(reply: hostops.HostReply) -> None:  # a node that cannot be followed is said at once
+        if reply.error:
+            print(f"error: {reply.error}", file=sys.stderr, flush=True)
+
+    replies = hostops.follow(config, write, stop, args.node, args.lines, report=report)
+    return 1 if any(reply.error for reply in replies) else 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -167,6 +192,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     logs.add_argument("--node", default=None, help="only this node")
     logs.add_argument("--lines", type=int, default=50, help="lines per node (default 50)")
     logs.add_argument("--run", default=None, help="a run id (default: the latest run)")
+    logs.add_argument("--follow", "-f", action="store_true",
+                      help="go on printing what the nodes log, and newer runs' logs as they start, until Ctrl-C")
     for parser, func in ((check, cmd_check), (up, cmd_up), (down, cmd_down), (status, cmd_status),
                          (logs, cmd_logs)):
         parser.add_argument("file", metavar="FILE", help="the cluster.toml")

@@ -13,6 +13,8 @@ old interpreter gets a clear version error instead of a SyntaxError. Each comman
     stop DIR GRACE              SIGTERM (then SIGKILL after GRACE s) every node whose pidfile is under DIR
     status DIR                  the nodes whose pidfiles are under DIR, and whether each still runs
     logs DIR NODE LINES [RUN]   the last LINES lines of NODE's node.log in run RUN (default: the latest run)
+    follow DIR NODE LINES       those of the latest run as text, then what is appended, and the logs of newer runs
+                                as they start, until stdin ends (the deployment closed its channel)
 
 A pidfile counts only while its process runs in the pidfile's own directory (deployed nodes are started there),
 so a recycled pid is never signalled; nothing is ever looked up or killed by name.
@@ -24,6 +26,7 @@ import hashlib
 import importlib
 import json
 import os
+import select
 import signal
 import site
 import subprocess
@@ -214,23 +217,57 @@ def status(directory):
     _emit(report)
 
 
-def logs(directory, node, lines, run=None):
-    """Print the tail of a node's log, from run `run` or else the latest run that has one."""
-    directory = os.path.expanduser(directory)
-    runs = [run] if run else sorted(os.listdir(directory), reverse=True) if os.path.isdir(directory) else []
+def _latest_log(directory, node):
+    """(run, path) of the newest run under `directory` with a log of `node`; (None, None) when there is none."""
+    runs = sorted(os.listdir(directory), reverse=True) if os.path.isdir(directory) else []
     for name in runs:
         path = os.path.join(directory, name, node, "node.log")
         if os.path.exists(path):
-            with open(path, errors="replace") as f:
-                tail = collections.deque(f, maxlen=int(lines))
-            _emit({"run": name, "path": path, "text": "".join(tail)})
-            return
-    _emit({"run": None, "path": None, "text": ""})
+            return name, path
+    return None, None
+
+
+def logs(directory, node, lines, run=None):
+    """Print the tail of a node's log, from run `run` or else the latest run that has one."""
+    directory = os.path.expanduser(directory)
+    name, path = (run, os.path.join(directory, run, node, "node.log")) if run else _latest_log(directory, node)
+    if path is None or not os.path.exists(path):
+        _emit({"run": None, "path": None, "text": ""})
+        return
+    with open(path, errors="replace") as f:
+        tail = collections.deque(f, maxlen=int(lines))
+    _emit({"run": name, "path": path, "text": "".join(tail)})
+
+
+def follow(directory, node, lines):
+    """Write the tail of a node's latest log, then what is appended to it; a newer run's log, once one starts, from
+    its beginning. Ends when stdin does: the root's SSH channel closed, so no follower outlives its reader."""
+    directory = os.path.expanduser(directory)
+    run, log = None, None
+    try:
+        while True:
+            latest, path = _latest_log(directory, node)
+            if latest != run:
+                if log is not None:
+                    log.close()
+                log = open(path, errors="replace")
+                sys.stdout.write("==> run %s <==\n" % latest)
+                if run is None:
+                    sys.stdout.write("".join(collections.deque(log, maxlen=int(lines))))
+                run = latest
+            if log is not None:
+                sys.stdout.write(log.read())
+            sys.stdout.flush()
+            if select.select([0], [], [], 0.2)[0] and not os.read(0, 4096):
+                return
+    finally:
+        if log is not None:
+            log.close()
 
 
 def main(argv):
     """Dispatch one command."""
-    commands = {"probe": probe, "install": install, "stop": stop, "status": status, "logs": logs}
+    commands = {"probe": probe, "install": install, "stop": stop, "status": status, "logs": logs, "follow": follow}
     if not argv or argv[0] not in commands:
         sys.exit("usage: python - {%s} ARGS..." % "|".join(commands))
     commands[argv[0]](*argv[1:])

@@ -6,6 +6,7 @@ their stdout and stderr drained concurrently, and every wait is bounded.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import shlex
@@ -13,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import paramiko
 from paramiko.auth_strategy import AuthFailure
@@ -182,3 +183,29 @@ def run_hostscript(client: paramiko.SSHClient, python: str, *args: str, timeout:
     except ValueError:
         answer = None
     return status, answer, err
+
+
+def stream_hostscript(client: paramiko.SSHClient, python: str, *args: str, timeout: float,
+                      output: Callable[[str], None], stop: threading.Event) -> tuple[int, Any, str]:
+    """Run a hostscript command that writes text as it goes, handing it to `output`, until `stop` is set (answer
+    True) or the command ends by itself (answer None, with its exit status and stderr). Its stdin stays open while
+    it runs: closing the channel ends it on the host."""
+    channel = client.get_transport().open_session(timeout=timeout)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    try:
+        channel.exec_command(remote_argv(python, "-c", LOADER, *args))
+        channel.sendall(HOSTSCRIPT)
+        channel.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                chunk = channel.recv(65536)
+            except TimeoutError:
+                continue
+            if not chunk:
+                status = channel.recv_exit_status() if channel.status_event.wait(timeout) else -1
+                err = channel.recv_stderr(65536) if channel.recv_stderr_ready() else b""
+                return status, None, err.decode(errors="replace")
+            output(decoder.decode(chunk))
+        return 0, True, ""
+    finally:
+        channel.close()

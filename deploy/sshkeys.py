@@ -95,7 +95,7 @@ class KeyStrategy(AuthStrategy):
             if in_agent:
                 yield from self._offer(in_agent[0], f"{path}, from the agent", offered)
                 return
-            if not sys.stdin.isatty():
+            if sys.stdin is None or not sys.stdin.isatty():
                 found = "not in the agent" if public else f"no {path}.pub to find it in the agent by"
                 self.skipped.append(f"{path} (encrypted; {found}; no terminal to ask for its passphrase)")
                 return

@@ -24,6 +24,7 @@ import pipeline_cluster as pc
 from pipeline_cluster import cli
 from pipeline_cluster.deploy.errors import DeployError
 from pipeline_cluster.deploy.wheel import build_wheel
+from pipeline_cluster.rundir import new_run_id
 from tests.helpers import NO_HANG, read_line, returns_within, wait_until
 from tests.sshd import SshAgent, alive, keygen, tagger
 
@@ -385,3 +386,37 @@ def test_a_hanging_install_is_killed_at_install_timeout_and_the_next_deploy_succ
         assert cluster.hosts[0].ship == "shipped"
         assert sorted(x for x, _ in cluster.run([tagger()], range(20))) == list(range(20))
     assert wait_until(lambda: ssh_lab.sessions() == [], 10)
+
+
+def read_until(proc: subprocess.Popen, text: str, timeout: float = NO_HANG) -> list[str]:
+    """`proc`'s stdout lines up to the first that contains `text`."""
+    deadline, lines = time.monotonic() + timeout, []
+    while not lines or text not in lines[-1]:
+        lines.append(read_line(proc, max(0.1, deadline - time.monotonic())))
+    return lines
+
+
+@pytest.mark.timeout(90)
+def test_logs_follow_streams_the_runs_as_they_come_and_ends_with_its_reader(ssh_lab):
+    server = ssh_lab.sshd("127.0.0.19")
+    path = ssh_lab.config([ssh_lab.node(server, "n")])
+    follower = subprocess.Popen([sys.executable, "-m", "pipeline_cluster.cli", "deploy", "logs", "--follow",
+                                 str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    try:
+        with pc.SSHCluster.from_config(path) as cluster:
+            first = cluster.rundir.run_id
+            assert f"n | ==> run {first} <==" in read_until(follower, f"==> run {first}")[-1]
+            assert "node server listening on 127.0.0.1" in read_until(follower, "node server listening")[-1]
+        assert read_until(follower, "node server stopped after")[-1].startswith("n | ")  # appended as it happened
+
+        assert wait_until(lambda: new_run_id()[:15] > first[:15], 5)  # run ids sort by the second they start
+        with pc.SSHCluster.from_config(path) as cluster:
+            second = cluster.rundir.run_id
+            read_until(follower, f"n | ==> run {second} <==")  # the newer run, followed from its start
+            assert "node server listening on 127.0.0.1" in read_until(follower, "node server listening")[-1]
+        follower.send_signal(signal.SIGTERM)
+        assert follower.wait(10) == 0
+    finally:
+        follower.kill()
+        follower.wait()
+    assert wait_until(lambda: ssh_lab.sessions() == [], 10)  # the follower on the host ended with its channel
