@@ -122,8 +122,8 @@ class KeyStrategy(AuthStrategy):
 
     def describe(self, failure: AuthFailure) -> str:
         """What was offered and refused, and what could not be offered, as one line."""
-        tried = [f"{source!r} " + ("refused" if isinstance(result, paramiko.AuthenticationException) else
-                                   f"failed: {result}") for source, result in failure.result]
+        tried = [f"{source!r} " + ("refused" if str(result) in ("", "Authentication failed.") else f"failed: {result}")
+                 for source, result in failure.result]
         parts = [f"tried {'; '.join(tried)}" if tried else "no key to offer"]
         if self.skipped:
             parts.append(f"could not use {'; '.join(self.skipped)}")
