@@ -63,9 +63,13 @@ class KeyStrategy(AuthStrategy):
 
     def get_sources(self) -> Iterator[_Key]:
         """The keys to try, lazily: a passphrase is asked only when nothing before it worked."""
-        agent = paramiko.Agent()
         try:
-            agent_keys = list(agent.get_keys())
+            agent = paramiko.Agent()  # no keys when no agent runs
+        except paramiko.SSHException as exc:
+            self.skipped.append(f"the ssh-agent at $SSH_AUTH_SOCK ({exc})")
+            agent = None
+        try:
+            agent_keys = list(agent.get_keys()) if agent is not None else []
             offered: set[bytes] = set()
             for path in self.settings.identity_files:
                 yield from self._file(path, agent_keys, offered)
@@ -77,7 +81,8 @@ class KeyStrategy(AuthStrategy):
                 if os.path.exists(path):
                     yield from self._file(path, agent_keys, offered)
         finally:
-            agent.close()
+            if agent is not None:
+                agent.close()
 
     def _offer(self, key: paramiko.PKey, label: str, offered: set[bytes]) -> Iterator[_Key]:
         """`key`, unless it was offered already."""
