@@ -420,3 +420,29 @@ def test_logs_follow_streams_the_runs_as_they_come_and_ends_with_its_reader(ssh_
         follower.kill()
         follower.wait()
     assert wait_until(lambda: ssh_lab.sessions() == [], 10)  # the follower on the host ended with its channel
+
+
+def warner():
+    """A stage (shipped by value) that logs a warning for every item."""
+    def warn(x):
+        logging.getLogger("mystage").warning("careful with item %s", x)
+        return x
+    return warn
+
+
+@pytest.mark.timeout(60)
+def test_worker_warnings_reach_the_node_log_and_the_roots_log_with_the_node_name(ssh_lab, tmp_path, capsys):
+    server = ssh_lab.sshd("127.0.0.20")
+    path = ssh_lab.config([ssh_lab.node(server, "n")])
+    root_log = tmp_path / "root.log"
+    with pc.SSHCluster.from_config(path, log_file=str(root_log)) as cluster:
+        assert sorted(cluster.run([warner()], range(200))) == list(range(200))
+    in_root = [line for line in root_log.read_text().splitlines() if "[mystage] careful with item" in line]
+    assert len(in_root) == 200 and all(" node=n " in line for line in in_root)
+
+    assert cli.main(["deploy", "logs", str(path), "--lines", "500"]) == 0
+    node_log = capsys.readouterr().out
+    echoed = [line for line in node_log.splitlines() if "[mystage] careful with item" in line]
+    assert 1 <= len(echoed) <= 20 and all(" node=n " in line for line in echoed), node_log  # a flood is counted
+    assert f"({200 - len(echoed)} more warning(s) or error(s): in the root's log only)" in node_log, node_log
+    assert wait_until(lambda: ssh_lab.sessions() == [], 10)
