@@ -48,13 +48,14 @@ def test_two_hosts_run_exactly_once_and_down_leaves_nothing(ssh_lab, netlab, cap
 
 
 @pytest.mark.timeout(90)
-def test_partition_is_detected_by_heartbeat_and_the_cut_off_node_exits(ssh_lab, netlab):
+def test_partition_is_detected_by_heartbeat_and_the_cut_off_node_exits(ssh_lab, netlab, tmp_path):
     hosts = {label: netlab.host(label) for label in ("a", "b")}
     servers = {label: ssh_lab.sshd(ip, netns=netlab.namespace(label), port=22) for label, ip in hosts.items()}
     dead_after = 2.0
     path = ssh_lab.config([ssh_lab.node(servers[label], label) for label in hosts], connect="tunnel",
                           heartbeat=0.2, dead_after=dead_after)
-    with pc.SSHCluster.from_config(path, credit=16) as cluster:
+    root_log = tmp_path / "root.log"
+    with pc.SSHCluster.from_config(path, credit=16, log_file=str(root_log)) as cluster:
         node_a = cluster.hosts[0].pid
         outputs = []
         for x, tag in cluster.run([tagger(0.005)], range(1500)):
@@ -68,6 +69,7 @@ def test_partition_is_detected_by_heartbeat_and_the_cut_off_node_exits(ssh_lab, 
         netlab.set_link("a", up=True)
     assert collections.Counter(x for x, _ in outputs) == collections.Counter(range(1500))
     assert collections.Counter(tag for _, tag in outputs)["b"] > 1300 - 200
+    assert "node a lost: no heartbeat" in root_log.read_text()  # the root's log says so
     for server in servers.values():
         assert wait_until(lambda server=server: server.sessions() == [], 15), server.sessions()
 
