@@ -7,7 +7,7 @@ channel, direct TCP or through the SSH connection, and the node's answer to "hel
 
 The node's stdin stays open for its whole life: when this process goes away (close, crash, kill -9), sshd closes
 it and the node exits; a partition is caught by heartbeats on both sides. Nodes write `node-PORT.pid` and their
-stderr (`node.log`) into their run dir `WORKDIR/runs/CLUSTER/RUN_ID/NODE`, where `deploy down` finds them.
+stderr (`node.log`) into their run dir `WORKDIR/runs/NAME-FILEHASH/RUN_ID/NODE`, where `deploy down` finds them.
 """
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ class HostResult:
     error: HostError | None = None
 
 
-def runs_dir(workdir: str, cluster: str) -> str:
-    """Where a cluster's run dirs live on a host."""
-    return f"{workdir.rstrip('/')}/runs/{cluster}"
+def runs_dir(workdir: str, config: DeployConfig) -> str:
+    """Where a cluster's run dirs live on a host (by its identity: name and file)."""
+    return f"{workdir.rstrip('/')}/runs/{config.identity}"
 
 
 class RemoteNode:
@@ -134,7 +134,7 @@ class RemoteNode:
         if tuple(probe["python"]) < (3, 10):
             raise self.fail(f"python {spec.python!r} is {'.'.join(map(str, probe['python']))}; "
                             "pipeline_cluster needs 3.10 or newer")
-        self.run_dir = f"{runs_dir(probe['workdir'], self.config.name)}/{self.run_id}/{spec.name}"
+        self.run_dir = f"{runs_dir(probe['workdir'], self.config)}/{self.run_id}/{spec.name}"
         if spec.ship == "never" or (spec.ship == "auto" and built is not None and probe["code"] == built.code):
             if probe["installed"] is None:
                 raise self.fail(f"python {spec.python!r} has no pipeline_cluster and ship = \"never\"")

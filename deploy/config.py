@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -94,6 +95,7 @@ class DeployConfig:
     source: str
     name: str
     nodes: tuple[NodeSpec, ...]
+    path: str | None = None  # the file's absolute path; None for a config given as a dict
     connect: str = "tunnel"
     heartbeat: float = 1.0
     dead_after: float = 10.0
@@ -101,6 +103,12 @@ class DeployConfig:
     credit: int | None = None  # None: adapt to item size (see actors/root.py)
     min_nodes: int | None = None  # None: every node must come up
     stages: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def identity(self) -> str:
+        """What tells this cluster's nodes from others' on a host: its name and its file's path, so that two files
+        with the same name never share, or stop, each other's nodes."""
+        return f"{self.name}-{hashlib.sha256(self.path.encode()).hexdigest()[:8]}" if self.path else self.name
 
     def node(self, name: str) -> NodeSpec:
         """The node called `name`; KeyError naming the known ones otherwise."""
@@ -249,7 +257,8 @@ def load_config(source: str | os.PathLike | Mapping[str, Any]) -> DeployConfig:
     if problems.items:
         raise ConfigError(label, problems.items)
     options = {k: v for k, v in cluster.items() if k not in _NODE_DEFAULT_KEYS and k != "name"}
-    return DeployConfig(source=label, name=name, nodes=tuple(nodes), stages=stages, **options)
+    path = None if isinstance(source, Mapping) else str(Path(source).resolve())
+    return DeployConfig(source=label, name=name, nodes=tuple(nodes), path=path, stages=stages, **options)
 
 
 def _nodes(tables: Any, ssh: Mapping[str, Any], defaults: Mapping[str, Any], base: Path,

@@ -1,6 +1,7 @@
 """Operations on every node's host from a fresh SSH connection: stop by pidfile, status, logs (`deploy down`...).
 
-They find a cluster's nodes through the pidfiles under `WORKDIR/runs/CLUSTER` on each host, so they work from any
+They find a cluster's nodes through the pidfiles under `WORKDIR/runs/NAME-FILEHASH` on each host (the cluster's name
+and its file's path: two files never share nodes), so they work from any
 process, after any crash of the root, and stop nothing that is not a node of that cluster.
 """
 from __future__ import annotations
@@ -64,18 +65,18 @@ def _hostscript(args: Callable[[NodeSpec], list[str]], timeout: float) -> Comman
 
 def stop(config: DeployConfig, grace: float = 10.0) -> list[HostReply]:
     """Stop every node of the cluster on every host (SIGTERM, SIGKILL after `grace` s), by pidfile; idempotent."""
-    return on_each_node(config, _hostscript(lambda spec: ["stop", runs_dir(spec.workdir, config.name), str(grace)],
+    return on_each_node(config, _hostscript(lambda spec: ["stop", runs_dir(spec.workdir, config), str(grace)],
                                             timeout=grace + 30))
 
 
 def status(config: DeployConfig) -> list[HostReply]:
     """The cluster's nodes on every host: run, node, pid, alive."""
-    return on_each_node(config, _hostscript(lambda spec: ["status", runs_dir(spec.workdir, config.name)], 30))
+    return on_each_node(config, _hostscript(lambda spec: ["status", runs_dir(spec.workdir, config)], 30))
 
 
 def logs(config: DeployConfig, node: str | None = None, lines: int = 50, run: str | None = None) -> list[HostReply]:
     """The tail of each node's node.log (its stderr), from run `run` or the latest run."""
-    return on_each_node(config, _hostscript(lambda spec: ["logs", runs_dir(spec.workdir, config.name), spec.name,
+    return on_each_node(config, _hostscript(lambda spec: ["logs", runs_dir(spec.workdir, config), spec.name,
                                                           str(lines), *([run] if run else [])], 30), only=node)
 
 
@@ -93,7 +94,7 @@ def follow(config: DeployConfig, write: Callable[[str, str], None], stop: thread
             for line in complete:
                 write(spec.name, line)
 
-        return stream_hostscript(client, spec.python, "follow", runs_dir(spec.workdir, config.name), spec.name,
+        return stream_hostscript(client, spec.python, "follow", runs_dir(spec.workdir, config), spec.name,
                                  str(lines), timeout=spec.ssh.connect_timeout, output=output, stop=stop)
 
     return on_each_node(config, stream, only=node, report=report)

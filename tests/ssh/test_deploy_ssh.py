@@ -446,3 +446,20 @@ def test_worker_warnings_reach_the_node_log_and_the_roots_log_with_the_node_name
     assert 1 <= len(echoed) <= 20 and all(" node=n " in line for line in echoed), node_log  # a flood is counted
     assert f"({200 - len(echoed)} more warning(s) or error(s): in the root's log only)" in node_log, node_log
     assert wait_until(lambda: ssh_lab.sessions() == [], 10)
+
+
+@pytest.mark.timeout(60)
+def test_two_files_with_the_same_cluster_name_never_touch_each_others_nodes(ssh_lab, capsys):
+    server = ssh_lab.sshd("127.0.0.21")
+    node = ssh_lab.node(server, "n")
+    first, second = ssh_lab.config([node]), ssh_lab.config([node])  # both name the cluster "test": same host, dirs
+    with pc.SSHCluster.from_config(first) as cluster:
+        pid = cluster.hosts[0].pid
+        assert cli.main(["deploy", "down", str(second)]) == 0
+        assert cli.main(["deploy", "status", str(second)]) == 0
+        out = capsys.readouterr().out
+        assert "no node was running" in out and "n: not running" in out, out
+        assert cli.main(["deploy", "status", str(first)]) == 0
+        assert f"n: running, pid {pid}," in capsys.readouterr().out
+        assert sorted(x for x, _ in cluster.run([tagger()], range(20))) == list(range(20))
+    assert wait_until(lambda: ssh_lab.sessions() == [], 10)
