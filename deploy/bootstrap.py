@@ -7,7 +7,7 @@ channel, direct TCP or through the SSH connection, and the node's answer to "hel
 
 The node's stdin stays open for its whole life: when this process goes away (close, crash, kill -9), sshd closes
 it and the node exits; a partition is caught by heartbeats on both sides. Nodes write `node-PORT.pid` and their
-stderr (`node.log`) into their run dir `WORKDIR/runs/CLUSTER/RUN_ID/NODE`, where `deploy down` finds them.
+stderr (`node.log`) into their run dir `WORKDIR/runs/NAME-FILEHASH/RUN_ID/NODE`, where `deploy down` finds them.
 """
 from __future__ import annotations
 
@@ -18,24 +18,25 @@ import secrets
 import socket
 import threading
 import time
+import warnings
 from typing import Any, cast, TypeVar
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import paramiko
 
-from pipeline_cluster import __version__
 from pipeline_cluster.transport import wire
 from pipeline_cluster.transport.auth import client_handshake
 from pipeline_cluster.deploy.channelsock import ChannelSocket
 from pipeline_cluster.deploy.config import DeployConfig, NodeSpec
-from pipeline_cluster.deploy.errors import DeployError, HostError
+from pipeline_cluster.deploy.errors import DeployError, HostError, NodesMissing
 from pipeline_cluster.deploy.remote import Connector, remote_argv, run_hostscript, tail
-from pipeline_cluster.deploy.wheel import build_wheel
+from pipeline_cluster.deploy.wheel import PACKAGES, build_wheel
 from pipeline_cluster.transport.links import RemoteLink
 
 logger = logging.getLogger("pipeline_cluster.deploy")
 
-COMMAND_TIMEOUT = 120.0  # probe, install (pip), stop
+COMMAND_TIMEOUT = 120.0  # probe, stop
+INSTALL_MARGIN = 30.0  # beyond install_timeout: the host kills an install first, and says so
 STOP_GRACE = 10.0
 KILL_GRACE = 3.0
 T = TypeVar("T")
@@ -55,9 +56,9 @@ class HostResult:
     error: HostError | None = None
 
 
-def runs_dir(workdir: str, cluster: str) -> str:
-    """Where a cluster's run dirs live on a host."""
-    return f"{workdir.rstrip('/')}/runs/{cluster}"
+def runs_dir(workdir: str, config: DeployConfig) -> str:
+    """Where a cluster's run dirs live on a host (by its identity: name and file)."""
+    return f"{workdir.rstrip('/')}/runs/{config.identity}"
 
 
 class RemoteNode:
@@ -111,11 +112,12 @@ class RemoteNode:
 
     # -- ship ----------------------------------------------------------------------------------------------------
 
-    def _hostscript(self, *args: str) -> Any:
+    def _hostscript(self, *args: str, timeout: float = COMMAND_TIMEOUT,
+                    private: Mapping[str, str] | None = None) -> Any:
         """Run a hostscript command with the node's python; HostError with exit status and stderr when it fails."""
         python = self.spec.python
         try:
-            status, answer, err = run_hostscript(self.ssh, python, *args, timeout=COMMAND_TIMEOUT)
+            status, answer, err = run_hostscript(self.ssh, python, *args, timeout=timeout, private=private)
         except (TimeoutError, paramiko.SSHException, OSError) as exc:
             raise self.fail(f"{args[0]} on the host: {exc}") from None
         if status != 0 or answer is None:
@@ -128,12 +130,12 @@ class RemoteNode:
         spec = self.spec
         built = build_wheel() if spec.ship != "never" else None
         venv_id = built.sha256[:16] if built else "none"
-        probe = self._hostscript("probe", spec.workdir, venv_id)
+        probe = self._hostscript("probe", spec.workdir, venv_id, ",".join(PACKAGES))
         if tuple(probe["python"]) < (3, 10):
             raise self.fail(f"python {spec.python!r} is {'.'.join(map(str, probe['python']))}; "
                             "pipeline_cluster needs 3.10 or newer")
-        self.run_dir = f"{runs_dir(probe['workdir'], self.config.name)}/{self.run_id}/{spec.name}"
-        if spec.ship == "never" or (spec.ship == "auto" and probe["installed"] == __version__):
+        self.run_dir = f"{runs_dir(probe['workdir'], self.config)}/{self.run_id}/{spec.name}"
+        if spec.ship == "never" or (spec.ship == "auto" and built is not None and probe["code"] == built.code):
             if probe["installed"] is None:
                 raise self.fail(f"python {spec.python!r} has no pipeline_cluster and ship = \"never\"")
             self.result.ship = "existing"
@@ -153,7 +155,8 @@ class RemoteNode:
                 sftp.posix_rename(target + ".part", target)
         except (OSError, paramiko.SSHException) as exc:
             raise self.fail(f"cannot upload the wheel to {target} over SFTP: {exc}") from None
-        self._hostscript("install", target, probe["venv"])
+        self._hostscript("install", target, probe["venv"], str(spec.install_timeout), private=spec.install_env,
+                         timeout=spec.install_timeout + INSTALL_MARGIN)
         self.result.ship = "shipped"
         return python
 
@@ -329,22 +332,29 @@ class Deployment:
         return [node.result for node in self.nodes]
 
     def up(self, root: Any, log_sink: Callable) -> list[RemoteLink]:
-        """Bring every node up; on any failure stop them all and raise DeployError with one HostError per failure."""
+        """Bring every node up, in parallel; the links of those that came up.
+
+        With fewer than min_nodes (default: all) up, stop them all and raise DeployError; else stop what the failed
+        ones started and warn (NodesMissing), one HostError per failure either way.
+        """
         try:
             outcomes = in_parallel(self.nodes, lambda node: node.up(self.connector, self.authkey, root, log_sink))
         except BaseException:  # Ctrl-C while hosts come up
             self._abort()
             raise
-        errors = []
+        failed: dict[RemoteNode, HostError] = {}
         for node, outcome in zip(self.nodes, outcomes):
             if isinstance(outcome, BaseException):
                 error = outcome if isinstance(outcome, HostError) else node.fail(f"{type(outcome).__name__}: "
                                                                                  f"{outcome}")
-                node.result.error = error
-                errors.append(error)
-        if errors:
+                node.result.error = failed[node] = error
+        needed = self.config.min_nodes or len(self.nodes)
+        if len(self.nodes) - len(failed) < needed:
             self._abort()
-            raise DeployError(errors, len(self.nodes))
+            raise DeployError(list(failed.values()), len(self.nodes), needed)
+        if failed:
+            in_parallel(list(failed), RemoteNode.down)
+            warnings.warn(NodesMissing(list(failed.values()), len(self.nodes)), stacklevel=3)
         return [node.link for node in self.nodes if node.link is not None]
 
     def _abort(self) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 from collections.abc import Mapping
 
 from pipeline_cluster.cluster import Cluster
+from pipeline_cluster.config import Config
 from pipeline_cluster.deploy.bootstrap import Deployment, HostResult
 from pipeline_cluster.deploy.config import DeployConfig, load_config
 
@@ -22,7 +23,9 @@ class SSHCluster(Cluster):
         self.deploy_config = config if isinstance(config, DeployConfig) else load_config(config)
         options.setdefault("credit", self.deploy_config.credit)
         options.setdefault("start_timeout", self.deploy_config.start_timeout)
-        super().__init__(config={"stages": dict(self.deploy_config.stages)}, **options)
+        # a [stages.NAME] table applies to pipelines with that stage; others skip it with a note naming this file
+        stages = Config({"stages": dict(self.deploy_config.stages)}, self.deploy_config.source)
+        super().__init__(config=stages, **options)
         self.deployment = Deployment(self.deploy_config, self.rundir.run_id)
         try:
             for link in self.deployment.up(self.root, self.log_sink):
@@ -38,7 +41,8 @@ class SSHCluster(Cluster):
 
     @property
     def hosts(self) -> list[HostResult]:
-        """One result per node: ship mode, pid, port, seconds to come up (or the error)."""
+        """One result per node, up or not (`ok`): ship mode, pid, port, seconds to come up, or the HostError of a
+        node the cluster goes on without (min_nodes)."""
         return self.deployment.results
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:

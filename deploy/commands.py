@@ -5,6 +5,7 @@ Importing this module is cheap (no paramiko): the CLI builds its parser in every
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -13,7 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pipeline_cluster.deploy.config import DeployConfig
+    from pipeline_cluster.deploy.config import DeployConfig, NodeSpec
 
 
 def _config(path: str) -> DeployConfig:
@@ -37,14 +38,27 @@ def run_action(args: argparse.Namespace) -> int:
         return 1
 
 
+def _explain(spec: NodeSpec) -> None:
+    """Each SSH setting of a node and where it came from (cluster.toml, the ssh_config file, a default)."""
+    values = {"host": spec.host, **{f.name: getattr(spec.ssh, f.name) for f in dataclasses.fields(spec.ssh)}}
+    for name, value in values.items():
+        shown = (", ".join(map(str, value)) or "none") if isinstance(value, tuple) else value
+        print(f"      {name:<16} {str(shown):<40} {spec.sources.get(name, 'default')}")
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate a cluster.toml without connecting anywhere."""
+    """Validate a cluster.toml without connecting anywhere; --explain shows each node's resolved SSH settings."""
     config = _config(args.file)
     print(f"{args.file}: ok: cluster {config.name!r}, connect = {config.connect!r}, {len(config.nodes)} node(s)")
     for spec in config.nodes:
         jump = f" via {', '.join(map(str, spec.ssh.jump))}" if spec.ssh.jump else ""
         print(f"  {spec.name}: {spec.address}{jump}, python {spec.python}, ship {spec.ship}, "
               f"host keys {spec.ssh.host_key_policy} ({spec.ssh.known_hosts})")
+        if args.explain:
+            _explain(spec)
+    if config.stages:
+        print(f"  stage settings for {', '.join(config.stages)}: used by pipelines with those stages, skipped "
+              f"(with a warning) by the others")
     return 0
 
 
@@ -61,11 +75,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     lost: list = []
     try:
         if args.json:
-            print(json.dumps([{k: v for k, v in vars(r).items() if k != "error"} for r in cluster.hosts]))
+            print(json.dumps([{**vars(r), "error": r.error and str(r.error)} for r in cluster.hosts]))
         else:
             for r in cluster.hosts:
-                print(f"{r.node}: up on {r.address}, pid {r.pid}, port {r.port}, code {r.ship}, {r.seconds:.2f} s")
-        print(f"{len(cluster.hosts)} node(s) up in {time.monotonic() - started:.2f} s (run {cluster.rundir.run_id}, "
+                print(f"{r.node}: up on {r.address}, pid {r.pid}, port {r.port}, code {r.ship}, {r.seconds:.2f} s"
+                      if r.ok else f"{r.node}: not up ({r.error and r.error.phase} failed), going on without it")
+        up = sum(r.ok for r in cluster.hosts)
+        print(f"{up} node(s) up in {time.monotonic() - started:.2f} s (run {cluster.rundir.run_id}, "
               f"connect = {config.connect}); they stop when this command does: Ctrl-C, SIGTERM, or "
               f"`pipeline-cluster deploy down {args.file}`", flush=True)
         while not stop.wait(0.5):
@@ -120,6 +136,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
     config = _config(args.file)
     try:
+        if args.follow:
+            return _follow(config, args)
         replies = hostops.logs(config, args.node, args.lines, args.run)
     except KeyError as exc:
         print(f"error: {exc.args[0]}", file=sys.stderr)
@@ -132,6 +150,29 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return _print_errors(replies)
 
 
+def _follow(config: DeployConfig, args: argparse.Namespace) -> int:
+    """Print each node's log lines as they come, prefixed with its name, until Ctrl-C or SIGTERM."""
+    from pipeline_cluster.deploy import hostops
+
+    if args.run:
+        raise SystemExit("--follow follows the latest run, and newer ones as they start: drop --run")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    lock = threading.Lock()
+
+    def write(node: str, line: str) -> None:
+        with lock:
+            print(f"{node} | {line}", flush=True)
+
+    def report(reply: hostops.HostReply) -> None:  # a node that cannot be followed is said at once
+        if reply.error:
+            print(f"error: {reply.error}", file=sys.stderr, flush=True)
+
+    replies = hostops.follow(config, write, stop, args.node, args.lines, report=report)
+    return 1 if any(reply.error for reply in replies) else 0
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add `deploy` and its subcommands to the CLI."""
     deploy = sub.add_parser("deploy", help="start nodes over SSH from a cluster.toml, stop them, inspect them",
@@ -140,6 +181,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                         "--cluster FILE`; nodes never outlive the process that started them.")
     actions = deploy.add_subparsers(dest="action", required=True)
     check = actions.add_parser("check", help="validate the file without connecting; names every bad key")
+    check.add_argument("--explain", action="store_true",
+                       help="show each node's SSH settings and where each came from (cluster.toml, ssh_config)")
     up = actions.add_parser("up", help="start every node and keep them up until Ctrl-C or SIGTERM")
     up.add_argument("--json", action="store_true", help="print the per-host results as one JSON line")
     down = actions.add_parser("down", help="stop the cluster's nodes on every host, by pidfile (idempotent)")
@@ -149,6 +192,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     logs.add_argument("--node", default=None, help="only this node")
     logs.add_argument("--lines", type=int, default=50, help="lines per node (default 50)")
     logs.add_argument("--run", default=None, help="a run id (default: the latest run)")
+    logs.add_argument("--follow", "-f", action="store_true",
+                      help="go on printing what the nodes log, and newer runs' logs as they start, until Ctrl-C")
     for parser, func in ((check, cmd_check), (up, cmd_up), (down, cmd_down), (status, cmd_status),
                          (logs, cmd_logs)):
         parser.add_argument("file", metavar="FILE", help="the cluster.toml")

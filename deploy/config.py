@@ -1,16 +1,20 @@
 """`cluster.toml`: the nodes to deploy to and how to reach them, validated as a whole so every bad key is named.
 
-    [cluster]                     # name, connect, heartbeat, dead_after, start_timeout, credit, node defaults
-    [ssh]                         # user, port, identity_file, known_hosts, host_key_policy, jump, ...
-    [[node]]                      # name, host, python, workdir, env, workers, ship, listen, node_port + any [ssh] key
+    [cluster]                     # name, connect, heartbeat, dead_after, start_timeout, credit, min_nodes, node
+                                  # defaults
+    [ssh]                         # user, port, identity_file, known_hosts, host_key_policy, jump, ssh_config...
+    [[node]]                      # name, host, python, workdir, env, workers, ship, install_timeout, install_env,
+                                  # listen, node_port + any [ssh] key
     [stages.NAME]                 # workers / supervision overrides, as for any cluster
 
-Relative paths (identity_file, known_hosts) are relative to the file's directory; `~` is expanded locally.
+Relative paths (identity_file, known_hosts, ssh_config) are relative to the file's directory; `~` is expanded
+locally. What cluster.toml leaves unset comes from the OpenSSH client config (see sshconfig.py), then defaults.
 """
 from __future__ import annotations
 
 import dataclasses
 import getpass
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -18,6 +22,7 @@ from typing import Any
 from collections.abc import Mapping
 
 from pipeline_cluster.config import Check, Problems, load_toml, positive_int
+from pipeline_cluster.deploy import sshconfig
 from pipeline_cluster.deploy.errors import ConfigError
 
 POLICIES = ("strict", "accept-new", "insecure")
@@ -42,11 +47,16 @@ class Jump:
 
 @dataclasses.dataclass(frozen=True)
 class SSHSettings:
-    """How to open an SSH connection: the [ssh] table merged with a node's own overrides."""
+    """How to open an SSH connection: a node's own keys, then [ssh], then the ssh_config file, then defaults.
+
+    `identity_files` are offered first (an encrypted one through the agent's copy of it); unless
+    `identities_only`, the agent's other keys and ~/.ssh/id_* follow.
+    """
 
     user: str = dataclasses.field(default_factory=getpass.getuser)
     port: int = 22
-    identity_file: str | None = None
+    identity_files: tuple[str, ...] = ()
+    identities_only: bool = False
     known_hosts: str = dataclasses.field(default_factory=lambda: os.path.expanduser("~/.ssh/known_hosts"))
     host_key_policy: str = "strict"
     jump: tuple[Jump, ...] = ()
@@ -66,8 +76,11 @@ class NodeSpec:
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     workers: int | None = None
     ship: str = "auto"
+    install_timeout: float = 120.0  # for a venv's install on the host, pip included; killed after it
+    install_env: Mapping[str, str] = dataclasses.field(default_factory=dict)  # for that install only
     listen: str | None = None
     node_port: int = 0
+    sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)  # setting -> where from
 
     @property
     def address(self) -> str:
@@ -82,12 +95,20 @@ class DeployConfig:
     source: str
     name: str
     nodes: tuple[NodeSpec, ...]
+    path: str | None = None  # the file's absolute path; None for a config given as a dict
     connect: str = "tunnel"
     heartbeat: float = 1.0
     dead_after: float = 10.0
     start_timeout: float = 60.0
     credit: int | None = None  # None: adapt to item size (see actors/root.py)
+    min_nodes: int | None = None  # None: every node must come up
     stages: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def identity(self) -> str:
+        """What tells this cluster's nodes from others' on a host: its name and its file's path, so that two files
+        with the same name never share, or stop, each other's nodes."""
+        return f"{self.name}-{hashlib.sha256(self.path.encode()).hexdigest()[:8]}" if self.path else self.name
 
     def node(self, name: str) -> NodeSpec:
         """The node called `name`; KeyError naming the known ones otherwise."""
@@ -145,15 +166,16 @@ def _jump(value: Any) -> str | None:
 _SSH_KEYS: dict[str, Check] = {
     "user": _text, "port": _port(1), "identity_file": _text, "known_hosts": _text,
     "host_key_policy": _choice(*POLICIES), "jump": _jump, "connect_timeout": _seconds, "keepalive": _seconds,
+    "ssh_config": _text,
 }
 _NODE_DEFAULT_KEYS: dict[str, Check] = {
     "python": _text, "workdir": _text, "env": _env, "workers": positive_int, "ship": _choice(*SHIP_MODES),
-    "node_port": _port(0),
+    "node_port": _port(0), "install_timeout": _seconds, "install_env": _env,
 }
 _NODE_KEYS: dict[str, Check] = {"name": _name, "host": _text, "listen": _text, **_NODE_DEFAULT_KEYS, **_SSH_KEYS}
 _CLUSTER_KEYS: dict[str, Check] = {
     "name": _name, "connect": _choice(*CONNECT_MODES), "heartbeat": _seconds, "dead_after": _seconds,
-    "start_timeout": _seconds, "credit": positive_int, **_NODE_DEFAULT_KEYS,
+    "start_timeout": _seconds, "credit": positive_int, "min_nodes": positive_int, **_NODE_DEFAULT_KEYS,
 }
 _TABLES = ("cluster", "ssh", "node", "stages")
 
@@ -163,22 +185,48 @@ def _local_path(value: str, base: Path) -> str:
     return str(path if path.is_absolute() else base / path)
 
 
-def _ssh_settings(values: Mapping[str, Any], base: Path) -> SSHSettings:
-    fields = dict(values)
-    for key in ("identity_file", "known_hosts"):
-        if key in fields:
-            fields[key] = _local_path(fields[key], base)
+def _toml_fields(values: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """cluster.toml's SSH keys as SSHSettings fields: an identity_file is the only key offered."""
+    fields = {k: v for k, v in values.items() if k not in ("identity_file", "ssh_config")}
+    if "identity_file" in values:
+        fields["identity_files"] = (_local_path(values["identity_file"], base),)
+        fields["identities_only"] = True
+    if "known_hosts" in fields:
+        fields["known_hosts"] = _local_path(fields["known_hosts"], base)
     if "jump" in fields:
-        hops = [fields["jump"]] if isinstance(fields["jump"], str) else fields["jump"]
-        fields["jump"] = tuple(_parse_jump(hop) for hop in hops)
-    return SSHSettings(**fields)
+        fields["jump"] = tuple([fields["jump"]] if isinstance(fields["jump"], str) else fields["jump"])
+    return fields
 
 
-def _parse_jump(text: str) -> Jump:
-    match = _JUMP.match(text)
-    assert match is not None  # checked by _jump
-    port = match["port"]
-    return Jump(host=match["host"].strip("[]"), user=match["user"], port=int(port) if port else None)
+def _resolve(host: str, tables: Mapping[str, Mapping[str, Any]], base: Path,
+             problems: Problems, where: str) -> tuple[str, SSHSettings, dict[str, str]]:
+    """A node's real host name, SSH settings and where each came from: cluster.toml's `tables` ([ssh], then the
+    node's own keys, which win), else what the ssh_config file says for `host`, else the defaults."""
+    explicit = {key: value for table in tables.values() for key, value in table.items()}
+    path = _local_path(explicit.get("ssh_config", sshconfig.DEFAULT_PATH), base)
+    hostname, found, bad = sshconfig.lookup(path, host)
+    for problem in bad:
+        problems.add(where, problem)
+    fields: dict[str, Any] = dict(found)
+    sources = dict.fromkeys(found, f"ssh_config {path}")
+    sources["host"] = f"ssh_config {path} (HostName of {host!r})" if hostname != host else "cluster.toml"
+    for table, values in tables.items():
+        for field, value in _toml_fields(values, base).items():
+            fields[field], sources[field] = value, f"cluster.toml {table}"
+    jumps = []
+    for text in fields.get("jump", ()):
+        match = _JUMP.match(text)
+        if match is None:
+            problems.add(where, f"{path}: for host {host!r}, proxyjump: {text!r} is not [user@]host[:port]")
+            continue
+        hop = match["host"].strip("[]")
+        hop_name, hop_found, _ = sshconfig.lookup(path, hop)  # a hop may be an alias too
+        port = int(match["port"]) if match["port"] else hop_found.get("port")
+        jumps.append(Jump(host=hop_name, user=match["user"] or hop_found.get("user"), port=port))
+    fields["jump"] = tuple(jumps)
+    for field in (f.name for f in dataclasses.fields(SSHSettings)):
+        sources.setdefault(field, "default")
+    return hostname, SSHSettings(**fields), sources
 
 
 def load_config(source: str | os.PathLike | Mapping[str, Any]) -> DeployConfig:
@@ -194,9 +242,14 @@ def load_config(source: str | os.PathLike | Mapping[str, Any]) -> DeployConfig:
     cluster = problems.table("[cluster]", raw.get("cluster", {}), _CLUSTER_KEYS)
     ssh = problems.table("[ssh]", raw.get("ssh", {}), _SSH_KEYS)
     _check_file("[ssh].identity_file", ssh.get("identity_file"), base, problems)
+    _check_file("[ssh].ssh_config", ssh.get("ssh_config"), base, problems)
     stages = problems.stages(raw.get("stages", {}))
     node_defaults = {k: v for k, v in cluster.items() if k in _NODE_DEFAULT_KEYS}
     nodes = _nodes(raw.get("node"), ssh, node_defaults, base, problems)
+    tables = raw.get("node")
+    count = len(tables) if isinstance(tables, list) else 0
+    if cluster.get("min_nodes", 0) > count:
+        problems.add("[cluster].min_nodes", f"is {cluster['min_nodes']}, but there are {count} [[node]] table(s)")
     if "heartbeat" in cluster and "dead_after" in cluster and cluster["dead_after"] <= cluster["heartbeat"]:
         problems.add("[cluster].dead_after", f"must be longer than heartbeat ({cluster['heartbeat']} s)")
     default_name = Path(label).stem if not isinstance(source, Mapping) else "cluster"
@@ -204,7 +257,8 @@ def load_config(source: str | os.PathLike | Mapping[str, Any]) -> DeployConfig:
     if problems.items:
         raise ConfigError(label, problems.items)
     options = {k: v for k, v in cluster.items() if k not in _NODE_DEFAULT_KEYS and k != "name"}
-    return DeployConfig(source=label, name=name, nodes=tuple(nodes), stages=stages, **options)
+    path = None if isinstance(source, Mapping) else str(Path(source).resolve())
+    return DeployConfig(source=label, name=name, nodes=tuple(nodes), path=path, stages=stages, **options)
 
 
 def _nodes(tables: Any, ssh: Mapping[str, Any], defaults: Mapping[str, Any], base: Path,
@@ -231,8 +285,11 @@ def _nodes(tables: Any, ssh: Mapping[str, Any], defaults: Mapping[str, Any], bas
         if "name" not in good and _name(name):
             problems.add(where, f"needs a 'name': its host {name!r} cannot name a directory")
             continue
-        _check_file(f"{where}.identity_file", own_ssh.get("identity_file"), base, problems)
-        nodes.append(NodeSpec(name=name, ssh=_ssh_settings({**ssh, **own_ssh}, base), **{**defaults, **own}))
+        for key in ("identity_file", "ssh_config"):
+            _check_file(f"{where}.{key}", own_ssh.get(key), base, problems)
+        tables = {"[ssh]": ssh, "[[node]]": own_ssh}
+        host, settings, sources = _resolve(own.pop("host"), tables, base, problems, where)
+        nodes.append(NodeSpec(name=name, host=host, ssh=settings, sources=sources, **{**defaults, **own}))
     names = [node.name for node in nodes]
     for name in sorted({name for name in names if names.count(name) > 1}):
         problems.add(f"[[node]] {name!r}", "duplicate name: give each [[node]] a distinct 'name'")
@@ -240,6 +297,6 @@ def _nodes(tables: Any, ssh: Mapping[str, Any], defaults: Mapping[str, Any], bas
 
 
 def _check_file(where: str, value: str | None, base: Path, problems: Problems) -> None:
-    """An identity file must exist (checked without connecting anywhere)."""
+    """A file named in cluster.toml must exist (checked without connecting anywhere)."""
     if value is not None and not os.path.isfile(_local_path(value, base)):
         problems.add(where, f"no such file: {_local_path(value, base)}")

@@ -35,9 +35,23 @@ class HostError(ClusterError):
         return (HostError, (self.node, self.host, self.phase, self.detail, self.exit_status, self.stderr_tail))
 
 
+def _failed(errors: list[HostError], total: int, outcome: str) -> str:
+    return f"{len(errors)} of {total} node(s) failed to start{outcome}:\n" + "\n".join(str(e) for e in errors)
+
+
 class DeployError(ClusterError):
-    """Some hosts could not be brought up; `errors` holds one HostError per failed host (the others were stopped)."""
+    """Fewer hosts than needed (min_nodes, default all) came up; `errors` holds one HostError per failed host (the
+    others were stopped)."""
+
+    def __init__(self, errors: list[HostError], total: int, needed: int | None = None) -> None:
+        self.errors = errors
+        need = f" ({total - len(errors)} up, min_nodes = {needed})" if needed not in (None, total) else ""
+        super().__init__(_failed(errors, total, need))
+
+
+class NodesMissing(RuntimeWarning):
+    """At least min_nodes came up and the cluster goes on without the others; `errors`: one HostError each."""
 
     def __init__(self, errors: list[HostError], total: int) -> None:
         self.errors = errors
-        super().__init__(f"{len(errors)} of {total} node(s) failed to start:\n" + "\n".join(str(e) for e in errors))
+        super().__init__(_failed(errors, total, f"; going on with the other {total - len(errors)}"))

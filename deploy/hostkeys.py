@@ -38,6 +38,15 @@ class StrictPolicy(paramiko.MissingHostKeyPolicy):
             f"after checking that fingerprint, add the key (ssh-keyscan) or use host_key_policy = \"accept-new\"")
 
 
+def _hashed(known_hosts: str) -> bool:
+    """Whether the file stores host names hashed (`|1|salt|hash`, as `ssh-keygen -H` or HashKnownHosts leave it)."""
+    try:
+        with open(known_hosts) as f:
+            return any(line.startswith("|1|") for line in f)
+    except OSError:
+        return False
+
+
 class AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
     """OpenSSH's accept-new: trust a host seen for the first time and pin its key into the known_hosts file."""
 
@@ -45,14 +54,16 @@ class AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
         self.known_hosts = known_hosts
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        """Append `hostname keytype base64` to the known_hosts file (0600, directory 0700) and trust the key."""
+        """Append `hostname keytype base64` to the known_hosts file (0600, directory 0700) and trust the key; the
+        name is hashed when the file's entries are."""
         with _pin_lock:  # nodes connect in parallel threads; each line is written whole
+            name = paramiko.HostKeys.hash_host(hostname) if _hashed(self.known_hosts) else hostname
             directory = os.path.dirname(self.known_hosts)
             if directory:
                 os.makedirs(directory, mode=0o700, exist_ok=True)
             fd = os.open(self.known_hosts, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             with os.fdopen(fd, "a") as f:
-                f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+                f.write(f"{name} {key.get_name()} {key.get_base64()}\n")
         client.get_host_keys().add(hostname, key.get_name(), key)
 
 

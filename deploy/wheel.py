@@ -3,8 +3,8 @@
 No build backend runs: the wheel holds the `.py` files of the imported `pipeline_cluster` packages plus metadata
 copied from the installed distribution, with fixed timestamps, so the same code always gives the same sha256 and a
 host that already has it is skipped. It is built once per process, so files edited later do not change what ships.
-Its version carries a hash of the code (`0.2.0+g1a2b3c4d5e6f`), so pip never mistakes it for another build of the
-same release.
+Its version carries a hash of the code (`0.2.0+g1a2b3c4d5e6f`, computed as the host helper computes it for what a
+host has installed), so pip never mistakes it for another build of the same release.
 """
 from __future__ import annotations
 
@@ -12,13 +12,12 @@ import base64
 import dataclasses
 import functools
 import hashlib
-import importlib
 import importlib.metadata
 import io
 import zipfile
-from pathlib import Path
 
 import pipeline_cluster
+from pipeline_cluster.deploy.hostscript import code_hash, package_files
 
 DIST = "pipeline_cluster"
 # The packages of setup.cfg's `packages` (a test checks the two agree).
@@ -29,27 +28,17 @@ _EPOCH = (1980, 1, 1, 0, 0, 0)
 
 @dataclasses.dataclass(frozen=True)
 class Wheel:
-    """A built wheel: its file name, bytes and sha256 (hex)."""
+    """A built wheel: its file name, bytes, sha256 (hex), and the hash of the code in it (see code_hash)."""
 
     filename: str
     data: bytes
     sha256: str
+    code: str
 
     @property
     def version(self) -> str:
         """The wheel's version, local label included."""
         return self.filename.split("-")[1]
-
-
-def _sources() -> dict[str, bytes]:
-    """Archive path -> bytes of every module of the packages, read from where they are imported from."""
-    files = {}
-    for package in PACKAGES:
-        directory = Path(str(importlib.import_module(package).__file__)).parent
-        prefix = package.replace(".", "/")
-        for path in sorted(directory.glob("*.py")):
-            files[f"{prefix}/{path.name}"] = path.read_bytes()
-    return files
 
 
 def _record_line(name: str, data: bytes) -> str:
@@ -76,11 +65,9 @@ def _metadata(version: str) -> dict[str, bytes]:
 @functools.cache
 def build_wheel() -> Wheel:
     """The wheel of the running pipeline_cluster, built on first use and kept for the life of this process."""
-    files = _sources()
-    digest = hashlib.sha256()
-    for name, data in files.items():
-        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
-    version = f"{pipeline_cluster.__version__}+g{digest.hexdigest()[:12]}"
+    files: dict[str, bytes] = dict(package_files(PACKAGES))
+    code = code_hash(files)
+    version = f"{pipeline_cluster.__version__}+g{code[:12]}"
     files.update(_metadata(version))
     record = f"{DIST}-{version}.dist-info/RECORD"
     files[record] = ("\n".join([_record_line(n, d) for n, d in files.items()] + [f"{record},,"]) + "\n").encode()
@@ -92,4 +79,4 @@ def build_wheel() -> Wheel:
             entry.compress_type = zipfile.ZIP_DEFLATED
             archive.writestr(entry, data)
     data = buffer.getvalue()
-    return Wheel(f"{DIST}-{version}-py3-none-any.whl", data, hashlib.sha256(data).hexdigest())
+    return Wheel(f"{DIST}-{version}-py3-none-any.whl", data, hashlib.sha256(data).hexdigest(), code)

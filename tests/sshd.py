@@ -51,11 +51,37 @@ def require_sshd() -> None:
         pytest.fail("the deploy tests run sshd for other users' logins, which needs root (as CI runs)")
 
 
-def keygen(path: Path) -> Path:
-    """An ed25519 key pair at `path` / `path`.pub, without passphrase."""
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pipeline-cluster-test", "-f", str(path)],
-                   check=True)
+def keygen(path: Path, passphrase: str = "") -> Path:
+    """An ed25519 key pair at `path` / `path`.pub, without passphrase unless given one."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-C", "pipeline-cluster-test", "-f",
+                    str(path)], check=True)
     return path
+
+
+class SshAgent:
+    """A real ssh-agent on a socket of its own (`sock`); `add` loads a key, typing its passphrase; stop() by pid."""
+
+    def __init__(self, directory: Path) -> None:
+        self.sock = directory / "agent.sock"
+        self.directory = directory
+        self.proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(self.sock)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        if not wait_until(self.sock.exists, 10):
+            self.stop()
+            raise RuntimeError("ssh-agent did not create its socket")
+
+    def add(self, key: Path, passphrase: str) -> None:
+        """`ssh-add KEY`, its passphrase given by an SSH_ASKPASS script (no terminal needed)."""
+        askpass = self.directory / "askpass.sh"
+        askpass.write_text(f"#!/bin/sh\necho '{passphrase}'\n")
+        askpass.chmod(0o700)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(self.sock), "SSH_ASKPASS": str(askpass),
+               "SSH_ASKPASS_REQUIRE": "force"}
+        subprocess.run(["ssh-add", "-q", str(key)], env=env, check=True, stdin=subprocess.DEVNULL, timeout=30)
+
+    def stop(self) -> None:
+        """Stop the agent, by pid."""
+        terminate(self.proc, 10)
 
 
 def free_port(address: str) -> int:
@@ -168,6 +194,7 @@ class NetLab:
         self.tag = f"pc{os.getpid() % 10000}n{NetLab._instances % 100}"
         self.namespaces: list[str] = []
         self.root_links: list[str] = []
+        self.root_side: dict[str, str] = {}  # host label -> the root namespace's address on its veth
         self.block = self._free_block()
         _ip("route", "add", "blackhole", str(self.block))
         self._subnets = self.block.subnets(new_prefix=24)
@@ -201,7 +228,10 @@ class NetLab:
         _ip("netns", "add", ns)
         self.namespaces.append(ns)
         _ip("-n", ns, "link", "set", "lo", "up")
-        return self._veth(None, ns, f"{self.tag}{label}r")[1] if to_root else None
+        if not to_root:
+            return None
+        self.root_side[label], address = self._veth(None, ns, f"{self.tag}{label}r")
+        return address
 
     def link(self, a: str, b: str) -> tuple[str, str]:
         """A veth between namespaces `a` and `b` (labels); returns (address in a, address in b)."""
@@ -230,6 +260,11 @@ class NetLab:
     def set_link(self, label: str, up: bool) -> None:
         """Bring the root-side end of host `label`'s veth up or down (down = a partition: no FIN, no RST)."""
         _ip("link", "set", f"{self.tag}{label}r", "up" if up else "down")
+
+    def blackhole(self, label: str) -> None:
+        """Host `label` silently drops what it would send back to the root namespace: a connect from here gets no
+        answer at all (no RST, no ICMP) and runs into its timeout, as with a host that is down or firewalled."""
+        _ip("-n", self.namespace(label), "route", "add", "blackhole", f"{self.root_side[label]}/32")
 
     def close(self) -> None:
         """Delete the veths to the root namespace, the namespaces (and their veths) and the blackhole route."""
@@ -267,11 +302,14 @@ class SshLab:
         self.user_key = keygen(tmp / "id_user")
         self.known_hosts = tmp / "known_hosts"
         self.known_hosts.touch()
+        self.ssh_config = tmp / "ssh_config"  # never the real ~/.ssh/config
+        self.ssh_config.touch()
         self.servers: list[Sshd] = []
 
-    def sshd(self, address: str, netns: str | None = None, port: int | None = None, trust: bool = True) -> Sshd:
-        """Start an sshd; `trust` puts its host key into the lab's known_hosts."""
-        server = Sshd(self.tmp / f"sshd-{len(self.servers)}", address, [self.user_key], port, netns)
+    def sshd(self, address: str, netns: str | None = None, port: int | None = None, trust: bool = True,
+             keys: tuple[Path, ...] = ()) -> Sshd:
+        """Start an sshd accepting the lab's user key (and `keys`); `trust` puts its host key into known_hosts."""
+        server = Sshd(self.tmp / f"sshd-{len(self.servers)}", address, [self.user_key, *keys], port, netns)
         self.servers.append(server)
         if trust:
             with open(self.known_hosts, "a") as f:
@@ -283,15 +321,17 @@ class SshLab:
         return {"name": name, "host": server.address, "port": server.port, "python": sys.executable,
                 "workdir": str(self.tmp / f"work-{name}"), "env": {"NODE_TAG": name}, **options}
 
-    def config(self, nodes: list[dict], ssh: dict | None = None, **cluster) -> Path:
-        """Write a cluster.toml for `nodes`; short heartbeats so that losses show fast."""
+    def config(self, nodes: list[dict], ssh: dict | None = None, stages: dict | None = None, **cluster) -> Path:
+        """Write a cluster.toml for `nodes` (and `[stages.NAME]` tables); short heartbeats so that losses show fast."""
         cluster = {"name": "test", "heartbeat": 0.3, "dead_after": 3.0, "start_timeout": 30.0, "workers": 2,
                    **cluster}
         ssh = {"user": "root", "identity_file": str(self.user_key), "known_hosts": str(self.known_hosts),
-               "connect_timeout": 5.0, **(ssh or {})}
+               "connect_timeout": 5.0, "ssh_config": str(self.ssh_config), **(ssh or {})}
+        ssh = {key: value for key, value in ssh.items() if value is not None}  # None: leave it to ssh_config
         path = self.tmp / f"cluster-{len(list(self.tmp.glob('cluster-*.toml')))}.toml"
         path.write_text(toml_table("[cluster]", cluster) + toml_table("[ssh]", ssh)
-                        + "".join(toml_table("[[node]]", node) for node in nodes))
+                        + "".join(toml_table("[[node]]", node) for node in nodes)
+                        + "".join(toml_table(f"[stages.{name}]", table) for name, table in (stages or {}).items()))
         return path
 
     def sessions(self) -> list[int]:

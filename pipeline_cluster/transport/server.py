@@ -40,6 +40,40 @@ from pipeline_cluster.transport.auth import read_authkey_file, resolve_authkey
 logger = logging.getLogger("pipeline_cluster.node")
 
 
+class WarningEcho:
+    """Copies warnings and errors (the workers' among them) to this node's stderr, which is a deployed node's
+    node.log, at most `burst` lines every `window` s: a flood is counted rather than written, and the count said
+    with the next line written or at `flush`. The root's log has every one of them."""
+
+    def __init__(self, burst: int = 20, window: float = 10.0) -> None:
+        self.burst, self.window = burst, window
+        self.lock = threading.Lock()
+        self.window_start = time.monotonic()
+        self.written = 0
+        self.held = 0
+
+    def __call__(self, record: Record) -> None:
+        if record.level < logging.WARNING:
+            return
+        now = time.monotonic()
+        with self.lock:
+            if now - self.window_start >= self.window:
+                self.window_start, self.written = now, 0
+            if self.written >= self.burst:
+                self.held += 1
+                return
+            self.written += 1
+        self.flush()
+        sys.stderr.write(record.format() + "\n")
+
+    def flush(self) -> None:
+        """Say how many lines were held back, if any."""
+        with self.lock:
+            held, self.held = self.held, 0
+        if held:
+            sys.stderr.write(f"({held} more warning(s) or error(s): in the root's log only)\n")
+
+
 class Session:
     """One root's connection: a NodeActor whose reports go back over the channel."""
 
@@ -48,7 +82,8 @@ class Session:
         self.channel = channel
         self.workers = workers
         self.placement = placement
-        self.log_sink = log_sink or self._send
+        self.echo = WarningEcho()
+        self.log_sink = log_sink or self._to_root
         self.node: Any = None
         self.ledger: TreeLedger | None = None
         self.last_heard = time.monotonic()
@@ -59,6 +94,11 @@ class Session:
             self.channel.send(message)
         except OSError:
             pass  # the root is gone: the reader sees EOF and ends the session
+
+    def _to_root(self, record: Record) -> None:
+        """A log record for the root's log; a warning or error also into this node's own (see WarningEcho)."""
+        self.echo(record)
+        self._send(record)
 
     def _report(self, message: Any) -> None:
         """Send a report of the node's ledger or actor; finished outputs that are big bytes go out-of-band."""
@@ -139,6 +179,7 @@ class Session:
     def close(self) -> None:
         """Stop the node actor (killing its workers) and close the connection."""
         self.ended.set()
+        self.echo.flush()
         if self.node is not None:
             self.node.stop(block=True, timeout=60)
             self.node = None

@@ -2,19 +2,31 @@
 from __future__ import annotations
 
 import collections
+import fcntl
+import io
 import json
+import logging
+import os
+import pty
+import select
 import signal
+import socket
 import subprocess
 import sys
+import time
+import zipfile
 
+import paramiko
 import psutil
 import pytest
 
 import pipeline_cluster as pc
 from pipeline_cluster import cli
 from pipeline_cluster.deploy.errors import DeployError
+from pipeline_cluster.deploy.wheel import build_wheel
+from pipeline_cluster.rundir import new_run_id
 from tests.helpers import NO_HANG, read_line, returns_within, wait_until
-from tests.sshd import alive, keygen, tagger
+from tests.sshd import SshAgent, alive, keygen, tagger
 
 pytestmark = pytest.mark.ssh
 
@@ -81,6 +93,7 @@ def test_host_keys_unknown_pinned_changed_and_wrong_user_key(ssh_lab, capsys):
     stranger = keygen(ssh_lab.tmp / "id_stranger")
     error = deploy_error(ssh_lab.config([node], {"identity_file": str(stranger)})).errors[0]
     assert (error.phase, error.node) == ("auth", "n") and "127.0.0.4" in str(error) and "'root'" in str(error)
+    assert f"tried {stranger} (ssh-ed25519 SHA256:" in str(error) and ") refused" in str(error), error
 
 
 @pytest.mark.timeout(60)
@@ -200,4 +213,253 @@ def test_cli_run_on_a_cluster_file(ssh_lab, tmp_path, monkeypatch):
                      str(path)]) == 0
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
     assert sorted(lines) == sorted(f'"LINE {i}"' for i in range(300))
+    assert wait_until(lambda: ssh_lab.sessions() == [], 10)
+
+
+@pytest.mark.timeout(60)
+def test_stage_tables_apply_to_pipelines_with_the_stage_and_are_skipped_by_others(ssh_lab, caplog):
+    server = ssh_lab.sshd("127.0.0.13")
+    path = ssh_lab.config([ssh_lab.node(server, "n")], stages={"split": {"workers": 1}})  # the README's example
+    with pc.SSHCluster.from_config(path) as cluster:
+        with caplog.at_level(logging.WARNING, logger="pipeline_cluster.config"):
+            assert sorted(x for x, _ in cluster.run([tagger()], range(50))) == list(range(50))
+        (note,) = caplog.records
+        assert f"{path}: [stages.split] skipped" in note.getMessage() and "no stage 'split'" in note.getMessage()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipeline_cluster.config"):
+            assert sorted(x for x, _ in cluster.run([pc.Stage(tagger(), name="split")], range(50))) == list(range(50))
+        assert cluster.pipeline.stages[0].workers == 1 and caplog.records == []
+    assert wait_until(lambda: ssh_lab.sessions() == [], 10)
+
+
+PASSPHRASE = "correct horse"
+
+
+@pytest.mark.timeout(60)
+def test_an_encrypted_identity_file_authenticates_through_the_agent_key_that_matches_it(ssh_lab, monkeypatch):
+    encrypted = keygen(ssh_lab.tmp / "id_encrypted", PASSPHRASE)
+    server = ssh_lab.sshd("127.0.0.14", keys=(encrypted,))
+    path = ssh_lab.config([ssh_lab.node(server, "n")], {"identity_file": str(encrypted)})
+    agent = SshAgent(ssh_lab.tmp)
+    try:
+        other = keygen(ssh_lab.tmp / "id_other")
+        agent.add(other, "")  # not the one: only the key matching the identity file is offered
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(agent.sock))
+        error = deploy_error(path).errors[0]
+        assert error.phase == "auth" and "no key to offer" in str(error), error
+        assert f"could not use {encrypted} (encrypted; not in the agent; no terminal" in str(error), error
+
+        agent.add(encrypted, PASSPHRASE)
+        with pc.SSHCluster.from_config(path) as cluster:
+            assert sorted(x for x, _ in cluster.run([tagger()], range(20))) == list(range(20))
+    finally:
+        agent.stop()
+    assert wait_until(lambda: ssh_lab.sessions() == [], 10)
+
+
+PROMPTED_STATUS = """
+import fcntl, os, sys, termios
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # the pty becomes this session's terminal: getpass reads /dev/tty
+from pipeline_cluster import cli
+sys.exit(cli.main(["deploy", "status", sys.argv[1]]))
+"""
+
+
+def _read_until(fd: int, text: bytes, timeout: float) -> bytes:
+    """What the pty's master gives until `text` appears (or the child closes it), within `timeout` s."""
+    got = b""
+    deadline = time.monotonic() + timeout
+    while text not in got and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        try:
+            chunk = os.read(fd, 4096) if ready else b""
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if ready and not chunk:
+            break
+        got += chunk
+    return got
+
+
+@pytest.mark.timeout(60)
+def test_a_passphrase_is_asked_on_a_terminal_when_no_agent_has_the_key(ssh_lab, tmp_path):
+    encrypted = keygen(ssh_lab.tmp / "id_encrypted", PASSPHRASE)
+    server = ssh_lab.sshd("127.0.0.15", keys=(encrypted,))
+    path = ssh_lab.config([ssh_lab.node(server, "n")], {"identity_file": str(encrypted)})
+    script = tmp_path / "status.py"
+    script.write_text(PROMPTED_STATUS)
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+    child = subprocess.Popen([sys.executable, str(script), str(path)], stdin=slave, stdout=slave, stderr=slave,
+                             start_new_session=True, env=env, cwd="/")
+    os.close(slave)
+    try:
+        prompt = _read_until(master, b"Enter passphrase for key", 30)
+        assert f"Enter passphrase for key '{encrypted}'".encode() in prompt, prompt
+        os.write(master, PASSPHRASE.encode() + b"\n")
+        out = _read_until(master, b"not running", 30)
+        assert child.wait(30) == 0 and b"n: not running" in out, out
+    finally:
+        child.kill()
+        child.wait()
+        os.close(master)
+
+
+@pytest.mark.timeout(60)
+def test_accept_new_hashes_the_names_it_pins_when_known_hosts_is_hashed(ssh_lab, capsys):
+    server = ssh_lab.sshd("127.0.0.16", trust=False)
+    hashed = paramiko.HostKeys.hash_host("elsewhere.example")
+    ssh_lab.known_hosts.write_text(f"{hashed} {' '.join(server.known_hosts_line().split()[1:])}\n")
+    node = ssh_lab.node(server, "n")
+    assert cli.main(["deploy", "status", str(ssh_lab.config([node], {"host_key_policy": "accept-new"}))]) == 0
+    pinned = ssh_lab.known_hosts.read_text().splitlines()[1]
+    assert pinned.startswith("|1|") and "127.0.0.16" not in pinned, pinned
+    name = f"[127.0.0.16]:{server.port}"
+    found = subprocess.run(["ssh-keygen", "-F", name, "-f", str(ssh_lab.known_hosts)], capture_output=True,
+                           text=True)
+    assert found.returncode == 0 and found.stdout.count("|1|") == 1, found  # OpenSSH finds it
+    assert cli.main(["deploy", "status", str(ssh_lab.config([node]))]) == 0  # and strict accepts it now
+    assert "n: not running" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(120)
+def test_auto_replaces_an_install_of_the_same_version_with_other_code(ssh_lab, tmp_path):
+    site = tmp_path / "host-site"  # the host's checkout, on its python's path: this version, one file changed
+    wheel = zipfile.ZipFile(io.BytesIO(build_wheel().data))
+    wheel.extractall(site, [name for name in wheel.namelist() if name.startswith("pipeline_cluster/")])
+    demo = site / "pipeline_cluster" / "demo.py"
+    demo.write_text(demo.read_text() + "\n# changed on the host\n")
+    python = tmp_path / "host-python"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH={site} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    found = subprocess.run([str(python), "-c", "import pipeline_cluster as p; print(p.__version__, p.__file__)"],
+                           capture_output=True, text=True, check=True, cwd="/").stdout.split()
+    assert found == [pc.__version__, str(site / "pipeline_cluster" / "__init__.py")]
+
+    server = ssh_lab.sshd("127.0.0.17")
+    path = ssh_lab.config([ssh_lab.node(server, "s", python=str(python), install_env={"PIP_NO_COLOR": "1"})])
+    for expected in ("shipped", "cached"):
+        with pc.SSHCluster.from_config(path) as cluster:
+            host = cluster.hosts[0]
+            assert host.ship == expected
+            node = psutil.Process(host.pid)
+            assert node.cmdline()[0].startswith(str(ssh_lab.tmp / "work-s" / "venvs")), node.cmdline()
+            assert "PIP_NO_COLOR" not in node.environ()  # install_env is the install's only
+            assert sorted(x for x, _ in cluster.run([tagger()], range(20))) == list(range(20))
+    assert wait_until(lambda: ssh_lab.sessions() == [], 10)
+
+
+def processes_under(directory) -> list[str]:
+    """`ps` on the host: the command lines that mention `directory`."""
+    listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in listing.splitlines() if str(directory) in line]
+
+
+@pytest.mark.timeout(240)
+def test_a_hanging_install_is_killed_at_install_timeout_and_the_next_deploy_succeeds(ssh_lab, tmp_path):
+    bare = tmp_path / "bare"  # a host python with pip but none of the dependencies: pip must ask the index
+    subprocess.run([os.path.join(sys.base_prefix, "bin", "python3"), "-m", "venv", str(bare)], check=True)
+    server = ssh_lab.sshd("127.0.0.18")
+    work = ssh_lab.tmp / "work-h"
+    node = ssh_lab.node(server, "h", python=str(bare / "bin" / "python"), install_timeout=10.0)
+    with socket.socket() as index:  # accepts connections (the kernel does) and never answers
+        index.bind(("127.0.0.1", 0))
+        index.listen(64)
+        hanging = {"PIP_INDEX_URL": f"http://127.0.0.1:{index.getsockname()[1]}/simple"}
+        started = time.monotonic()
+        error = deploy_error(ssh_lab.config([{**node, "install_env": hanging}])).errors[0]
+        elapsed = time.monotonic() - started
+    assert error.phase == "ship" and error.exit_status == 124, error
+    assert "out of time (install_timeout): killed" in error.stderr_tail and "-m pip install" in error.stderr_tail
+    assert 10.0 <= elapsed < 10.0 + NO_HANG, elapsed
+    assert processes_under(work) == []  # pip and whatever it started went with its process group
+
+    venv_lock = work / "venvs" / f"{build_wheel().sha256[:16]}.lock"
+    with open(venv_lock, "w") as lock:  # another install holds the venv: the wait is bounded and names it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write("a test holding it\n")
+        lock.flush()
+        error = deploy_error(ssh_lab.config([{**node, "install_timeout": 1.0}])).errors[0]
+    assert error.phase == "ship" and f"waiting for {venv_lock}, held by a test holding it" in error.stderr_tail
+
+    with pc.SSHCluster.from_config(ssh_lab.config([node])) as cluster:  # the host's usual index (or wheelhouse)
+        assert cluster.hosts[0].ship == "shipped"
+        assert sorted(x for x, _ in cluster.run([tagger()], range(20))) == list(range(20))
+    assert wait_until(lambda: ssh_lab.sessions() == [], 10)
+
+
+def read_until(proc: subprocess.Popen, text: str, timeout: float = NO_HANG) -> list[str]:
+    """`proc`'s stdout lines up to the first that contains `text`."""
+    deadline, lines = time.monotonic() + timeout, []
+    while not lines or text not in lines[-1]:
+        lines.append(read_line(proc, max(0.1, deadline - time.monotonic())))
+    return lines
+
+
+@pytest.mark.timeout(90)
+def test_logs_follow_streams_the_runs_as_they_come_and_ends_with_its_reader(ssh_lab):
+    server = ssh_lab.sshd("127.0.0.19")
+    path = ssh_lab.config([ssh_lab.node(server, "n")])
+    follower = subprocess.Popen([sys.executable, "-m", "pipeline_cluster.cli", "deploy", "logs", "--follow",
+                                 str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    try:
+        with pc.SSHCluster.from_config(path) as cluster:
+            first = cluster.rundir.run_id
+            assert f"n | ==> run {first} <==" in read_until(follower, f"==> run {first}")[-1]
+            assert "node server listening on 127.0.0.1" in read_until(follower, "node server listening")[-1]
+        assert read_until(follower, "node server stopped after")[-1].startswith("n | ")  # appended as it happened
+
+        assert wait_until(lambda: new_run_id()[:15] > first[:15], 5)  # run ids sort by the second they start
+        with pc.SSHCluster.from_config(path) as cluster:
+            second = cluster.rundir.run_id
+            read_until(follower, f"n | ==> run {second} <==")  # the newer run, followed from its start
+            assert "node server listening on 127.0.0.1" in read_until(follower, "node server listening")[-1]
+        follower.send_signal(signal.SIGTERM)
+        assert follower.wait(10) == 0
+    finally:
+        follower.kill()
+        follower.wait()
+    assert wait_until(lambda: ssh_lab.sessions() == [], 10)  # the follower on the host ended with its channel
+
+
+def warner():
+    """A stage (shipped by value) that logs a warning for every item."""
+    def warn(x):
+        logging.getLogger("mystage").warning("careful with item %s", x)
+        return x
+    return warn
+
+
+@pytest.mark.timeout(60)
+def test_worker_warnings_reach_the_node_log_and_the_roots_log_with_the_node_name(ssh_lab, tmp_path, capsys):
+    server = ssh_lab.sshd("127.0.0.20")
+    path = ssh_lab.config([ssh_lab.node(server, "n")])
+    root_log = tmp_path / "root.log"
+    with pc.SSHCluster.from_config(path, log_file=str(root_log)) as cluster:
+        assert sorted(cluster.run([warner()], range(200))) == list(range(200))
+    in_root = [line for line in root_log.read_text().splitlines() if "[mystage] careful with item" in line]
+    assert len(in_root) == 200 and all(" node=n " in line for line in in_root)
+
+    assert cli.main(["deploy", "logs", str(path), "--lines", "500"]) == 0
+    node_log = capsys.readouterr().out
+    echoed = [line for line in node_log.splitlines() if "[mystage] careful with item" in line]
+    assert 1 <= len(echoed) <= 20 and all(" node=n " in line for line in echoed), node_log  # a flood is counted
+    assert f"({200 - len(echoed)} more warning(s) or error(s): in the root's log only)" in node_log, node_log
+    assert wait_until(lambda: ssh_lab.sessions() == [], 10)
+
+
+@pytest.mark.timeout(60)
+def test_two_files_with_the_same_cluster_name_never_touch_each_others_nodes(ssh_lab, capsys):
+    server = ssh_lab.sshd("127.0.0.21")
+    node = ssh_lab.node(server, "n")
+    first, second = ssh_lab.config([node]), ssh_lab.config([node])  # both name the cluster "test": same host, dirs
+    with pc.SSHCluster.from_config(first) as cluster:
+        pid = cluster.hosts[0].pid
+        assert cli.main(["deploy", "down", str(second)]) == 0
+        assert cli.main(["deploy", "status", str(second)]) == 0
+        out = capsys.readouterr().out
+        assert "no node was running" in out and "n: not running" in out, out
+        assert cli.main(["deploy", "status", str(first)]) == 0
+        assert f"n: running, pid {pid}," in capsys.readouterr().out
+        assert sorted(x for x, _ in cluster.run([tagger()], range(20))) == list(range(20))
     assert wait_until(lambda: ssh_lab.sessions() == [], 10)

@@ -6,6 +6,7 @@ import importlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline_cluster import cli
-from pipeline_cluster.deploy.config import load_config
+from pipeline_cluster.deploy.config import Jump, load_config
 from pipeline_cluster.deploy.errors import ConfigError
 from pipeline_cluster.deploy.wheel import PACKAGES, build_wheel
 from tests.helpers import REPO, wait_until
@@ -47,6 +48,8 @@ user = "root"
 workers = 8
 env = { OMP_NUM_THREADS = "1" }
 ship = "never"
+install_timeout = 300
+install_env = { PIP_INDEX_URL = "https://pypi.internal/simple" }
 jump = []
 
 [stages.split]
@@ -69,11 +72,14 @@ def test_config_defaults_overrides_and_paths(tmp_path):
     first, big = config.nodes
     assert first.name == "10.1.0.5" and first.python == "/opt/py/bin/python3" and first.workers == 3
     assert first.ssh.user == "deploy" and first.ssh.port == 2222 and first.ship == "auto"
-    assert first.ssh.identity_file == str(tmp_path / "id_test")  # relative to the file
+    assert first.ssh.identity_files == (str(tmp_path / "id_test"),)  # relative to the file
+    assert first.ssh.identities_only  # an identity_file is the only key offered
     assert first.ssh.known_hosts == str(tmp_path / "kh")
     assert [str(j) for j in first.ssh.jump] == ["ops@bastion:2200"]
     assert big.ssh.user == "root" and big.ssh.port == 22 and big.workers == 8 and big.ship == "never"
     assert big.env == {"OMP_NUM_THREADS": "1"} and big.address == "root@big.example:22"
+    assert (first.install_timeout, first.install_env) == (120.0, {})
+    assert (big.install_timeout, big.install_env) == (300, {"PIP_INDEX_URL": "https://pypi.internal/simple"})
     assert config.stages == {"split": {"workers": 4, "supervision": {"max_attempts": 5}}}
 
 
@@ -85,6 +91,7 @@ connect = "telepathy"
 heartbeat = 5
 dead_after = 1
 credits = 10
+install_timeout = 0
 
 [ssh]
 host_key_policy = "yolo"
@@ -118,6 +125,7 @@ x = 1
     expected = [
         "[cluster].connect: must be one of 'tunnel', 'direct'",
         "[cluster].credits: unknown key (did you mean 'credit'?)",
+        "[cluster].install_timeout: must be a positive number of seconds",
         "[cluster].dead_after: must be longer than heartbeat",
         "[ssh].host_key_policy: must be one of 'strict', 'accept-new', 'insecure'",
         "[ssh].port: must be a port number",
@@ -148,6 +156,7 @@ def test_check_ok_and_syntax_error(tmp_path, capsys):
     assert cli.main(["deploy", "check", str(path)]) == 0
     out = capsys.readouterr().out
     assert "ok: cluster 'lab'" in out and "2 node(s)" in out and "via ops@bastion:2200" in out
+    assert "stage settings for split: used by pipelines with those stages, skipped" in out
     path.write_text("[cluster\nname = 1\n")
     assert cli.main(["deploy", "check", str(path)]) == 2
     assert "cluster.toml" in capsys.readouterr().err
@@ -208,3 +217,91 @@ def test_host_stop_signals_only_processes_running_in_their_pidfile_dir(tmp_path)
             proc.kill()
             proc.wait()
     assert os.path.isdir(node_dir)
+
+
+SSH_CONFIG = """
+Host node-d nd
+    HostName 10.9.0.4
+    Port 2222
+    ProxyJump ops@jumpbox
+    IdentityFile {tmp}/id_d
+    IdentitiesOnly yes
+    ConnectTimeout 3
+    UserKnownHostsFile {tmp}/kh_ssh other_file
+
+Host jumpbox
+    HostName 10.9.0.1
+    Port 2200
+
+Host node-*
+    User carol
+    ServerAliveInterval 7
+
+Host *
+    User nobody
+    IdentityFile {tmp}/id_all
+"""
+
+
+@pytest.mark.timeout(30)
+def test_ssh_config_fills_in_what_cluster_toml_leaves_unset(tmp_path, capsys):
+    (tmp_path / "ssh_config").write_text(SSH_CONFIG.format(tmp=tmp_path))
+    path = write(tmp_path, """
+[ssh]
+ssh_config = "ssh_config"
+connect_timeout = 9
+
+[[node]]
+host = "node-d"
+
+[[node]]
+host = "node-e"
+user = "root"
+keepalive = 2
+
+[[node]]
+name = "plain"
+host = "10.9.0.7"
+identity_file = "id_test"
+""")
+    d, e, plain = load_config(path).nodes
+    assert (d.name, d.host, d.ssh.port, d.ssh.user) == ("node-d", "10.9.0.4", 2222, "carol")  # first match wins
+    assert d.ssh.identity_files == (f"{tmp_path}/id_d", f"{tmp_path}/id_all") and d.ssh.identities_only
+    assert d.ssh.jump == (Jump("10.9.0.1", "ops", 2200),)  # the hop is an alias too
+    assert d.ssh.known_hosts == f"{tmp_path}/kh_ssh" and d.ssh.keepalive == 7
+    assert d.ssh.connect_timeout == 9 and d.sources["connect_timeout"] == "cluster.toml [ssh]"  # explicit wins
+    assert d.sources["host"] == f"ssh_config {tmp_path}/ssh_config (HostName of 'node-d')"
+    assert d.sources["user"] == f"ssh_config {tmp_path}/ssh_config" and d.sources["host_key_policy"] == "default"
+
+    assert (e.host, e.ssh.user, e.ssh.keepalive, e.ssh.port) == ("node-e", "root", 2, 22)
+    assert e.sources["user"] == e.sources["keepalive"] == "cluster.toml [[node]]"
+    assert e.ssh.identity_files == (f"{tmp_path}/id_all",) and not e.ssh.identities_only
+
+    assert plain.ssh.identity_files == (str(tmp_path / "id_test"),) and plain.ssh.identities_only
+    assert plain.sources["identity_files"] == "cluster.toml [[node]]" and plain.ssh.user == "nobody"
+
+    assert cli.main(["deploy", "check", "--explain", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "node-d: carol@10.9.0.4:2222 via ops@10.9.0.1:2200" in out
+    assert re.search(r"host +10\.9\.0\.4 +ssh_config .*ssh_config \(HostName of 'node-d'\)", out), out
+    assert re.search(r"connect_timeout +9 +cluster.toml \[ssh\]", out), out
+    assert re.search(r"host_key_policy +strict +default", out), out
+
+
+@pytest.mark.timeout(30)
+def test_ssh_config_problems_are_config_errors(tmp_path):
+    (tmp_path / "ssh_config").write_text("Host a\n    Port twenty\n    ProxyJump not@a@jump\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, '[ssh]\nssh_config = "ssh_config"\n[[node]]\nhost = "a"\n'))
+    problems = "\n".join(caught.value.problems)
+    assert "for host 'a', port: invalid literal" in problems and "proxyjump: 'not@a@jump'" in problems
+    with pytest.raises(ConfigError, match=r"\[ssh\].ssh_config: no such file"):
+        load_config(write(tmp_path, '[ssh]\nssh_config = "nope"\n[[node]]\nhost = "a"\n'))
+
+
+@pytest.mark.timeout(30)
+def test_min_nodes_defaults_to_all_and_cannot_exceed_the_nodes(tmp_path):
+    assert load_config(write(tmp_path, GOOD)).min_nodes is None
+    assert load_config(write(tmp_path, GOOD.replace('name = "lab"', 'name = "lab"\nmin_nodes = 1'))).min_nodes == 1
+    with pytest.raises(ConfigError, match=r"\[cluster\].min_nodes: is 3, but there are 2 \[\[node\]\] table"):
+        load_config(write(tmp_path, GOOD.replace('name = "lab"', 'name = "lab"\nmin_nodes = 3')))
