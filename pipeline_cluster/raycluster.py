@@ -40,7 +40,8 @@ class NodeHost:
         from pipeline_cluster.transport.server import Server
 
         logging.getLogger("pipeline_cluster").setLevel(logging.WARNING)  # workers' records go to the root
-        self.server = Server((ray.util.get_node_ip_address(), 0), authkey=authkey, workers=workers)
+        self.server = Server((ray.util.get_node_ip_address(), 0), authkey=authkey, workers=workers,
+                             echo_warnings=False)
         self.thread = threading.Thread(target=self.server.serve, name="pipeline-cluster-node", daemon=True)
         self.thread.start()
 

@@ -78,11 +78,11 @@ class Session:
     """One root's connection: a NodeActor whose reports go back over the channel."""
 
     def __init__(self, channel: wire.Channel, log_sink: Callable[[Record], None] | None, workers: int | None,
-                 placement: Placement) -> None:
+                 placement: Placement, echo_warnings: bool = True) -> None:
         self.channel = channel
         self.workers = workers
         self.placement = placement
-        self.echo = WarningEcho()
+        self.echo = WarningEcho() if echo_warnings else None
         self.log_sink = log_sink or self._to_root
         self.node: Any = None
         self.ledger: TreeLedger | None = None
@@ -97,7 +97,8 @@ class Session:
 
     def _to_root(self, record: Record) -> None:
         """A log record for the root's log; a warning or error also into this node's own (see WarningEcho)."""
-        self.echo(record)
+        if self.echo is not None:
+            self.echo(record)
         self._send(record)
 
     def _report(self, message: Any) -> None:
@@ -179,7 +180,8 @@ class Session:
     def close(self) -> None:
         """Stop the node actor (killing its workers) and close the connection."""
         self.ended.set()
-        self.echo.flush()
+        if self.echo is not None:
+            self.echo.flush()
         if self.node is not None:
             self.node.stop(block=True, timeout=60)
             self.node = None
@@ -192,12 +194,15 @@ class Server:
     def __init__(self, addr: tuple[str, int], log_addr: tuple[str, int] | None = None, *,
                  authkey: bytes | str | None = None, workers: int | None = None, single_root: bool = False,
                  placement: bool = False, conn_buffer_size: int | None = None,
-                 benchmark_folder: str | None = None) -> None:
+                 benchmark_folder: str | None = None, echo_warnings: bool = True) -> None:
         """`conn_buffer_size` and `benchmark_folder` are the older project's options: accepted, and meaningless
-        here (connections need no buffer size; stats go to each root's run directory)."""
+        here (connections need no buffer size; stats go to each root's run directory). `echo_warnings=False`
+        keeps the sessions' warnings off this process's stderr (a Ray actor's stderr reaches the driver's console,
+        which shows them already)."""
         self.authkey = resolve_authkey(authkey)
         self.log_addr = log_addr
         self.workers = workers
+        self.echo_warnings = echo_warnings
         self.single_root = single_root  # a deployed node serves one root and exits when that root is gone
         self.placement = make_placement(placement)
         self.listener = wire.Listener((addr[0], int(addr[1])), self.authkey)
@@ -218,7 +223,7 @@ class Server:
                     channel = self.listener.accept()
                 except OSError:  # stop() closed the listener
                     break
-                session = Session(channel, log_sink, self.workers, self.placement)
+                session = Session(channel, log_sink, self.workers, self.placement, self.echo_warnings)
                 try:
                     self.placement.start_thread(self._serve_session, session, name="pipeline-cluster-session")
                 except RuntimeError as exc:  # no thread to be had (a memory limit): refuse this root, serve on
