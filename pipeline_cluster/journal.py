@@ -137,6 +137,7 @@ class Journal:
         self.db = sqlite3.connect(path / JOURNAL, isolation_level=None, check_same_thread=False, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # a commit survives a crash of the process; `sync` for power
+        self.db.execute("PRAGMA cache_size=-512")  # 512 KiB: the journal is written, rarely read back
         self.db.executescript(SCHEMA)
         self.lock = threading.Lock()
         self.before: dict[str, Any] = {}  # the run's facts as the last attempt left them (empty for a new run)
