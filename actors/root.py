@@ -13,13 +13,14 @@ from collections.abc import Callable
 from pipeline_cluster.actors import policies
 from pipeline_cluster.actors.base import Actor, handles
 from pipeline_cluster.errors import ClusterError
-from pipeline_cluster.messages import (AddNode, Begin, Completed, DeadLetter, Feed, Kill, NodeFailed, NodeLoad,
-                                       NodeLost, NodeReady, Pause, SizeHint, Submit, Unfinished)
+from pipeline_cluster.messages import (AddNode, Begin, Completed, DeadLetter, DrainNode, Feed, Kill, NodeFailed,
+                                       NodeLoad, NodeLost, NodeReady, Pause, RemoveNode, SizeHint, Submit, Unfinished)
 from pipeline_cluster.placement import Placement
 from pipeline_cluster.run import RunState
 from pipeline_cluster.transport.links import NodeLink
 
 _GONE = object()
+REMOVED = "removed by the caller"
 MAX_NODE_LOSSES = 3  # a root item held by this many lost nodes is a dead letter (cause node_lost), not re-sent
 
 
@@ -36,6 +37,7 @@ class RootActor(Actor):
         self.dead_sink = dead_sink
         self.links: dict[str, NodeLink] = {}
         self.credit: dict[str, int] = {}
+        self.draining: set[str] = set()  # nodes being taken out: they get nothing new
         self.backlog: deque[Submit] = deque()  # root items not yet sent to a node
         self.held: dict[str, dict[int, object]] = {}  # node -> {rid: item} of its unfinished root items
         self.entry: dict[int, int] = {}  # rid -> first stage, for root items that do not enter at stage 0 (refeeds)
@@ -64,7 +66,8 @@ class RootActor(Actor):
             self._dispatch()
 
     def _update_capacity(self) -> None:
-        self.state.set_capacity(policies.capacity([self.credit[name] for name in self.links]))
+        self.state.set_capacity(policies.capacity([self.credit[name] for name in self.links
+                                                   if name not in self.draining]))
 
     @handles(Begin)
     def on_begin(self, message: Begin) -> int:
@@ -101,6 +104,8 @@ class RootActor(Actor):
         while self.backlog and not self.paused and self.links:
             free = {}
             for name, credit in self.credit.items():
+                if name in self.draining:
+                    continue
                 room = policies.free_credit(credit, len(self.held[name]))
                 if room is not None:
                     free[name] = room
@@ -143,10 +148,23 @@ class RootActor(Actor):
         self.state.deliver(message.outputs, finished, message.output_rids)
         self._dispatch()
 
+    @handles(DrainNode)
+    def on_drain_node(self, message: DrainNode) -> None:
+        """Send the node nothing more; what it holds it finishes, and its credit leaves the run's capacity."""
+        if message.node in self.links:
+            self.draining.add(message.node)
+            self._update_capacity()
+
+    @handles(RemoveNode)
+    def on_remove_node(self, message: RemoveNode) -> None:
+        """Take a (drained) node out; root items it still holds go to the others."""
+        self.on_node_lost(NodeLost(message.node, REMOVED))
+
     @handles(NodeLost)
     def on_node_lost(self, message: NodeLost) -> None:
         """Stop using a lost node and send its unfinished root items to the others."""
         name, reason = message
+        self.draining.discard(name)
         if self.links.pop(name, None) is None:
             return
         lost = self.held.pop(name, {})
@@ -176,6 +194,9 @@ class RootActor(Actor):
             self.state.deliver([], [letter.rid for letter in dead if letter.rid is not None])  # finished: failed
         self.state.node_ready(name, False)
         moved = len(lost) - len(dead)
+        if reason == REMOVED and not lost:  # taken out after draining: the caller logs it
+            self._dispatch()
+            return
         self.warn(f"node {name} lost: {reason}; {moved} unfinished item(s) moved to "
                   f"{', '.join(sorted(self.links)) or 'no other node'}"
                   + (f"; {len(dead)} dead-lettered after {MAX_NODE_LOSSES} node losses" if dead else ""))

@@ -32,8 +32,8 @@ from pipeline_cluster.errors import ClusterError
 from pipeline_cluster.journal import Journal, check_run_id
 from pipeline_cluster.logs.records import Record
 from pipeline_cluster.logs.route import LogClient, attach_local, detach_local, make_record
-from pipeline_cluster.messages import (AddNode, Begin, Boot, DeadLetter, Feed, Kill, LogTo, NodeLoad, Pause, Resize,
-                                       Setup, Shutdown, Stats, Unfinished)
+from pipeline_cluster.messages import (AddNode, Begin, Boot, DeadLetter, DrainNode, Feed, Kill, LogTo, NodeLoad, Pause,
+                                       RemoveNode, Resize, Setup, Shutdown, Stats, Unfinished)
 from pipeline_cluster.model import Pipeline, as_pipeline
 from pipeline_cluster.placement import Placement, make_placement, start_thread
 from pipeline_cluster.run import FEED_CHUNK, Feeder, Results, RunPhase, RunState, RunSummary
@@ -47,6 +47,7 @@ from pipeline_cluster.verdict import verdict
 STATS_REFRESH_SECONDS = 2.0
 TRACEBACK_SHOWN = 4000  # characters of a dead letter's traceback (its end) and message shown live
 LOG_BACKLOG = 10_000  # log records that may wait for the LogActor; more are dropped and counted
+DRAIN_POLL_SECONDS = 0.05  # how often remove_node looks whether the node has finished what it holds
 
 _open_clusters: weakref.WeakSet[Cluster] = weakref.WeakSet()
 
@@ -164,6 +165,41 @@ class Cluster:
             if self._phase is RunPhase.RUNNING:
                 link.tell(Boot())
             self._add_link(link)
+
+    def add_node(self, address: tuple[str, int], *, authkey: bytes | str | None = None, heartbeat: float = 1.0,
+                 dead_after: float = 10.0, connect_timeout: float = 30.0) -> str:
+        """Connect one more node server (`pipeline-cluster node`), also while a pipeline runs: it gets the
+        pipeline, starts its workers and takes the work not yet handed out. Returns its name."""
+        self._check_open()
+        link = RemoteLink(address, resolve_authkey(authkey), self.root, self.log_sink, connect_timeout,
+                          heartbeat=heartbeat, dead_after=dead_after, placement=self.placement)
+        try:
+            self._join(link)
+        except BaseException:
+            link.close()
+            raise
+        self.log_sink(make_record(f"node {link.name} added", logging.INFO, "pipeline_cluster"))
+        return link.name
+
+    def remove_node(self, name: str, timeout: float | None = 60.0) -> None:
+        """Take node `name` out, also while a pipeline runs: it is sent nothing more, finishes the root items it
+        holds (their outputs arrive as usual), then its connection closes and its workers stop. Items it still
+        holds after `timeout` seconds go to the other nodes. The last node cannot be removed."""
+        self._check_open()
+        link = next((link for link in self._live_links() if link.name == name), None)
+        if link is None:
+            names = [live.name for live in self._live_links()]
+            raise ValueError(f"no node {name!r} in this cluster; its nodes: {names}")
+        if len(self._live_links()) == 1:
+            raise ClusterError(f"node {name} is the cluster's last: add another before removing it")
+        ask(self.root, DrainNode(name))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while ask(self.root, NodeLoad()).get(name, (0, 0))[0] and (deadline is None or time.monotonic() < deadline):
+            time.sleep(DRAIN_POLL_SECONDS)
+        ask(self.root, RemoveNode(name))
+        link.close()
+        self.links.remove(link)
+        self.log_sink(make_record(f"node {name} removed", logging.INFO, "pipeline_cluster"))
 
     @property
     def capacity(self) -> int:

@@ -272,10 +272,11 @@ class Journal:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:  # SQLite ends some failed transactions itself (a full disk, say)
+                self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
 
     def _write_meta(self, changes: dict[str, Any]) -> None:
         self.commit(changes, [], [], [])

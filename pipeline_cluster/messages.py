@@ -219,6 +219,18 @@ class NodeLost(NamedTuple):
     reason: str
 
 
+class DrainNode(NamedTuple):
+    """The caller is taking this node out: send it nothing more, let it finish what it holds."""
+
+    node: str
+
+
+class RemoveNode(NamedTuple):
+    """Take a drained node out of the cluster (anything it still holds goes elsewhere)."""
+
+    node: str
+
+
 # reports a node sends to the root (in-process, or over the network)
 
 class Completed(NamedTuple):

@@ -165,6 +165,20 @@ def test_key_inputs_resume_in_any_order_into_a_sink_exactly_once(tmp_path):
     assert sorted(json.loads(line) for line in out.read_text().splitlines()) == sorted(n.upper() for n in names)
 
 
+def test_an_ordered_resume_gives_the_rest_in_order_with_their_first_indices():
+    with pc.LocalCluster(workers=2) as cluster:
+        first = []
+        for index, output in cluster.run([double], range(5_000), run_id="ordered", ordered=True, keyed=True):
+            first.append((index, output))
+            if len(first) == 1_000:
+                break  # stopped early: inputs in flight may run again, and come again
+        rest = list(cluster.run([double], range(5_000), run_id="ordered", ordered=True, keyed=True, resume=True))
+    assert first == [(i, 2 * i) for i in range(1_000)]
+    indices = [index for index, _ in rest]
+    assert indices == sorted(indices) and indices[-1] == 4_999 and rest == [(i, 2 * i) for i in indices]
+    assert set(range(1_000, 5_000)) <= set(indices)  # nothing after the stop is missing
+
+
 def test_resumed_run_refeeds_the_first_attempts_dead_letters(tmp_path):
     broken = tmp_path / "broken"
     broken.touch()

@@ -67,6 +67,17 @@ def test_a_pipeline_runs_exactly_once_over_ray_nodes_and_close_leaves_nothing(ra
     assert wait_until(lambda: _gone(workers), timeout=15), "worker processes outlived close()"
 
 
+def test_nodes_limits_how_many_ray_nodes_get_a_node_server(ray_nodes):
+    nodes = ray_nodes(2)
+    with RayCluster(nodes.address, nodes=1, workers=2) as cluster:
+        assert len(cluster.worker_parents) == 1
+        outputs = list(cluster.run([tagged], range(1_000)))
+        assert sorted(x for x, _, _ in outputs) == list(range(1_000))
+        assert len({pid for _, pid, _ in outputs}) <= 2 and cluster.stats()["tagged"]["workers"] == 2
+    with pytest.raises(ValueError, match="nodes must be a positive int"):
+        RayCluster(nodes.address, nodes=0)
+
+
 def test_a_killed_ray_node_loses_no_item(ray_nodes):
     nodes = ray_nodes(3)
     victim = next(iter(nodes.worker_nodes))
