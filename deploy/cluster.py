@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from pipeline_cluster.cluster import Cluster
 from pipeline_cluster.config import Config
-from pipeline_cluster.deploy.bootstrap import Deployment, HostResult
+from pipeline_cluster.deploy.bootstrap import Deployment, HostResult, RemoteNode
 from pipeline_cluster.deploy.config import DeployConfig, load_config
 
 
@@ -38,6 +38,33 @@ class SSHCluster(Cluster):
     def from_config(cls, path: str | os.PathLike | Mapping[str, Any], **options: Any) -> SSHCluster:
         """Read `path` (a cluster.toml), start its nodes; `options` are Cluster's (credit, run_dir, log_file...)."""
         return cls(path, **options)
+
+    def add_node(self, node: Any) -> str:  # type: ignore[override]  # a [[node]] table here, not an address
+        """Start one more node over SSH, also while a pipeline runs: `node` is a [[node]] table of cluster.toml
+        (`{"name": "d", "host": "10.0.0.4"}` and any node or [ssh] key), checked as if it were in the file. The
+        node gets the pipeline, starts its workers and takes work not yet handed out; returns its name."""
+        if not isinstance(node, Mapping):
+            raise TypeError(f"an SSHCluster's node is a [[node]] table (a dict with at least 'host'), got {node!r}")
+        spec = self.deploy_config.extra_node(node)
+        if spec.name in {remote.spec.name for remote in self.deployment.nodes}:
+            raise ValueError(f"node {spec.name!r} is in this cluster already")
+        remote = RemoteNode(spec, self.deploy_config, self.deployment.run_id)
+        self.deployment.nodes.append(remote)
+        link = remote.up(self.deployment.connector, self.deployment.authkey, self.root, self.log_sink)
+        try:
+            self._join(link)
+        except BaseException:
+            link.close()
+            remote.down()
+            raise
+        return link.name
+
+    def remove_node(self, name: str, timeout: float | None = 60.0) -> None:
+        """Drain node `name` (see Cluster.remove_node), then stop it on its host and close its SSH connection."""
+        super().remove_node(name, timeout)
+        for remote in self.deployment.nodes:
+            if remote.spec.name == name:
+                remote.down()
 
     @property
     def hosts(self) -> list[HostResult]:

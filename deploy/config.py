@@ -103,6 +103,14 @@ class DeployConfig:
     credit: int | None = None  # None: adapt to item size (see actors/root.py)
     min_nodes: int | None = None  # None: every node must come up
     stages: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    raw: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)  # as read
+    base: str = "."  # where its relative paths start: the file's directory (for a dict, the working directory)
+
+    def extra_node(self, table: Mapping[str, Any]) -> NodeSpec:
+        """One more [[node]] table for a running cluster of this config, checked as if it were in the file (with its
+        [ssh] and [cluster] defaults; a name already taken is an error); ConfigError names every problem."""
+        tables = list(self.raw.get("node") or []) + [dict(table)]
+        return load_config({**self.raw, "node": tables}, base=Path(self.base), label=self.source).nodes[-1]
 
     @property
     def identity(self) -> str:
@@ -229,10 +237,13 @@ def _resolve(host: str, tables: Mapping[str, Mapping[str, Any]], base: Path,
     return hostname, SSHSettings(**fields), sources
 
 
-def load_config(source: str | os.PathLike | Mapping[str, Any]) -> DeployConfig:
-    """Read and validate a cluster.toml (or an equivalent dict); ConfigError lists every problem at once."""
-    label = "<dict>" if isinstance(source, Mapping) else str(source)
-    base = Path.cwd() if isinstance(source, Mapping) else Path(source).resolve().parent
+def load_config(source: str | os.PathLike | Mapping[str, Any], *, base: Path | None = None,
+                label: str | None = None) -> DeployConfig:
+    """Read and validate a cluster.toml (or an equivalent dict, whose relative paths start at `base`, by default
+    the working directory); ConfigError lists every problem at once."""
+    label = label or ("<dict>" if isinstance(source, Mapping) else str(source))
+    if base is None:
+        base = Path.cwd() if isinstance(source, Mapping) else Path(source).resolve().parent
     try:
         raw = load_toml(source)
     except (OSError, ValueError) as exc:
@@ -258,7 +269,8 @@ def load_config(source: str | os.PathLike | Mapping[str, Any]) -> DeployConfig:
         raise ConfigError(label, problems.items)
     options = {k: v for k, v in cluster.items() if k not in _NODE_DEFAULT_KEYS and k != "name"}
     path = None if isinstance(source, Mapping) else str(Path(source).resolve())
-    return DeployConfig(source=label, name=name, nodes=tuple(nodes), path=path, stages=stages, **options)
+    return DeployConfig(source=label, name=name, nodes=tuple(nodes), path=path, stages=stages, raw=raw,
+                        base=str(base), **options)
 
 
 def _nodes(tables: Any, ssh: Mapping[str, Any], defaults: Mapping[str, Any], base: Path,

@@ -463,3 +463,24 @@ def test_two_files_with_the_same_cluster_name_never_touch_each_others_nodes(ssh_
         assert f"n: running, pid {pid}," in capsys.readouterr().out
         assert sorted(x for x, _ in cluster.run([tagger()], range(20))) == list(range(20))
     assert wait_until(lambda: ssh_lab.sessions() == [], 10)
+
+
+@pytest.mark.timeout(120)
+def test_nodes_added_and_removed_while_a_pipeline_streams(ssh_lab):
+    a, b, c = ssh_lab.sshd("127.0.0.2"), ssh_lab.sshd("127.0.0.3"), ssh_lab.sshd("127.0.0.4")
+    path = ssh_lab.config([ssh_lab.node(a, "a"), ssh_lab.node(b, "b")])
+    with pc.SSHCluster.from_config(path, credit=64) as cluster:
+        b_pid = next(host.pid for host in cluster.hosts if host.node == "b")
+        outputs = []
+        for output in cluster.run([tagger(delay=0.002)], range(3_000)):
+            outputs.append(output)
+            if len(outputs) == 300:
+                assert cluster.add_node(ssh_lab.node(c, "c")) == "c"
+                cluster.remove_node("b")
+        assert collections.Counter(x for x, _ in outputs) == collections.Counter(range(3_000))
+        assert {node for _, node in outputs} == {"a", "b", "c"}  # c took work once it came; b finished its own
+        assert [node["node"] for node in cluster.nodes()] == ["a", "c"]
+        assert wait_until(lambda: not alive(b_pid), 15), "the removed node is still running on its host"
+        with pytest.raises(ValueError, match="in this cluster already"):
+            cluster.add_node(ssh_lab.node(c, "c"))
+    assert wait_until(lambda: ssh_lab.sessions() == [], 15), ssh_lab.sessions()
