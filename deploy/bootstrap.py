@@ -19,11 +19,13 @@ import socket
 import threading
 import time
 import warnings
+from pathlib import Path
 from typing import Any, cast, TypeVar
 from collections.abc import Callable, Mapping
 
 import paramiko
 
+from pipeline_cluster.rundir import runs_root
 from pipeline_cluster.transport import wire
 from pipeline_cluster.transport.auth import client_handshake
 from pipeline_cluster.deploy.channelsock import ChannelSocket
@@ -54,6 +56,11 @@ class HostResult:
     port: int | None = None
     seconds: float = 0.0
     error: HostError | None = None
+
+
+def state_file(config: DeployConfig) -> Path:
+    """Where `deploy up --detach` keeps what attaching to its nodes needs (their key and ports), mode 0600."""
+    return runs_root().parent / "clusters" / f"{config.identity}.json"
 
 
 def runs_dir(workdir: str, config: DeployConfig) -> str:
@@ -96,6 +103,31 @@ class RemoteNode:
     def fail(self, detail: str, exit_status: int | None = None, stderr: str = "") -> HostError:
         """A HostError for this node in its current phase."""
         return HostError(self.spec.name, self.spec.address, self.phase, detail, exit_status, tail(stderr))
+
+    def detach(self, connector: Connector, authkey: bytes) -> None:
+        """Start the node detached (connect, ship, start): it outlives this SSH connection, which is closed, and
+        stops by itself after the cluster's idle_timeout with no root. HostError names the phase that failed."""
+        started = time.monotonic()
+        try:
+            self.client = connector.open(self.spec)
+            self.phase = "ship"
+            python = self._ship()
+            self.phase = "start"
+            self._start(python, authkey, self.config.idle_timeout)
+            self.result.ok, self.result.seconds = True, round(time.monotonic() - started, 3)
+        finally:
+            if self.client is not None:
+                self.client.close()
+
+    def attach(self, connector: Connector, authkey: bytes, port: int, root: Any, log_sink: Callable) -> RemoteLink:
+        """Connect to this node, started detached and listening on `port`; HostError names the phase that failed."""
+        started = time.monotonic()
+        self.client = connector.open(self.spec)
+        self.phase = "handshake"
+        self.link = self._handshake(port, authkey, root, log_sink)
+        self.result.ok, self.result.port = True, port
+        self.result.seconds = round(time.monotonic() - started, 3)
+        return self.link
 
     def up(self, connector: Connector, authkey: bytes, root: Any, log_sink: Callable) -> RemoteLink:
         """Every phase in order; raises HostError naming the phase that failed."""
@@ -162,24 +194,33 @@ class RemoteNode:
 
     # -- start and ready -----------------------------------------------------------------------------------------
 
-    def _start(self, python: str, authkey: bytes) -> int:
-        """Start the node with no pty, hand it its secrets on stdin, wait for PCREADY; returns its port."""
+    def _start(self, python: str, authkey: bytes, idle_timeout: float | None = None) -> int:
+        """Start the node with no pty, hand it its secrets on stdin, wait for PCREADY; returns its port. With
+        `idle_timeout` the node is detached: a session of its own, no lifeline, and a lease of that many seconds."""
         spec, tunnel = self.spec, self.config.connect == "tunnel"
         listen = "127.0.0.1" if tunnel else spec.listen or spec.host
         node = remote_argv(python, "-m", "pipeline_cluster.cli", "node",
                            "--host", listen, "--port", str(spec.node_port), "--stdin-config",
                            *(["--workers", str(spec.workers)] if spec.workers else []))
         run_dir = remote_argv(self.node_dir)
-        command = f"umask 077 && mkdir -p {run_dir} && cd {run_dir} && exec {node} 2>>node.log"
+        detached = "setsid " if idle_timeout is not None else ""  # out of the SSH session's process group
+        command = f"umask 077 && mkdir -p {run_dir} && cd {run_dir} && exec {detached}{node} 2>>node.log"
         try:
             self.process = self.ssh.get_transport().open_session(timeout=spec.ssh.connect_timeout)
             self.channel.exec_command(command)
-            secrets = {"authkey": authkey.hex(), "run_dir": self.run_dir, "env": dict(spec.env)}  # never on argv
+            secrets: dict[str, Any] = {"authkey": authkey.hex(), "run_dir": self.run_dir,
+                                       "env": dict(spec.env)}  # never on argv
+            if idle_timeout is not None:
+                secrets["idle_timeout"] = idle_timeout
             self.channel.sendall(json.dumps(secrets).encode() + b"\n")
         except (paramiko.SSHException, OSError) as exc:
             raise self.fail(f"cannot run the node command: {exc}") from None
         ready = self._ready_line()
         self.result.pid, self.result.port = ready["pid"], ready["port"]
+        if idle_timeout is not None:  # detached: no lifeline to keep
+            self.channel.close()
+            self.process = None
+            return ready["port"]
         threading.Thread(target=self._drain, daemon=True, name=f"pipeline-cluster-deploy-{spec.name}").start()
         return ready["port"]
 
@@ -321,10 +362,11 @@ class Deployment:
     def __init__(self, config: DeployConfig, run_id: str) -> None:
         self.config = config
         self.run_id = run_id
-        self.authkey = secrets.token_bytes(32)  # per run, never on a command line or in a file
+        self.authkey = secrets.token_bytes(32)  # per run, never on a command line (detached: in its 0600 state file)
         self.connector = Connector()
         self.nodes = [RemoteNode(spec, config, run_id) for spec in config.nodes]
         self._down = False
+        self.attached = False  # to nodes started detached: closing leaves them running
 
     @property
     def results(self) -> list[HostResult]:
@@ -342,12 +384,7 @@ class Deployment:
         except BaseException:  # Ctrl-C while hosts come up
             self._abort()
             raise
-        failed: dict[RemoteNode, HostError] = {}
-        for node, outcome in zip(self.nodes, outcomes):
-            if isinstance(outcome, BaseException):
-                error = outcome if isinstance(outcome, HostError) else node.fail(f"{type(outcome).__name__}: "
-                                                                                 f"{outcome}")
-                node.result.error = failed[node] = error
+        failed = self._failures(outcomes)
         needed = self.config.min_nodes or len(self.nodes)
         if len(self.nodes) - len(failed) < needed:
             self._abort()
@@ -357,6 +394,62 @@ class Deployment:
             warnings.warn(NodesMissing(list(failed.values()), len(self.nodes)), stacklevel=3)
         return [node.link for node in self.nodes if node.link is not None]
 
+    def detach(self) -> None:
+        """Start every node detached, in parallel, and keep what attaching needs (the key, each node's port) in a
+        file only this user may read (`state_file`). Fewer than min_nodes up: stop them all, DeployError."""
+        failed = list(self._failures(in_parallel(self.nodes, lambda node: node.detach(self.connector, self.authkey)))
+                      .values())
+        needed = self.config.min_nodes or len(self.nodes)
+        if len(self.nodes) - len(failed) < needed:
+            self.connector.close()
+            from pipeline_cluster.deploy import hostops  # a stop by pidfile: the nodes have no lifeline
+            hostops.stop(self.config)
+            raise DeployError(failed, len(self.nodes), needed)
+        state = {"run_id": self.run_id, "authkey": self.authkey.hex(), "connect": self.config.connect,
+                 "nodes": {node.spec.name: {"port": node.result.port, "pid": node.result.pid}
+                           for node in self.nodes if node.result.ok}}
+        path = state_file(self.config)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.chmod(0o600)
+        tmp.replace(path)
+        self.connector.close()
+        if failed:
+            warnings.warn(NodesMissing(failed, len(self.nodes)), stacklevel=3)
+
+    def attach(self, root: Any, log_sink: Callable) -> list[RemoteLink]:
+        """Connect to the nodes `deploy up --detach` started (from `state_file`), in parallel; the links of those
+        that answer. None answering (or no state file): DeployError / FileNotFoundError naming the cause."""
+        self.attached = True  # whatever happens here, closing must not stop detached nodes
+        path = state_file(self.config)
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no detached cluster for {self.config.source}: start one with "
+                                    f"`pipeline-cluster deploy up --detach {self.config.source}`") from None
+        self.run_id, self.authkey = state["run_id"], bytes.fromhex(state["authkey"])
+        self.nodes = [RemoteNode(spec, self.config, self.run_id) for spec in self.config.nodes
+                      if spec.name in state["nodes"]]
+        failed = list(self._failures(in_parallel(self.nodes, lambda node: node.attach(
+            self.connector, self.authkey, state["nodes"][node.spec.name]["port"], root, log_sink))).values())
+        if len(failed) == len(self.nodes):
+            self.connector.close()
+            raise DeployError(failed, len(self.nodes), 1)
+        if failed:
+            warnings.warn(NodesMissing(failed, len(self.nodes)), stacklevel=3)
+        return [node.link for node in self.nodes if node.link is not None]
+
+    def _failures(self, outcomes: list[Any]) -> dict[RemoteNode, HostError]:
+        """The nodes whose phase raised, each with its HostError (also kept in its result)."""
+        failed: dict[RemoteNode, HostError] = {}
+        for node, outcome in zip(self.nodes, outcomes):
+            if isinstance(outcome, BaseException):
+                error = outcome if isinstance(outcome, HostError) else node.fail(f"{type(outcome).__name__}: "
+                                                                                 f"{outcome}")
+                node.result.error = failed[node] = error
+        return failed
+
     def _abort(self) -> None:
         """Close the links made so far and stop every node."""
         for node in self.nodes:
@@ -365,11 +458,13 @@ class Deployment:
         self.down()
 
     def down(self) -> None:
-        """Stop every node and close every SSH connection; idempotent."""
+        """Stop every node and close every SSH connection; idempotent. Attached to detached nodes, only the
+        connections close: the nodes serve on until their lease ends (or `deploy down`)."""
         if self._down:
             return
         self._down = True
         try:
-            in_parallel(self.nodes, RemoteNode.down)
+            if not self.attached:
+                in_parallel(self.nodes, RemoteNode.down)
         finally:
             self.connector.close()

@@ -1,4 +1,5 @@
-"""`SSHCluster`: a cluster whose nodes are started over SSH from a cluster.toml, and stopped when it closes.
+"""`SSHCluster`: a cluster whose nodes are started over SSH from a cluster.toml, and stopped when it closes (or,
+with `SSHCluster.attach`, nodes started detached by `deploy up --detach`, left running when it closes).
 
     with pc.SSHCluster.from_config("cluster.toml") as cluster:
         for out in cluster.run(pipeline, inputs):
@@ -19,7 +20,10 @@ from pipeline_cluster.deploy.config import DeployConfig, load_config
 class SSHCluster(Cluster):
     """The nodes of a cluster.toml, bootstrapped in parallel over SSH; they live exactly as long as this object."""
 
-    def __init__(self, config: DeployConfig | str | os.PathLike | Mapping[str, Any], **options: Any) -> None:
+    def __init__(self, config: DeployConfig | str | os.PathLike | Mapping[str, Any], *, attach: bool = False,
+                 **options: Any) -> None:
+        """`attach=True` connects to the nodes `deploy up --detach` started instead of starting nodes: closing then
+        leaves them running (see `attach`)."""
         self.deploy_config = config if isinstance(config, DeployConfig) else load_config(config)
         options.setdefault("credit", self.deploy_config.credit)
         options.setdefault("start_timeout", self.deploy_config.start_timeout)
@@ -28,11 +32,18 @@ class SSHCluster(Cluster):
         super().__init__(config=stages, **options)
         self.deployment = Deployment(self.deploy_config, self.rundir.run_id)
         try:
-            for link in self.deployment.up(self.root, self.log_sink):
+            links = (self.deployment.attach if attach else self.deployment.up)(self.root, self.log_sink)
+            for link in links:
                 self._add_link(link)
         except BaseException:
             self.close(drain=False)
             raise
+
+    @classmethod
+    def attach(cls, path: str | os.PathLike, **options: Any) -> SSHCluster:
+        """Connect to the nodes that `pipeline-cluster deploy up --detach path` started; they keep running after
+        `close()`, until their idle_timeout passes with no root (or `deploy down`)."""
+        return cls(path, attach=True, **options)
 
     @classmethod
     def from_config(cls, path: str | os.PathLike | Mapping[str, Any], **options: Any) -> SSHCluster:

@@ -63,11 +63,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """Start every node, print a line per host, and keep them up until Ctrl-C, SIGTERM or a node is lost."""
+    """Start every node, print a line per host, and keep them up until Ctrl-C, SIGTERM or a node is lost (or, with
+    --detach, leave them running with a lease and return)."""
     from pipeline_cluster.deploy.cluster import SSHCluster
 
     config = _config(args.file)
     started = time.monotonic()
+    if args.detach:
+        return _up_detached(config, args, started)
     cluster = SSHCluster(config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -95,6 +98,25 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 1 if lost else 0
 
 
+def _up_detached(config: DeployConfig, args: argparse.Namespace, started: float) -> int:
+    """`deploy up --detach`: nodes that outlive this command; roots attach with `SSHCluster.attach(FILE)` or
+    `pipeline-cluster run --cluster FILE --attach`."""
+    from pipeline_cluster.deploy.bootstrap import Deployment
+    from pipeline_cluster.rundir import new_run_id
+
+    deployment = Deployment(config, new_run_id())
+    deployment.detach()
+    for r in deployment.results:
+        print(f"{r.node}: up on {r.address}, pid {r.pid}, port {r.port}, code {r.ship}, {r.seconds:.2f} s"
+              if r.ok else f"{r.node}: not up ({r.error and r.error.phase} failed), going on without it")
+    up = sum(r.ok for r in deployment.results)
+    print(f"{up} node(s) up, detached, in {time.monotonic() - started:.2f} s (run {deployment.run_id}); each stops "
+          f"after {config.idle_timeout:.0f} s with no root, or with `pipeline-cluster deploy down {args.file}`. "
+          f"Attach with pc.SSHCluster.attach({args.file!r}) or `pipeline-cluster run ... --cluster {args.file} "
+          "--attach`", flush=True)
+    return 0
+
+
 def _print_errors(replies: list) -> int:
     for reply in replies:
         if reply.error:
@@ -105,8 +127,11 @@ def _print_errors(replies: list) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     """Stop every node of the cluster on every host, by pidfile; running it again is harmless."""
     from pipeline_cluster.deploy import hostops
+    from pipeline_cluster.deploy.bootstrap import state_file
 
-    replies = hostops.stop(_config(args.file), grace=args.grace)
+    config = _config(args.file)
+    replies = hostops.stop(config, grace=args.grace)
+    state_file(config).unlink(missing_ok=True)  # a detached cluster's key and ports: nothing to attach to now
     for reply in replies:
         for entry in reply.answer or []:
             print(f"{reply.node.name}: pid {entry['pid']} {entry['result']} ({entry['pidfile']})")
@@ -185,6 +210,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="show each node's SSH settings and where each came from (cluster.toml, ssh_config)")
     up = actions.add_parser("up", help="start every node and keep them up until Ctrl-C or SIGTERM")
     up.add_argument("--json", action="store_true", help="print the per-host results as one JSON line")
+    up.add_argument("--detach", action="store_true",
+                    help="leave the nodes running after this command, each until [cluster].idle_timeout passes "
+                         "with no root (default 30 min); roots attach with `run --cluster FILE --attach`")
     down = actions.add_parser("down", help="stop the cluster's nodes on every host, by pidfile (idempotent)")
     down.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL (default 10)")
     status = actions.add_parser("status", help="which nodes run on which host")

@@ -1,7 +1,7 @@
 """`cluster.toml`: the nodes to deploy to and how to reach them, validated as a whole so every bad key is named.
 
-    [cluster]                     # name, connect, heartbeat, dead_after, start_timeout, credit, min_nodes, node
-                                  # defaults
+    [cluster]                     # name, connect, heartbeat, dead_after, start_timeout, credit, min_nodes,
+                                  # idle_timeout, node defaults
     [ssh]                         # user, port, identity_file, known_hosts, host_key_policy, jump, ssh_config...
     [[node]]                      # name, host, python, workdir, env, workers, ship, install_timeout, install_env,
                                   # listen, node_port + any [ssh] key
@@ -102,6 +102,7 @@ class DeployConfig:
     start_timeout: float = 60.0
     credit: int | None = None  # None: adapt to item size (see actors/root.py)
     min_nodes: int | None = None  # None: every node must come up
+    idle_timeout: float = 1800.0  # a detached node (`deploy up --detach`) with no root for this long stops
     stages: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     raw: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)  # as read
     base: str = "."  # where its relative paths start: the file's directory (for a dict, the working directory)
@@ -183,7 +184,8 @@ _NODE_DEFAULT_KEYS: dict[str, Check] = {
 _NODE_KEYS: dict[str, Check] = {"name": _name, "host": _text, "listen": _text, **_NODE_DEFAULT_KEYS, **_SSH_KEYS}
 _CLUSTER_KEYS: dict[str, Check] = {
     "name": _name, "connect": _choice(*CONNECT_MODES), "heartbeat": _seconds, "dead_after": _seconds,
-    "start_timeout": _seconds, "credit": positive_int, "min_nodes": positive_int, **_NODE_DEFAULT_KEYS,
+    "start_timeout": _seconds, "credit": positive_int, "min_nodes": positive_int, "idle_timeout": _seconds,
+    **_NODE_DEFAULT_KEYS,
 }
 _TABLES = ("cluster", "ssh", "node", "stages")
 

@@ -78,6 +78,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise SystemExit("--workers is for the local cluster: with --cluster, set workers in the cluster file")
     if args.cluster and args.connect:
         raise SystemExit("give --cluster or --connect, not both")
+    if args.attach and not args.cluster:
+        raise SystemExit("--attach goes with --cluster FILE (the file `deploy up --detach` started)")
     run_id = args.resume or args.run_id
     if args.resume and not (runs_root() / args.resume / "journal.sqlite").exists():
         raise SystemExit(f"no run {args.resume!r} to resume in {runs_root()}: start it with --run-id {args.resume}")
@@ -127,7 +129,7 @@ def _cluster(args: argparse.Namespace) -> Any:
     import pipeline_cluster as pc
 
     if args.cluster:
-        return pc.SSHCluster.from_config(args.cluster)
+        return pc.SSHCluster.attach(args.cluster) if args.attach else pc.SSHCluster.from_config(args.cluster)
     if args.connect:
         return pc.Cluster.connect([_address(text) for text in args.connect])
     return pc.LocalCluster(workers=args.workers)
@@ -314,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help='outputs in input order, each as {"line": N, "output": ...} (N: its input line, from 1)')
     run.add_argument("--cluster", default=None, metavar="FILE",
                      help="run on the nodes of this cluster.toml, started over SSH (default: this machine)")
+    run.add_argument("--attach", action="store_true",
+                     help="with --cluster: use the nodes `deploy up --detach FILE` started (they keep running)")
     run.add_argument("--connect", action="append", default=[], metavar="HOST:PORT",
                      help="run on this running node server (`pipeline-cluster node`); repeat for more")
     durable = run.add_mutually_exclusive_group()

@@ -209,6 +209,7 @@ class Server:
         self.address = self.listener.address
         self.sessions: list[Session] = []
         self._stopping = threading.Event()
+        self._last_root = time.monotonic()  # when a root was last connected (for a detached node's lease)
 
     def serve(self) -> None:
         """Accept roots until `stop()` (or Ctrl-C, when serving in the main thread)."""
@@ -238,8 +239,17 @@ class Server:
             for session in self.sessions:
                 session.close()
 
+    def idle_seconds(self) -> float:
+        """Seconds since the last root left (0 while one is connected)."""
+        if any(not session.ended.is_set() for session in self.sessions):
+            return 0.0
+        return time.monotonic() - self._last_root
+
     def _serve_session(self, session: Session) -> None:
-        session.serve()
+        try:
+            session.serve()
+        finally:
+            self._last_root = time.monotonic()
         if self.single_root:
             logger.info("root gone: stopping (this node serves a single root)")
             self.stop()
@@ -248,6 +258,14 @@ class Server:
         """Stop accepting, end every session and its workers."""
         self._stopping.set()
         self.listener.close()
+
+
+def _expire_when_idle(server: Server, idle_timeout: float) -> None:
+    """A detached node's lease: with no root connected for `idle_timeout` seconds, it stops by itself."""
+    while not server._stopping.wait(min(1.0, idle_timeout / 4)):
+        if server.idle_seconds() >= idle_timeout:
+            logger.warning("no root for %.0f s: stopping (the detached node's lease expired)", idle_timeout)
+            server.stop()
 
 
 def _exit_on_stdin_eof(server: Server, grace: float) -> None:
@@ -267,22 +285,27 @@ def main(host: str, port: int, log_addr: tuple[str, int] | None, authkey_file: s
     "run_dir": PATH, "env": {NAME: VALUE}}`, so they never appear on a command line; `env` goes into the node's
     environment (its workers inherit it; a PYTHONPATH there also extends sys.path). The node writes `node.pid` into
     run_dir, serves a single root, and exits when that root disconnects, falls silent, or closes the node's stdin.
+    With `"idle_timeout": SECONDS` it is detached instead: it serves roots one after another, outlives the SSH
+    session that started it, and stops once no root has been connected for that long.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     authkey = None
     run_dir = None
+    idle_timeout = None
     if stdin_config:
         config = json.loads(sys.stdin.readline() or "{}")
         authkey = bytes.fromhex(config["authkey"])
         run_dir = config.get("run_dir")
+        idle_timeout = config.get("idle_timeout")
         env = {str(k): str(v) for k, v in config.get("env", {}).items()}
         os.environ.update(env)
         if env.get("PYTHONPATH"):
             sys.path[:0] = env["PYTHONPATH"].split(os.pathsep)
     elif authkey_file:
         authkey = read_authkey_file(authkey_file)
-    server = Server((host, port), log_addr, authkey=authkey, workers=workers, single_root=stdin_config,
-                    placement=placement)
+    detached = idle_timeout is not None
+    server = Server((host, port), log_addr, authkey=authkey, workers=workers,
+                    single_root=stdin_config and not detached, placement=placement)
     for sig in (signal.SIGINT, signal.SIGTERM):  # this process is ours: stop cleanly on either
         signal.signal(sig, lambda *_: server.stop())
     print("PCREADY " + json.dumps({"host": server.address[0], "port": server.address[1], "pid": os.getpid()}),
@@ -293,7 +316,13 @@ def main(host: str, port: int, log_addr: tuple[str, int] | None, authkey_file: s
         pidfile = os.path.join(run_dir, f"node-{server.address[1]}.pid")
         with open(pidfile, "w") as f:
             f.write(str(os.getpid()))
-    if stdin_config:
+    if idle_timeout is not None:  # detached: the SSH session that started it may close; nothing more on stdout
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, sys.stdin.fileno())
+        os.close(devnull)
+        start_thread(_expire_when_idle, server, float(idle_timeout), name="pipeline-cluster-lease")
+    elif stdin_config:
         start_thread(_exit_on_stdin_eof, server, 10.0, name="pipeline-cluster-stdin-watch")
     started = time.monotonic()
     try:

@@ -484,3 +484,42 @@ def test_nodes_added_and_removed_while_a_pipeline_streams(ssh_lab):
         with pytest.raises(ValueError, match="in this cluster already"):
             cluster.add_node(ssh_lab.node(c, "c"))
     assert wait_until(lambda: ssh_lab.sessions() == [], 15), ssh_lab.sessions()
+
+
+ATTACH_SCRIPT = """
+import collections, os, sys
+import pipeline_cluster as pc
+
+def tag(x):
+    return x, os.environ.get("NODE_TAG")
+
+with pc.SSHCluster.attach(sys.argv[1]) as cluster:
+    outputs = list(cluster.run([tag], range(2000)))
+print(sorted(collections.Counter(x for x, _ in outputs).values()) == [1] * 2000, sorted({t for _, t in outputs}))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_detached_nodes_serve_roots_of_other_processes_then_their_lease_ends_them(ssh_lab, capsys):
+    from pipeline_cluster.deploy.bootstrap import state_file
+    from pipeline_cluster.deploy.config import load_config
+
+    a, b = ssh_lab.sshd("127.0.0.2"), ssh_lab.sshd("127.0.0.3")
+    path = ssh_lab.config([ssh_lab.node(a, "a"), ssh_lab.node(b, "b")], idle_timeout=8.0)
+    assert cli.main(["deploy", "up", "--detach", str(path)]) == 0
+    assert "2 node(s) up, detached" in capsys.readouterr().out
+    state = json.loads(state_file(load_config(path)).read_text())
+    assert oct(state_file(load_config(path)).stat().st_mode & 0o777) == "0o600"  # it holds the cluster's key
+    pids = [node["pid"] for node in state["nodes"].values()]
+    assert all(alive(pid) for pid in pids)  # they outlived the command that started them
+    attached = subprocess.run([sys.executable, "-c", ATTACH_SCRIPT, str(path)], capture_output=True, text=True,
+                              timeout=60)
+    assert attached.stdout.strip() == "True ['a', 'b']", attached.stderr[-3000:]
+    with pc.SSHCluster.attach(path) as cluster:  # a second root, after the first
+        assert sorted(cluster.run([abs], [-1, 2, -3])) == [1, 2, 3]
+    assert all(alive(pid) for pid in pids)  # closing a root leaves detached nodes running...
+    assert wait_until(lambda: not any(alive(pid) for pid in pids), 30), "the lease did not end the nodes"
+    assert cli.main(["deploy", "down", str(path)]) == 0  # ...until their lease ends: nothing left to stop
+    assert "no node was running" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="deploy up --detach"):
+        pc.SSHCluster.attach(path)
