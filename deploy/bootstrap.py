@@ -11,9 +11,12 @@ stderr (`node.log`) into their run dir `WORKDIR/runs/NAME-FILEHASH/RUN_ID/NODE`,
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
+import os
 import secrets
 import socket
 import threading
@@ -21,7 +24,7 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any, cast, TypeVar
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import paramiko
 
@@ -61,6 +64,26 @@ class HostResult:
 def state_file(config: DeployConfig) -> Path:
     """Where `deploy up --detach` keeps what attaching to its nodes needs (their key and ports), mode 0600."""
     return runs_root().parent / "clusters" / f"{config.identity}.json"
+
+
+@contextlib.contextmanager
+def changing_state(config: DeployConfig) -> Iterator[dict[str, Any]]:
+    """The detached cluster's state, to read and change under a lock shared with every other process that does
+    (`deploy add/remove`, attached roots); written back atomically, mode 0600. FileNotFoundError without one."""
+    path = state_file(config)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no detached cluster for {config.source}: start one with "
+                                    f"`pipeline-cluster deploy up --detach {config.source}`") from None
+        yield state
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.chmod(0o600)
+        tmp.replace(path)
 
 
 def runs_dir(workdir: str, config: DeployConfig) -> str:
@@ -405,15 +428,14 @@ class Deployment:
             from pipeline_cluster.deploy import hostops  # a stop by pidfile: the nodes have no lifeline
             hostops.stop(self.config)
             raise DeployError(failed, len(self.nodes), needed)
-        state = {"run_id": self.run_id, "authkey": self.authkey.hex(), "connect": self.config.connect,
-                 "nodes": {node.spec.name: {"port": node.result.port, "pid": node.result.pid}
-                           for node in self.nodes if node.result.ok}}
         path = state_file(self.config)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        tmp.chmod(0o600)
-        tmp.replace(path)
+        path.write_text("{}")
+        path.chmod(0o600)
+        with changing_state(self.config) as state:
+            state.update(run_id=self.run_id, authkey=self.authkey.hex(), roots={},
+                         nodes={node.spec.name: {"port": node.result.port, "pid": node.result.pid, "released": []}
+                                for node in self.nodes if node.result.ok})
         self.connector.close()
         if failed:
             warnings.warn(NodesMissing(failed, len(self.nodes)), stacklevel=3)
@@ -422,15 +444,11 @@ class Deployment:
         """Connect to the nodes `deploy up --detach` started (from `state_file`), in parallel; the links of those
         that answer. None answering (or no state file): DeployError / FileNotFoundError naming the cause."""
         self.attached = True  # whatever happens here, closing must not stop detached nodes
-        path = state_file(self.config)
-        try:
-            state = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no detached cluster for {self.config.source}: start one with "
-                                    f"`pipeline-cluster deploy up --detach {self.config.source}`") from None
+        with changing_state(self.config) as state:
+            state["roots"][str(os.getpid())] = time.time()  # `deploy remove` waits for it to drain a node
         self.run_id, self.authkey = state["run_id"], bytes.fromhex(state["authkey"])
         self.nodes = [RemoteNode(spec, self.config, self.run_id) for spec in self.config.nodes
-                      if spec.name in state["nodes"]]
+                      if spec.name in state["nodes"] and not state["nodes"][spec.name].get("leaving")]
         failed = list(self._failures(in_parallel(self.nodes, lambda node: node.attach(
             self.connector, self.authkey, state["nodes"][node.spec.name]["port"], root, log_sink))).values())
         if len(failed) == len(self.nodes):
@@ -466,5 +484,8 @@ class Deployment:
         try:
             if not self.attached:
                 in_parallel(self.nodes, RemoteNode.down)
+            else:
+                with contextlib.suppress(FileNotFoundError), changing_state(self.config) as state:
+                    state["roots"].pop(str(os.getpid()), None)
         finally:
             self.connector.close()

@@ -8,13 +8,17 @@ with `SSHCluster.attach`, nodes started detached by `deploy up --detach`, left r
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 from collections.abc import Mapping
 
 from pipeline_cluster.cluster import Cluster
 from pipeline_cluster.config import Config
-from pipeline_cluster.deploy.bootstrap import Deployment, HostResult, RemoteNode
+from pipeline_cluster.deploy.bootstrap import Deployment, HostResult, RemoteNode, changing_state
+from pipeline_cluster.placement import start_thread
 from pipeline_cluster.deploy.config import DeployConfig, load_config
+
+STATE_POLL_SECONDS = 1.0  # how often an attached root reads the detached cluster's state for added and removed nodes
 
 
 class SSHCluster(Cluster):
@@ -24,6 +28,7 @@ class SSHCluster(Cluster):
                  **options: Any) -> None:
         """`attach=True` connects to the nodes `deploy up --detach` started instead of starting nodes: closing then
         leaves them running (see `attach`)."""
+        self._watching = threading.Event()  # set on close: stops following a detached cluster's changes
         self.deploy_config = config if isinstance(config, DeployConfig) else load_config(config)
         options.setdefault("credit", self.deploy_config.credit)
         options.setdefault("start_timeout", self.deploy_config.start_timeout)
@@ -38,6 +43,8 @@ class SSHCluster(Cluster):
         except BaseException:
             self.close(drain=False)
             raise
+        if attach:  # `deploy add` and `deploy remove` change a detached cluster: follow them
+            start_thread(self._follow_state, name="pipeline-cluster-detached-state")
 
     @classmethod
     def attach(cls, path: str | os.PathLike, **options: Any) -> SSHCluster:
@@ -77,6 +84,30 @@ class SSHCluster(Cluster):
             if remote.spec.name == name:
                 remote.down()
 
+    def _follow_state(self) -> None:
+        """Every STATE_POLL_SECONDS: attach nodes `deploy add` started; drain the ones `deploy remove` takes out
+        and tell it so (it stops them once every attached root has let go)."""
+        while not self._watching.wait(STATE_POLL_SECONDS):
+            try:
+                with changing_state(self.deploy_config) as state:
+                    nodes = {name: dict(node) for name, node in state["nodes"].items()}
+                mine = {remote.spec.name for remote in self.deployment.nodes}
+                for name, node in nodes.items():
+                    if node.get("leaving") and str(os.getpid()) not in node["released"]:
+                        if name in {link.name for link in self._live_links()}:
+                            self.remove_node(name)
+                        with changing_state(self.deploy_config) as state:
+                            state["nodes"][name]["released"].append(str(os.getpid()))
+                    elif name not in mine and not node.get("leaving"):
+                        remote = RemoteNode(self.deploy_config.node(name), self.deploy_config,
+                                            self.deployment.run_id)
+                        self.deployment.nodes.append(remote)
+                        self._join(remote.attach(self.deployment.connector, self.deployment.authkey,
+                                                 node["port"], self.root, self.log_sink))
+            except Exception as exc:  # a node that cannot be reached yet, the state file gone: said, tried again
+                if not self._watching.is_set():
+                    self._warn(f"following the detached cluster's changes: {exc!r}")
+
     @property
     def hosts(self) -> list[HostResult]:
         """One result per node, up or not (`ok`): ship mode, pid, port, seconds to come up, or the HostError of a
@@ -85,6 +116,7 @@ class SSHCluster(Cluster):
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Finish (unless `drain=False`), stop every node on every host, close the SSH connections."""
+        self._watching.set()
         try:
             super().close(drain, timeout)
         finally:

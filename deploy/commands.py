@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sys
 import threading
@@ -117,6 +118,65 @@ def _up_detached(config: DeployConfig, args: argparse.Namespace, started: float)
     return 0
 
 
+def cmd_add(args: argparse.Namespace) -> int:
+    """Start one more node of the file, detached, into a running detached cluster; attached roots take it in."""
+    from pipeline_cluster.deploy.bootstrap import RemoteNode, changing_state
+    from pipeline_cluster.deploy.remote import Connector
+
+    config = _config(args.file)
+    spec = config.node(args.node)
+    with changing_state(config) as state:
+        if args.node in state["nodes"]:
+            raise SystemExit(f"node {args.node} is in the detached cluster already")
+        run_id, authkey = state["run_id"], bytes.fromhex(state["authkey"])
+    remote = RemoteNode(spec, config, run_id)
+    remote.detach(Connector(), authkey)
+    with changing_state(config) as state:
+        state["nodes"][args.node] = {"port": remote.result.port, "pid": remote.result.pid, "released": []}
+    print(f"{args.node}: up on {spec.address}, pid {remote.result.pid}, port {remote.result.port}; attached roots "
+          "take it in within a second")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    """Take a node out of a running detached cluster: every attached root first drains it, then it is stopped."""
+    from pipeline_cluster.deploy import hostops
+    from pipeline_cluster.deploy.bootstrap import changing_state
+
+    config = _config(args.file)
+    with changing_state(config) as state:
+        if args.node not in state["nodes"]:
+            raise SystemExit(f"no node {args.node} in the detached cluster; its nodes: {sorted(state['nodes'])}")
+        state["nodes"][args.node]["leaving"] = True
+        run_id = state["run_id"]
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        with changing_state(config) as state:
+            waiting = [pid for pid in state["roots"] if pid not in state["nodes"][args.node]["released"]
+                       and _alive(int(pid))]
+        if not waiting:
+            break
+        time.sleep(0.2)
+    else:
+        print(f"roots {', '.join(waiting)} did not let go of {args.node} within {args.timeout:.0f} s: stopping it "
+              "anyway (they move its unfinished items to other nodes)", file=sys.stderr)
+    replies = hostops.stop(config, grace=args.grace, only=args.node, run_id=run_id)
+    with changing_state(config) as state:
+        del state["nodes"][args.node]
+    print(f"{args.node}: removed")
+    return _print_errors(replies)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _print_errors(replies: list) -> int:
     for reply in replies:
         if reply.error:
@@ -213,6 +273,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--detach", action="store_true",
                     help="leave the nodes running after this command, each until [cluster].idle_timeout passes "
                          "with no root (default 30 min); roots attach with `run --cluster FILE --attach`")
+    add = actions.add_parser("add", help="start NODE (a [[node]] of FILE) in a running detached cluster")
+    add.add_argument("file", metavar="FILE", help="the cluster.toml")
+    add.add_argument("node", help="the node's name in FILE")
+    remove = actions.add_parser("remove", help="take NODE out of a running detached cluster, drained first")
+    remove.add_argument("file", metavar="FILE", help="the cluster.toml")
+    remove.add_argument("node", help="the node's name")
+    remove.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds to wait for attached roots to drain it (default 120)")
+    remove.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL (default 10)")
     down = actions.add_parser("down", help="stop the cluster's nodes on every host, by pidfile (idempotent)")
     down.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL (default 10)")
     status = actions.add_parser("status", help="which nodes run on which host")
@@ -226,3 +295,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                          (logs, cmd_logs)):
         parser.add_argument("file", metavar="FILE", help="the cluster.toml")
         parser.set_defaults(func=run_action, action_func=func)
+    add.set_defaults(func=run_action, action_func=cmd_add)
+    remove.set_defaults(func=run_action, action_func=cmd_remove)

@@ -63,10 +63,15 @@ def _hostscript(args: Callable[[NodeSpec], list[str]], timeout: float) -> Comman
     return lambda client, spec: run_hostscript(client, spec.python, *args(spec), timeout=timeout)
 
 
-def stop(config: DeployConfig, grace: float = 10.0) -> list[HostReply]:
-    """Stop every node of the cluster on every host (SIGTERM, SIGKILL after `grace` s), by pidfile; idempotent."""
-    return on_each_node(config, _hostscript(lambda spec: ["stop", runs_dir(spec.workdir, config), str(grace)],
-                                            timeout=grace + 30))
+def stop(config: DeployConfig, grace: float = 10.0, only: str | None = None,
+         run_id: str | None = None) -> list[HostReply]:
+    """Stop every node of the cluster on every host (or node `only` of run `run_id`) (SIGTERM, SIGKILL after
+    `grace` s), by pidfile; idempotent."""
+    def where(spec: NodeSpec) -> str:
+        return runs_dir(spec.workdir, config) + (f"/{run_id}/{spec.name}" if only and run_id else "")
+
+    return on_each_node(config, _hostscript(lambda spec: ["stop", where(spec), str(grace)], timeout=grace + 30),
+                        only=only)
 
 
 def status(config: DeployConfig) -> list[HostReply]:

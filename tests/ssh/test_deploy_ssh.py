@@ -523,3 +523,35 @@ def test_detached_nodes_serve_roots_of_other_processes_then_their_lease_ends_the
     assert "no node was running" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="deploy up --detach"):
         pc.SSHCluster.attach(path)
+
+
+@pytest.mark.timeout(150)
+def test_deploy_add_and_remove_change_a_detached_cluster_under_an_attached_run(ssh_lab, capsys):
+    from pipeline_cluster.deploy.bootstrap import state_file
+    from pipeline_cluster.deploy.config import load_config
+
+    a, b, c = ssh_lab.sshd("127.0.0.2"), ssh_lab.sshd("127.0.0.3"), ssh_lab.sshd("127.0.0.4")
+    path = ssh_lab.config([ssh_lab.node(a, "a"), ssh_lab.node(b, "b"), ssh_lab.node(c, "c")], idle_timeout=60.0)
+    assert cli.main(["deploy", "up", "--detach", str(path)]) == 0
+    state = json.loads(state_file(load_config(path)).read_text())
+    assert cli.main(["deploy", "remove", str(path), "c"]) == 0  # no root attached: stopped at once
+    c_pid = state["nodes"]["c"]["pid"]
+    assert wait_until(lambda: not alive(c_pid), 15)
+    b_pid = state["nodes"]["b"]["pid"]
+    try:
+        with pc.SSHCluster.attach(path, credit=64) as cluster:
+            outputs, changes = [], []
+            for output in cluster.run([tagger(delay=0.002)], range(6_000)):
+                outputs.append(output)
+                if len(outputs) == 300:  # another process changes the cluster while the run streams
+                    changes.append(subprocess.Popen([sys.executable, "-m", "pipeline_cluster.cli", "deploy", "add",
+                                                     str(path), "c"]))
+                    changes.append(subprocess.Popen([sys.executable, "-m", "pipeline_cluster.cli", "deploy",
+                                                     "remove", str(path), "b"]))
+            assert [change.wait(60) for change in changes] == [0, 0]
+            assert collections.Counter(x for x, _ in outputs) == collections.Counter(range(6_000))
+            assert {tag for _, tag in outputs} == {"a", "b", "c"}  # b worked until drained; c once added
+            assert not alive(b_pid)
+            assert sorted(node["node"] for node in cluster.nodes()) == ["a", "c"]
+    finally:
+        assert cli.main(["deploy", "down", str(path)]) == 0
