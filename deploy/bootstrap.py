@@ -35,7 +35,7 @@ from pipeline_cluster.deploy.channelsock import ChannelSocket
 from pipeline_cluster.deploy.config import DeployConfig, NodeSpec
 from pipeline_cluster.deploy.errors import DeployError, HostError, NodesMissing
 from pipeline_cluster.deploy.remote import Connector, remote_argv, run_hostscript, tail
-from pipeline_cluster.deploy.wheel import PACKAGES, build_wheel
+from pipeline_cluster.deploy.wheel import PACKAGES, build_wheel, wheelhouse
 from pipeline_cluster.transport.links import RemoteLink
 
 logger = logging.getLogger("pipeline_cluster.deploy")
@@ -59,6 +59,19 @@ class HostResult:
     port: int | None = None
     seconds: float = 0.0
     error: HostError | None = None
+
+
+def wheelhouse_cache() -> Path:
+    """Where dependency wheels fetched for `wheelhouse = true` are kept, per Python version."""
+    return runs_root().parent / "wheelhouse"
+
+
+def _upload(sftp: paramiko.SFTPClient, target: str, data: bytes) -> None:
+    """Write `data` to `target` on the host: to a .part file first, renamed when whole."""
+    with sftp.open(target + ".part", "wb") as f:
+        f.set_pipelined(True)
+        f.write(data)
+    sftp.posix_rename(target + ".part", target)
 
 
 def state_file(config: DeployConfig) -> Path:
@@ -201,17 +214,27 @@ class RemoteNode:
             self.result.ship = "cached"
             return python
         target = f"{probe['workdir']}/wheels/{built.filename}"
+        house = f"{probe['workdir']}/wheelhouse" if spec.wheelhouse else ""
+        try:
+            dependencies = wheelhouse(spec.wheelhouse, tuple(probe["python"][:2]), wheelhouse_cache()) \
+                if spec.wheelhouse else []
+        except RuntimeError as exc:
+            raise self.fail(str(exc)) from None
         try:
             with self.ssh.open_sftp() as sftp:
                 sftp.get_channel().settimeout(max(60.0, self.config.start_timeout))  # a stalled host cannot hang us
-                with sftp.open(target + ".part", "wb") as f:
-                    f.set_pipelined(True)
-                    f.write(built.data)
-                sftp.posix_rename(target + ".part", target)
+                _upload(sftp, target, built.data)
+                if house:
+                    with contextlib.suppress(OSError):
+                        sftp.mkdir(house, 0o700)
+                    present = {entry.filename: entry.st_size for entry in sftp.listdir_attr(house)}
+                    for path in dependencies:  # what the host has from an earlier deploy is not sent again
+                        if present.get(path.name) != path.stat().st_size:
+                            _upload(sftp, f"{house}/{path.name}", path.read_bytes())
         except (OSError, paramiko.SSHException) as exc:
-            raise self.fail(f"cannot upload the wheel to {target} over SFTP: {exc}") from None
-        self._hostscript("install", target, probe["venv"], str(spec.install_timeout), private=spec.install_env,
-                         timeout=spec.install_timeout + INSTALL_MARGIN)
+            raise self.fail(f"cannot upload the wheel(s) to {probe['workdir']} over SFTP: {exc}") from None
+        self._hostscript("install", target, probe["venv"], str(spec.install_timeout), house,
+                         private=spec.install_env, timeout=spec.install_timeout + INSTALL_MARGIN)
         self.result.ship = "shipped"
         return python
 

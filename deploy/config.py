@@ -4,6 +4,7 @@
                                   # idle_timeout, node defaults
     [ssh]                         # user, port, identity_file, known_hosts, host_key_policy, jump, ssh_config...
     [[node]]                      # name, host, python, workdir, env, workers, ship, install_timeout, install_env,
+                                  # wheelhouse,
                                   # listen, node_port + any [ssh] key
     [stages.NAME]                 # workers / supervision overrides, as for any cluster
 
@@ -78,6 +79,7 @@ class NodeSpec:
     ship: str = "auto"
     install_timeout: float = 120.0  # for a venv's install on the host, pip included; killed after it
     install_env: Mapping[str, str] = dataclasses.field(default_factory=dict)  # for that install only
+    wheelhouse: bool | str = False  # ship the dependencies too: True fetches them here, a path is a directory
     listen: str | None = None
     node_port: int = 0
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)  # setting -> where from
@@ -172,6 +174,12 @@ def _jump(value: Any) -> str | None:
     return None
 
 
+def _wheelhouse(value: Any) -> str | None:
+    if isinstance(value, bool) or (isinstance(value, str) and value):
+        return None
+    return f"must be true (fetch the dependencies' wheels here) or a directory of wheels, got {value!r}"
+
+
 _SSH_KEYS: dict[str, Check] = {
     "user": _text, "port": _port(1), "identity_file": _text, "known_hosts": _text,
     "host_key_policy": _choice(*POLICIES), "jump": _jump, "connect_timeout": _seconds, "keepalive": _seconds,
@@ -179,7 +187,7 @@ _SSH_KEYS: dict[str, Check] = {
 }
 _NODE_DEFAULT_KEYS: dict[str, Check] = {
     "python": _text, "workdir": _text, "env": _env, "workers": positive_int, "ship": _choice(*SHIP_MODES),
-    "node_port": _port(0), "install_timeout": _seconds, "install_env": _env,
+    "node_port": _port(0), "install_timeout": _seconds, "install_env": _env, "wheelhouse": _wheelhouse,
 }
 _NODE_KEYS: dict[str, Check] = {"name": _name, "host": _text, "listen": _text, **_NODE_DEFAULT_KEYS, **_SSH_KEYS}
 _CLUSTER_KEYS: dict[str, Check] = {
@@ -303,7 +311,10 @@ def _nodes(tables: Any, ssh: Mapping[str, Any], defaults: Mapping[str, Any], bas
             _check_file(f"{where}.{key}", own_ssh.get(key), base, problems)
         tables = {"[ssh]": ssh, "[[node]]": own_ssh}
         host, settings, sources = _resolve(own.pop("host"), tables, base, problems, where)
-        nodes.append(NodeSpec(name=name, host=host, ssh=settings, sources=sources, **{**defaults, **own}))
+        fields = {**defaults, **own}
+        if isinstance(fields.get("wheelhouse"), str):
+            fields["wheelhouse"] = _local_path(fields["wheelhouse"], base)
+        nodes.append(NodeSpec(name=name, host=host, ssh=settings, sources=sources, **fields))
     names = [node.name for node in nodes]
     for name in sorted({name for name in names if names.count(name) > 1}):
         problems.add(f"[[node]] {name!r}", "duplicate name: give each [[node]] a distinct 'name'")

@@ -128,9 +128,10 @@ def _lock(lock, path, deadline):
     lock.flush()
 
 
-def install(wheel, venv, seconds):
+def install(wheel, venv, seconds, wheelhouse=""):
     """Make VENV hold WHEEL, once, within `seconds`; dependencies this python already has are reused, others come
-    from its index (reached with the environment given on stdin: index URL, proxies...).
+    from its index (reached with the environment given on stdin: index URL, proxies...), or, with `wheelhouse` (a
+    directory of shipped wheels), from there alone.
 
     The venv sees this interpreter's site-packages through a .pth file (like --system-site-packages, but also when
     this python is itself a venv), so pip installs only what is missing; a python without pip gets ensurepip.
@@ -152,8 +153,9 @@ def install(wheel, venv, seconds):
             pth.write("".join(path + "\n" for path in site.getsitepackages() if os.path.isdir(path)))
         if subprocess.run([python, "-c", "import pip"], stderr=subprocess.DEVNULL).returncode != 0:
             _run([python, "-m", "ensurepip", "--default-pip"], env, deadline)
-        _run([python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--quiet", wheel], env,
-             deadline)
+        local = ["--no-index", "--find-links", wheelhouse] if wheelhouse else []
+        _run([python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--quiet", *local, wheel],
+             env, deadline)
         with open(os.path.join(venv, READY_MARK), "w") as mark:
             mark.write(os.path.basename(wheel) + "\n")
     _emit({"cached": False})

@@ -14,7 +14,10 @@ import functools
 import hashlib
 import importlib.metadata
 import io
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import pipeline_cluster
 from pipeline_cluster.deploy.hostscript import code_hash, package_files
@@ -80,3 +83,30 @@ def build_wheel() -> Wheel:
             archive.writestr(entry, data)
     data = buffer.getvalue()
     return Wheel(f"{DIST}-{version}-py3-none-any.whl", data, hashlib.sha256(data).hexdigest(), code)
+
+
+def requirements() -> list[str]:
+    """What the shipped wheel needs installed with it: the installed distribution's requirements, extras left out."""
+    installed = importlib.metadata.distribution(DIST)
+    return [r for r in installed.metadata.get_all("Requires-Dist") or [] if "extra ==" not in r]
+
+
+def wheelhouse(source: bool | str, python: tuple[int, int], cache: Path) -> list[Path]:
+    """The dependency wheels to ship to a host with no package index: those in the directory `source`, or with
+    `source` True, wheels for `python` (major, minor) on this machine's platform, fetched with `pip download` into
+    `cache` once and reused. RuntimeError with pip's last lines when it cannot get them."""
+    if isinstance(source, str):
+        found = sorted(Path(source).glob("*.whl"))
+        if not found:
+            raise RuntimeError(f"wheelhouse {source!r} holds no .whl file (fill it with `pip download -d "
+                               f"{source} pipeline_cluster`, for the hosts' python and platform)")
+        return found
+    target = cache / f"py{python[0]}.{python[1]}"
+    target.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+               "--only-binary=:all:", "--python-version", f"{python[0]}.{python[1]}", "--dest", str(target),
+               *requirements()]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"pip download of the dependencies failed: {done.stderr.strip()[-1500:]}")
+    return sorted(target.glob("*.whl"))

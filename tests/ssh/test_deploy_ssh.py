@@ -555,3 +555,19 @@ def test_deploy_add_and_remove_change_a_detached_cluster_under_an_attached_run(s
             assert sorted(node["node"] for node in cluster.nodes()) == ["a", "c"]
     finally:
         assert cli.main(["deploy", "down", str(path)]) == 0
+
+
+@pytest.mark.timeout(240)
+def test_a_wheelhouse_installs_a_host_that_has_no_package_index(ssh_lab, tmp_path):
+    bare = tmp_path / "bare"  # a host python without the dependencies, and no index it can reach
+    subprocess.run([os.path.join(sys.base_prefix, "bin", "python3"), "-m", "venv", str(bare)], check=True)
+    server = ssh_lab.sshd("127.0.0.19")
+    no_index = {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2"}
+    node = ssh_lab.node(server, "w", python=str(bare / "bin" / "python"), install_env=no_index, wheelhouse=True)
+    with pc.SSHCluster.from_config(ssh_lab.config([node])) as cluster:
+        assert cluster.hosts[0].ship == "shipped"
+        assert sorted(x for x, _ in cluster.run([tagger()], range(20))) == list(range(20))
+    shipped = sorted(path.name for path in (ssh_lab.tmp / "work-w" / "wheelhouse").glob("*.whl"))
+    assert any(name.startswith("pykka-") for name in shipped) and any(name.startswith("cryptography-")
+                                                                    for name in shipped), shipped
+    assert wait_until(lambda: ssh_lab.sessions() == [], 10)

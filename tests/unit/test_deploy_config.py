@@ -83,6 +83,16 @@ def test_config_defaults_overrides_and_paths(tmp_path):
     assert config.stages == {"split": {"workers": 4, "supervision": {"max_attempts": 5}}}
 
 
+def test_wheelhouse_is_true_or_a_directory_next_to_the_file_and_idle_timeout_is_seconds(tmp_path):
+    base = GOOD.replace("jump = []\n", "")
+    config = load_config(write(tmp_path, base.replace("[cluster]\n", "[cluster]\nidle_timeout = 90\n"
+                                                      "wheelhouse = \"wheels\"\n", 1)))
+    assert config.idle_timeout == 90 and {node.wheelhouse for node in config.nodes} == {str(tmp_path / "wheels")}
+    assert load_config(write(tmp_path, base)).nodes[0].wheelhouse is False
+    with pytest.raises(ConfigError, match="wheelhouse: must be true .* or a directory of wheels, got 3"):
+        load_config(write(tmp_path, base.replace("[cluster]\n", "[cluster]\nwheelhouse = 3\n", 1)))
+
+
 @pytest.mark.timeout(30)
 def test_check_names_every_bad_key(tmp_path, capsys):
     bad = """
