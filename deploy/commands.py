@@ -78,13 +78,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     lost: list = []
     try:
-        if args.json:
-            print(json.dumps([{**vars(r), "error": r.error and str(r.error)} for r in cluster.hosts]))
-        else:
-            for r in cluster.hosts:
-                print(f"{r.node}: up on {r.address}, pid {r.pid}, port {r.port}, code {r.ship}, {r.seconds:.2f} s"
-                      if r.ok else f"{r.node}: not up ({r.error and r.error.phase} failed), going on without it")
-        up = sum(r.ok for r in cluster.hosts)
+        up = _print_hosts(cluster.hosts, args.json)
         print(f"{up} node(s) up in {time.monotonic() - started:.2f} s (run {cluster.rundir.run_id}, "
               f"connect = {config.connect}); they stop when this command does: Ctrl-C, SIGTERM, or "
               f"`pipeline-cluster deploy down {args.file}`", flush=True)
@@ -99,6 +93,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 1 if lost else 0
 
 
+def _print_hosts(results: list, as_json: bool) -> int:
+    """A line per host (or all of them as one JSON line); returns how many came up."""
+    if as_json:
+        print(json.dumps([{**vars(r), "error": r.error and str(r.error)} for r in results]))
+    else:
+        for r in results:
+            print(f"{r.node}: up on {r.address}, pid {r.pid}, port {r.port}, code {r.ship}, {r.seconds:.2f} s"
+                  if r.ok else f"{r.node}: not up ({r.error and r.error.phase} failed), going on without it")
+    return sum(r.ok for r in results)
+
+
 def _up_detached(config: DeployConfig, args: argparse.Namespace, started: float) -> int:
     """`deploy up --detach`: nodes that outlive this command; roots attach with `SSHCluster.attach(FILE)` or
     `pipeline-cluster run --cluster FILE --attach`."""
@@ -107,10 +112,7 @@ def _up_detached(config: DeployConfig, args: argparse.Namespace, started: float)
 
     deployment = Deployment(config, new_run_id())
     deployment.detach()
-    for r in deployment.results:
-        print(f"{r.node}: up on {r.address}, pid {r.pid}, port {r.port}, code {r.ship}, {r.seconds:.2f} s"
-              if r.ok else f"{r.node}: not up ({r.error and r.error.phase} failed), going on without it")
-    up = sum(r.ok for r in deployment.results)
+    up = _print_hosts(deployment.results, args.json)
     print(f"{up} node(s) up, detached, in {time.monotonic() - started:.2f} s (run {deployment.run_id}); each stops "
           f"after {config.idle_timeout:.0f} s with no root, or with `pipeline-cluster deploy down {args.file}`. "
           f"Attach with pc.SSHCluster.attach({args.file!r}) or `pipeline-cluster run ... --cluster {args.file} "
