@@ -57,6 +57,15 @@ def batch_size(seconds_per_item: float | None, queued: int, ready_workers: int, 
     return max(1, min(concurrency, queued), min(by_time, fair, by_fanout, by_bytes))
 
 
+ERROR_WEIGHT = 16  # a failed item comes back with its traceback and message: as heavy as this many outputs
+
+
+def reply_weight(outputs: int, errors: int, items: int) -> float:
+    """What a batch's reply carried per input item, in outputs: its outputs, and each error as ERROR_WEIGHT of
+    them, so batches of failing items shrink as those of generators do and dead letters in flight stay few."""
+    return (outputs + ERROR_WEIGHT * errors) / items
+
+
 def moving_average(old: float | None, new: float, weight: float = 0.3) -> float:
     """An exponentially weighted moving average; the first value stands alone."""
     return new if old is None else (1 - weight) * old + weight * new

@@ -100,7 +100,8 @@ class StageSupervisor(Actor):
         self.paused = False
         self.state = "running"  # running | failed | stopping
         self.seconds_per_item: float | None = None  # moving average
-        self.fanout = 1.0  # outputs per input (up at once, down slowly): batches shrink so their outputs stay bounded
+        self.fanout = 1.0  # what a reply carries per input, outputs and errors (up at once, down slowly): batches
+        # shrink so that what comes back from one stays bounded
         self.item_bytes: float | None = None  # pickled bytes per item (moving average)
         self.hinted_bytes: float | None = None  # the size last told to the node (first stage only)
         self.last_item: Any = None  # the item the latest worker death was blamed on, for StageFailed
@@ -421,8 +422,8 @@ class StageSupervisor(Actor):
         self.stats.add_timing(timing.seconds, timing.items, timing.samples)
         if timing.items:
             self.seconds_per_item = policies.moving_average(self.seconds_per_item, timing.seconds / timing.items)
-            fanout = len(outs) / timing.items  # a rise counts at once (it bounds memory), a fall slowly
-            self.fanout = max(fanout, policies.moving_average(self.fanout, fanout))
+            fanout = policies.reply_weight(len(outs), len(result.errors), timing.items)
+            self.fanout = max(fanout, policies.moving_average(self.fanout, fanout))  # up at once, down slowly
         born: list[int]
         died: list[int]
         if result.tree is None:  # one output per input: nothing changed in the trees

@@ -261,8 +261,8 @@ class Journal:
             if letters:
                 self.db.executemany("INSERT OR REPLACE INTO dead_letters (seq, input, origin, letter) "
                                     "VALUES (?, ?, ?, ?)",
-                                    [(letter.seq, json.dumps(input_id), origin, letter.to_json())
-                                     for letter, input_id, origin in letters])
+                                    ((letter.seq, json.dumps(input_id), origin, letter.to_json())
+                                     for letter, input_id, origin in letters))  # one JSON text alive at a time
             if refed:
                 self.db.executemany("UPDATE dead_letters SET refed = 1 WHERE seq = ?", [(seq,) for seq in refed])
 

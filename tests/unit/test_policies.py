@@ -106,3 +106,11 @@ def test_autoscaler_leaves_stages_alone_when_none_is_busy():
     scaler = policies.Autoscaler.for_stages([_Stage("auto"), _Stage("auto")], budget=2)
     assert scaler.moves([_Stats(0.5, 1.0), _Stats(0.6, 1.0)]) == []
     assert policies.Autoscaler.for_stages([_Stage(2), _Stage(None)], budget=2) is None
+
+
+def test_failed_items_weigh_in_the_reply_as_fanning_out_ones_do():
+    assert policies.reply_weight(outputs=100, errors=0, items=100) == 1.0
+    assert policies.reply_weight(outputs=0, errors=100, items=100) == policies.ERROR_WEIGHT
+    all_failing = policies.batch_size(1e-5, 100_000, 2, policies.reply_weight(0, 100, 100), None)
+    assert all_failing == policies.MAX_BATCH // policies.ERROR_WEIGHT  # few tracebacks in flight at once
+    assert policies.batch_size(1e-5, 100_000, 2, policies.reply_weight(100, 0, 100), None) == policies.MAX_BATCH
