@@ -79,19 +79,25 @@ def state_file(config: DeployConfig) -> Path:
     return runs_root().parent / "clusters" / f"{config.identity}.json"
 
 
+def read_state(config: DeployConfig) -> dict[str, Any]:
+    """The detached cluster's state as last written (writes replace the file whole, so no lock is needed to read);
+    FileNotFoundError, saying how to start one, without it."""
+    try:
+        return json.loads(state_file(config).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no detached cluster for {config.source}: start one with "
+                                f"`pipeline-cluster deploy up --detach {config.source}`") from None
+
+
 @contextlib.contextmanager
-def changing_state(config: DeployConfig) -> Iterator[dict[str, Any]]:
-    """The detached cluster's state, to read and change under a lock shared with every other process that does
-    (`deploy add/remove`, attached roots); written back atomically, mode 0600. FileNotFoundError without one."""
+def changing_state(config: DeployConfig, new: bool = False) -> Iterator[dict[str, Any]]:
+    """The detached cluster's state (or, `new`, an empty one), to change under a lock shared with every other
+    process that does (`deploy add/remove`, attached roots); written back atomically, mode 0600."""
     path = state_file(config)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            state = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no detached cluster for {config.source}: start one with "
-                                    f"`pipeline-cluster deploy up --detach {config.source}`") from None
+        state: dict[str, Any] = {} if new else read_state(config)
         yield state
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
@@ -451,11 +457,7 @@ class Deployment:
             from pipeline_cluster.deploy import hostops  # a stop by pidfile: the nodes have no lifeline
             hostops.stop(self.config)
             raise DeployError(failed, len(self.nodes), needed)
-        path = state_file(self.config)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.write_text("{}")
-        path.chmod(0o600)
-        with changing_state(self.config) as state:
+        with changing_state(self.config, new=True) as state:
             state.update(run_id=self.run_id, authkey=self.authkey.hex(), roots={},
                          nodes={node.spec.name: {"port": node.result.port, "pid": node.result.pid, "released": []}
                                 for node in self.nodes if node.result.ok})

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from pipeline_cluster.cluster import Cluster
 from pipeline_cluster.config import Config
-from pipeline_cluster.deploy.bootstrap import Deployment, HostResult, RemoteNode, changing_state
+from pipeline_cluster.deploy.bootstrap import Deployment, HostResult, RemoteNode, changing_state, read_state
 from pipeline_cluster.placement import start_thread
 from pipeline_cluster.deploy.config import DeployConfig, load_config
 
@@ -89,8 +89,7 @@ class SSHCluster(Cluster):
         and tell it so (it stops them once every attached root has let go)."""
         while not self._watching.wait(STATE_POLL_SECONDS):
             try:
-                with changing_state(self.deploy_config) as state:
-                    nodes = {name: dict(node) for name, node in state["nodes"].items()}
+                nodes = read_state(self.deploy_config)["nodes"]
                 mine = {remote.spec.name for remote in self.deployment.nodes}
                 for name, node in nodes.items():
                     if node.get("leaving") and str(os.getpid()) not in node["released"]:

@@ -122,15 +122,15 @@ def _up_detached(config: DeployConfig, args: argparse.Namespace, started: float)
 
 def cmd_add(args: argparse.Namespace) -> int:
     """Start one more node of the file, detached, into a running detached cluster; attached roots take it in."""
-    from pipeline_cluster.deploy.bootstrap import RemoteNode, changing_state
+    from pipeline_cluster.deploy.bootstrap import RemoteNode, changing_state, read_state
     from pipeline_cluster.deploy.remote import Connector
 
     config = _config(args.file)
     spec = config.node(args.node)
-    with changing_state(config) as state:
-        if args.node in state["nodes"]:
-            raise SystemExit(f"node {args.node} is in the detached cluster already")
-        run_id, authkey = state["run_id"], bytes.fromhex(state["authkey"])
+    state = read_state(config)
+    if args.node in state["nodes"]:
+        raise SystemExit(f"node {args.node} is in the detached cluster already")
+    run_id, authkey = state["run_id"], bytes.fromhex(state["authkey"])
     remote = RemoteNode(spec, config, run_id)
     remote.detach(Connector(), authkey)
     with changing_state(config) as state:
@@ -143,7 +143,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 def cmd_remove(args: argparse.Namespace) -> int:
     """Take a node out of a running detached cluster: every attached root first drains it, then it is stopped."""
     from pipeline_cluster.deploy import hostops
-    from pipeline_cluster.deploy.bootstrap import changing_state
+    from pipeline_cluster.deploy.bootstrap import changing_state, read_state
 
     config = _config(args.file)
     with changing_state(config) as state:
@@ -153,9 +153,9 @@ def cmd_remove(args: argparse.Namespace) -> int:
         run_id = state["run_id"]
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        with changing_state(config) as state:
-            waiting = [pid for pid in state["roots"] if pid not in state["nodes"][args.node]["released"]
-                       and _alive(int(pid))]
+        state = read_state(config)
+        waiting = [pid for pid in state["roots"] if pid not in state["nodes"][args.node]["released"]
+                   and _alive(int(pid))]
         if not waiting:
             break
         time.sleep(0.2)

@@ -82,6 +82,10 @@ class InputIds:
             yield position, position + take
             first += take
 
+    def input_ids(self, rids: Sequence[int]) -> list:
+        """The input ids of root items (keyed output's indices)."""
+        return [self.input_id(rid) for rid in rids]
+
     def input_id(self, rid: int) -> Any:
         """The input id of a root item (a refeed's is that of the input its letter came from)."""
         letter = self.refeeds.get(rid)

@@ -69,7 +69,6 @@ class RayCluster(Cluster):
         ray = _ray()
         if nodes is not None and (isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1):
             raise ValueError(f"nodes must be a positive int (or None: every Ray node), got {nodes!r}")
-        super().__init__(**options)
         self._ray = ray
         self._inited_ray = False  # this cluster called ray.init, so it calls ray.shutdown
         self._authkey = secrets.token_bytes(32)
@@ -79,6 +78,8 @@ class RayCluster(Cluster):
         self._hosts: dict[str, tuple[Any, RemoteLink]] = {}  # Ray node id -> (actor, link)
         self._worker_parents: dict[str, int] = {}  # link name -> pid of the actor whose children its workers are
         self._watching = threading.Event()
+        self._watcher: threading.Thread | None = None
+        super().__init__(**options)
         try:
             if not ray.is_initialized():
                 ray.init(address=address, logging_level=logging.WARNING)
@@ -161,15 +162,14 @@ class RayCluster(Cluster):
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Finish (or stop) the run, stop every node server and its actor; a Ray started here is stopped too."""
         self._watching.set()
-        watcher = getattr(self, "_watcher", None)
+        watcher = self._watcher
         if watcher is not None and watcher is not threading.current_thread():
             watcher.join(timeout=self._connect_timeout)
         try:
             super().close(drain, timeout)
         finally:
-            ray = self._ray if hasattr(self, "_ray") else None
-            hosts = list(getattr(self, "_hosts", {}).values())
-            if ray is not None and ray.is_initialized():
+            ray, hosts = self._ray, list(self._hosts.values())
+            if ray.is_initialized():
                 stops = [actor.stop.remote() for actor, _ in hosts]
                 if stops:
                     ray.wait(stops, num_returns=len(stops), timeout=STOP_SECONDS)

@@ -200,7 +200,7 @@ class Results:
         which inputs are complete (and, for keyed output, what each input's index is)."""
         self._current: list[list] = [[]]  # the batch being handed out, so close() can cut it short
         arrange = _in_order if ordered else _keyed if keyed else None
-        index = durable.ids.input_id if durable is not None else None
+        index = durable.ids.input_ids if durable is not None else None
         self._batches = _batches(state, self._current, on_end, arrange, keyed, progress, durable, index)
         self._outputs = chain.from_iterable(self._batches)  # Python runs once per batch, not per output (W1)
 
@@ -222,14 +222,14 @@ class Results:
             write(outputs)
 
 
-Index = Callable[[int], Any]  # root item id -> the input index keyed output shows
+Index = Callable[[Sequence[int]], list]  # root item ids -> the input indices keyed output shows, a batch at a time
 Arrange = Callable[[Delivery, RunState, dict[int, list], bool, Index], tuple[list, Sequence[int]]]
 
 
 def _keyed(delivery: Delivery, state: RunState, held: dict[int, list], keyed: bool,
            index: Index) -> tuple[list, Sequence[int]]:
     """Outputs as (input index, output), in completion order; every finished root item is consumed at once."""
-    return [(index(rid), output) for rid, output in zip(delivery.rids or (), delivery.outputs)], delivery.done
+    return list(zip(index(delivery.rids or ()), delivery.outputs)), delivery.done
 
 
 def _in_order(delivery: Delivery, state: RunState, held: dict[int, list], keyed: bool,
@@ -244,7 +244,11 @@ def _in_order(delivery: Delivery, state: RunState, held: dict[int, list], keyed:
     first = rid = state.first_rid + state.consumed
     while rid in held:
         outputs = held.pop(rid)
-        ready.extend([(index(rid), output) for output in outputs] if keyed else outputs)
+        if keyed:
+            (input_index,) = index((rid,))
+            ready.extend([(input_index, output) for output in outputs])
+        else:
+            ready.extend(outputs)
         rid += 1
     return ready, range(first, rid)
 
@@ -259,7 +263,9 @@ def _batches(state: RunState, current: list[list], on_end: Callable[[bool], None
     held: dict[int, list] = {}  # ordered output: finished root items waiting for earlier ones
     if index is None:
         base = state.first_rid
-        index = lambda rid: rid - base  # noqa: E731 (inputs are numbered in order from the run's first root item)
+
+        def index(rids: Sequence[int]) -> list:  # inputs are numbered in order from the run's first root item
+            return [rid - base for rid in rids]
     try:
         while True:
             if state.error is not None:

@@ -116,6 +116,22 @@ def read_ready(proc: subprocess.Popen, timeout: float = 30.0, log: Path | None =
         skipped.append(line)
 
 
+def run_cli(*args: str, cwd: str | os.PathLike = REPO, env: dict | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+    """`pipeline-cluster ARGS` in a fresh interpreter, its output captured."""
+    return subprocess.run([sys.executable, "-m", "pipeline_cluster.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=env)
+
+
+def run_stage(tmp_path: Path, stage: Any, inputs: Any) -> tuple[list, list, dict]:
+    """Run one stage over `inputs` on a LocalCluster: its sorted outputs, its dead letters and its stats."""
+    import pipeline_cluster as pc
+
+    with pc.LocalCluster(run_dir=str(tmp_path / "run")) as cluster:
+        outputs = sorted(cluster.run([stage], inputs))
+        return outputs, cluster.failures(), cluster.stats()[stage.name]
+
+
 def terminate(proc: subprocess.Popen, grace: float) -> None:
     """SIGTERM a process we started, SIGKILL it if it is still there after `grace` seconds, and reap it."""
     proc.terminate()

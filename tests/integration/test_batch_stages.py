@@ -8,6 +8,7 @@ import threading
 import pytest
 
 import pipeline_cluster as pc
+from tests.helpers import run_stage
 
 
 def squares(items: list[int]) -> list[int | None]:
@@ -93,9 +94,7 @@ def crash_on_7(items: list[int]) -> list[int]:
 def test_a_crash_in_a_list_call_is_charged_only_to_its_cause(tmp_path):
     stage = pc.Stage(crash_on_7, batch_size=16, workers=2,
                      supervision={"max_attempts": 2, "backoff": (0.01, 0.05), "max_restarts": 20})
-    with pc.LocalCluster(run_dir=str(tmp_path / "run")) as cluster:
-        outputs = sorted(cluster.run([stage], range(64)))
-        failures = cluster.failures()
+    outputs, failures, _ = run_stage(tmp_path, stage, range(64))
     assert outputs == [x for x in range(64) if x != 7]
     [letter] = failures
     assert letter.item == 7 and letter.attempts == 2 and letter.exit_code == 9

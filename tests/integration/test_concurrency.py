@@ -10,6 +10,7 @@ import time
 import pytest
 
 import pipeline_cluster as pc
+from tests.helpers import run_stage
 
 
 class Gauge:
@@ -73,10 +74,7 @@ async def _slow_one_async(item: int) -> int:
 @pytest.mark.parametrize("task", [_slow_one, _slow_one_async])
 def test_a_timeout_under_concurrency_fails_only_the_slow_item(tmp_path, task):
     stage = pc.Stage(task, workers=1, concurrency=8, supervision={"timeout": 1.0, "max_attempts": 2})
-    with pc.LocalCluster(run_dir=str(tmp_path / "run")) as cluster:
-        outputs = sorted(cluster.run([stage], range(40)))
-        failures = cluster.failures()
-        stats = cluster.stats()[stage.name]
+    outputs, failures, stats = run_stage(tmp_path, stage, range(40))
     assert outputs == [x for x in range(40) if x != 7]
     [letter] = failures
     assert letter.item == 7 and letter.attempts == 2
@@ -98,10 +96,7 @@ def _poison(item: int) -> int:
 def test_a_crash_among_concurrent_items_is_charged_only_to_its_cause(tmp_path):
     stage = pc.Stage(_poison, workers=2, concurrency=8,
                      supervision={"max_attempts": 3, "backoff": (0.01, 0.05), "max_restarts": 20})
-    with pc.LocalCluster(run_dir=str(tmp_path / "run")) as cluster:
-        outputs = sorted(cluster.run([stage], range(100)))
-        failures = cluster.failures()
-        stats = cluster.stats()[stage.name]
+    outputs, failures, stats = run_stage(tmp_path, stage, range(100))
     assert outputs == [x for x in range(100) if x != 13]
     [letter] = failures
     assert letter.item == 13 and letter.attempts == 3 and letter.exit_code == 3

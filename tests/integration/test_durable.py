@@ -22,7 +22,7 @@ import pytest
 import pipeline_cluster as pc
 from pipeline_cluster.journal import IdentityChanged, RunExists
 from pipeline_cluster.rundir import runs_root
-from tests.helpers import REPO, wait_until
+from tests.helpers import REPO, run_cli, wait_until
 
 PIPELINE_MODULE = '''
 import time
@@ -100,8 +100,7 @@ def _crash_and_resume(tmp_path: Path, kills: int, *cluster_args: str) -> None:
                                f"missing output line(s)")
     letters = _journal_letters("chaos")
     assert sorted(letters) == sorted((n, "parse") for n in BAD)
-    listed = subprocess.run([sys.executable, "-m", "pipeline_cluster.cli", "runs"], capture_output=True, text=True,
-                            check=True).stdout
+    listed = run_cli("runs").stdout
     assert any(line.split()[:2] == ["chaos", "crashy"] and "finished" in line and f"{INPUTS}/{INPUTS}" in line
                for line in listed.splitlines()), listed
 
@@ -208,10 +207,8 @@ def test_cli_refuses_to_resume_a_changed_pipeline_without_force(tmp_path):
     module = tmp_path / "changing.py"
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pipeline_cluster.cli", "run", "changing:pipeline",
-                               "--input", "in.txt", "--output", "out.jsonl", "--workers", "1", *args],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
+        return run_cli("run", "changing:pipeline", "--input", "in.txt", "--output", "out.jsonl", "--workers", "1",
+                       *args, cwd=tmp_path, env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
 
     module.write_text("def pipeline_stage(line):\n    return int(line)\n\npipeline = [pipeline_stage]\n")
     assert cli("--run-id", "v1").returncode == 0

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import time
 
 import pytest
 
 import pipeline_cluster as pc
-from tests.helpers import REPO
+from tests.helpers import REPO, run_cli
 
 
 def _jitter(x: int) -> int:
@@ -78,10 +76,9 @@ def test_cli_run_ordered_writes_each_output_with_its_input_line(tmp_path):
         "def words(line):\n    time.sleep(random.random() / 500)\n    return line.split()\n"
         "pipeline = pc.Pipeline([pc.Stage(words, generator=True), str.upper])\n")
     (tmp_path / "in.txt").write_text("".join(f"w{i} x{i}\n" for i in range(300)) + "\nlast\n")
-    result = subprocess.run([sys.executable, "-m", "pipeline_cluster.cli", "run", "mypipe:pipeline", "--input",
-                             str(tmp_path / "in.txt"), "--output", str(tmp_path / "out.jsonl"), "--ordered",
-                             "--workers", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=50,
-                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    result = run_cli("run", "mypipe:pipeline", "--input", str(tmp_path / "in.txt"), "--output",
+                     str(tmp_path / "out.jsonl"), "--ordered", "--workers", "2", cwd=tmp_path, timeout=50,
+                     env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     expected = [{"line": i + 1, "output": word} for i in range(300) for word in (f"W{i}", f"X{i}")]
