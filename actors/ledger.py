@@ -6,6 +6,9 @@ processed by the last stage, dropped or failed for good). A root item is reporte
 letters, only when its deaths reach its extra births plus one, which is what makes delivery exactly-once per input.
 While no tree has grown (a pipeline without fan-out) every death finishes its root item and nothing is counted.
 
+A root item whose generator streams (yields more outputs than a worker sends at once) cannot be held whole: its
+outputs go out as they come (`Completed.streamed`), except in ordered and keyed runs, which must sort them.
+
 It is a plain object under a lock rather than an actor: root items enter it and stages report into it from their own
 threads, so a batch costs no extra thread hand-off. It works once per root item of a batch, not once per death.
 """
@@ -32,10 +35,12 @@ class TreeLedger:
         self.name = name
         self.report = report
         self.lock = threading.Lock()
+        self.report_lock = threading.Lock()  # taken before `lock` is let go: reports leave in the ledger's order
         self.extra: Counter[int] = Counter()  # births beyond the root item itself
         self.died: Counter[int] = Counter()  # deaths in trees that have extra births (its keys are among extra's)
         self.results: dict[int, list] = {}  # outputs of root items that are not finished yet
         self.held_dead: dict[int, list[DeadLetter]] = {}  # dead letters of root items not finished yet
+        self.streaming: set[int] = set()  # root items whose outputs go out as they come (see the module docstring)
         self.stages: list[pykka.ActorRef] = []
         self.keyed = False
         self.generation = 0
@@ -48,6 +53,7 @@ class TreeLedger:
             self.died.clear()
             self.results.clear()
             self.held_dead.clear()
+            self.streaming.clear()
             self.stages = []
             self.generation += 1
 
@@ -75,6 +81,8 @@ class TreeLedger:
         """
         done: list[int] = []
         every = False  # every root item in `died` is complete
+        streamed: list = []  # outputs of streaming root items that are not finished (unordered runs)
+        streamed_rids: list[int] = []
         with self.lock:
             if generation != self.generation:
                 return  # a report of a pipeline this node has already stopped
@@ -97,7 +105,7 @@ class TreeLedger:
                     if every:
                         finished_outputs.extend(outputs.items)
                     else:
-                        self._sort_outputs(outputs, done_set, finished_outputs)
+                        self._sort_outputs(outputs, done_set, finished_outputs, streamed, streamed_rids)
             for letter in dead:  # reported with their root item, so a node lost before that reports nothing twice
                 assert letter.rid is not None
                 self.held_dead.setdefault(letter.rid, []).append(letter)
@@ -105,8 +113,41 @@ class TreeLedger:
             if self.held_dead:
                 for rid in self.held_dead.keys() & done_set:
                     finished_dead.extend(self.held_dead.pop(rid))
-        if done:  # outside the lock: a report may wait on the network
-            self.report(Completed(self.name, done, finished_outputs, finished_dead, finished_rids))
+            if self.streaming and done:
+                self.streaming.difference_update(done)
+            self.report_lock.acquire()
+        try:  # outside the lock: a report may wait on the network
+            if streamed:
+                self.report(Completed(self.name, [], streamed, [], None, streamed_rids))
+            if done:
+                self.report(Completed(self.name, done, finished_outputs, finished_dead, finished_rids))
+        finally:
+            self.report_lock.release()
+
+    def record_part(self, generation: int, rid: int, born: int, outputs: Outputs | None) -> None:
+        """A part of a generator item's outputs, sent on while it still yields: `born` new live items of root item
+        `rid` (passed to the next stage), or a last stage's `outputs`. From now on the root item streams."""
+        streamed: list = []
+        with self.lock:
+            if generation != self.generation:
+                return
+            if born:
+                self.extra[rid] += born
+            if rid not in self.streaming:
+                self.streaming.add(rid)
+                if not self.keyed:
+                    streamed = self.results.pop(rid, [])  # outputs held from before it streamed go first
+            if outputs is not None:
+                if self.keyed:
+                    self.results.setdefault(rid, []).extend(zip(outputs.paths or repeat(()), outputs.items))
+                else:
+                    streamed.extend(outputs.items)
+            self.report_lock.acquire()
+        try:
+            if streamed:
+                self.report(Completed(self.name, [], streamed, [], None, [rid] * len(streamed)))
+        finally:
+            self.report_lock.release()
 
     def _complete(self, died: list[int]) -> tuple[list[int], bool]:
         """Count deaths in grown trees: the root items among `died` whose trees are now complete, and whether
@@ -123,11 +164,17 @@ class TreeLedger:
                 self.died[rid] = total
         return done, len(done) == len(deaths)
 
-    def _sort_outputs(self, outputs: Outputs, done: set[int], finished: list) -> None:
-        """Append the outputs of finished root items to `finished`; hold the others until their root item is done."""
+    def _sort_outputs(self, outputs: Outputs, done: set[int], finished: list, streamed: list,
+                      streamed_rids: list[int]) -> None:
+        """Append the outputs of finished root items to `finished`, and those of streaming ones to `streamed`; hold
+        the others until their root item is done."""
+        streaming = self.streaming
         for rid, output in zip(outputs.rids, outputs.items):
             if rid in done:
                 finished.append(output)
+            elif rid in streaming:
+                streamed.append(output)
+                streamed_rids.append(rid)
             else:
                 self.results.setdefault(rid, []).append(output)
 

@@ -18,9 +18,9 @@ from pipeline_cluster.actors.stage import StageSupervisor
 from pipeline_cluster.cpus import usable_cpus
 from pipeline_cluster.logs.records import Record
 from pipeline_cluster.logs.route import make_record
-from pipeline_cluster.messages import (Boot, DroppedFailure, Kill, Link, NodeFailed, NodeLog, NodeReady, Pause,
-                                       Rebalance, Resize, Setup, Shutdown, SizeHint, SpawnWorkers, StageFailure,
-                                       StageReady, Stats)
+from pipeline_cluster.messages import (Boot, DroppedFailure, HoldStreams, Kill, Link, NodeFailed, NodeLog,
+                                       NodeReady, Pause, Rebalance, Resize, Setup, Shutdown, SizeHint, SpawnWorkers,
+                                       StageFailure, StageReady, Stats)
 from pipeline_cluster.placement import Placement
 from pipeline_cluster.stats import StageStats
 
@@ -123,6 +123,11 @@ class NodeActor(Actor):
     def on_pause(self, message: Pause) -> None:
         for ref in self.stages:
             tell(ref, message)
+
+    @handles(HoldStreams)
+    def on_hold_streams(self, message: HoldStreams) -> None:
+        if self.stages:
+            tell(self.stages[-1], message)  # the last stage's streamed outputs are what reaches the caller
 
     @handles(Stats)
     def on_stats(self, message: Stats) -> list[StageStats]:

@@ -11,10 +11,11 @@ from collections import Counter, deque
 from collections.abc import Callable
 
 from pipeline_cluster.actors import policies
-from pipeline_cluster.actors.base import Actor, handles
+from pipeline_cluster.actors.base import Actor, handles, tell
 from pipeline_cluster.errors import ClusterError
-from pipeline_cluster.messages import (AddNode, Begin, Completed, DeadLetter, DrainNode, Feed, Kill, NodeFailed,
-                                       NodeLoad, NodeLost, NodeReady, Pause, RemoveNode, SizeHint, Submit, Unfinished)
+from pipeline_cluster.messages import (AddNode, Begin, Completed, DeadLetter, DrainNode, Feed, HoldStreams, Kill,
+                                       NodeFailed, NodeLoad, NodeLost, NodeReady, Pause, RemoveNode, SizeHint, Submit,
+                                       Unfinished)
 from pipeline_cluster.placement import Placement
 from pipeline_cluster.run import RunState
 from pipeline_cluster.transport.links import NodeLink
@@ -43,6 +44,7 @@ class RootActor(Actor):
         self.entry: dict[int, int] = {}  # rid -> first stage, for root items that do not enter at stage 0 (refeeds)
         self.next_rid = 0
         self.losses: Counter[int] = Counter()  # rid -> nodes lost while holding it
+        self.streamed: set[int] = set()  # unfinished root items some of whose outputs were delivered already
         self.stage_names: list[str] = []
         self.paused = False
         self.state = RunState(placement)
@@ -72,7 +74,10 @@ class RootActor(Actor):
     @handles(Begin)
     def on_begin(self, message: Begin) -> int:
         """Start a new run: forget the previous run's items; returns the root item id its first input gets."""
+        if self.state.streams_held:  # the last run ended with its streams held back
+            self.on_hold_streams(HoldStreams(False))
         self.state = message.state
+        self.state.hold_streams = lambda held: tell(self.actor_ref, HoldStreams(held))
         self.stage_names = message.stage_names
         self._forget_items()
         return self.next_rid
@@ -82,6 +87,7 @@ class RootActor(Actor):
         self.held = {name: {} for name in self.links}
         self.entry.clear()
         self.losses.clear()
+        self.streamed.clear()
         self._update_capacity()
 
     @handles(Feed)
@@ -98,6 +104,12 @@ class RootActor(Actor):
         for link in self.links.values():
             link.tell(message)
         self._dispatch()
+
+    @handles(HoldStreams)
+    def on_hold_streams(self, message: HoldStreams) -> None:
+        """The caller is behind on streamed outputs (or caught up): pass it on to every node."""
+        for link in self.links.values():
+            link.tell(message)
 
     def _dispatch(self) -> None:
         """Hand backlog to the node with the most free credit, spread evenly over the nodes that have room."""
@@ -132,6 +144,11 @@ class RootActor(Actor):
         held = self.held.get(message.node)
         if held is None:
             return  # a node already declared lost: its items were sent elsewhere
+        if message.streamed is not None:  # outputs of root items still running, delivered as they come
+            if held.keys() >= set(message.streamed):  # else from a run already ended
+                self.streamed.update(message.streamed)
+                self.state.deliver_streamed(message.outputs)
+            return
         dead = [letter for letter in message.dead if letter.rid in held]  # none from a run already ended
         for letter in dead:
             if letter.stage_index < len(self.stage_names):
@@ -141,10 +158,11 @@ class RootActor(Actor):
         finished = [rid for rid in message.done if held.pop(rid, _GONE) is not _GONE]
         if not finished:
             return  # reported after a reset: that run's items are gone already
-        if self.losses or self.entry:
+        if self.losses or self.entry or self.streamed:
             for rid in finished:
                 self.losses.pop(rid, None)
                 self.entry.pop(rid, None)
+                self.streamed.discard(rid)
         self.state.deliver(message.outputs, finished, message.output_rids)
         self._dispatch()
 
@@ -175,9 +193,17 @@ class RootActor(Actor):
         for rid, item in lost.items():
             stage = self.entry.pop(rid, 0)
             self.losses[rid] += 1
+            stage_name = self.stage_names[stage] if stage < len(self.stage_names) else f"stage {stage}"
+            if rid in self.streamed:  # run again, it would deliver those outputs twice
+                self.streamed.discard(rid)
+                del self.losses[rid]
+                dead.append(DeadLetter(item, stage_name, stage, 1, "node_lost",
+                                       message=f"node {name} was lost ({reason}) after some of this input's outputs "
+                                               "were delivered (its generator streams them); not run again, so "
+                                               "that none is delivered twice", node=name, rid=rid))
+                continue
             if self.losses[rid] >= MAX_NODE_LOSSES:  # it may be what kills nodes: stop spreading it
                 del self.losses[rid]
-                stage_name = self.stage_names[stage] if stage < len(self.stage_names) else f"stage {stage}"
                 dead.append(DeadLetter(item, stage_name, stage, MAX_NODE_LOSSES, "node_lost",
                                        message=f"{MAX_NODE_LOSSES} nodes were lost while running it; last: {name} "
                                                f"({reason})", node=name, rid=rid))
@@ -199,7 +225,7 @@ class RootActor(Actor):
             return
         self.warn(f"node {name} lost: {reason}; {moved} unfinished item(s) moved to "
                   f"{', '.join(sorted(self.links)) or 'no other node'}"
-                  + (f"; {len(dead)} dead-lettered after {MAX_NODE_LOSSES} node losses" if dead else ""))
+                  + (f"; {len(dead)} dead-lettered (lost too often, or streamed in part)" if dead else ""))
         if not self.links:
             self.state.fail(ClusterError(f"no node left: the last one, {name}, was lost ({reason}); "
                                          f"{self.on_unfinished(Unfinished())} item(s) unfinished"))

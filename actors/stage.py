@@ -29,10 +29,10 @@ from pipeline_cluster.alerts import Alerts
 from pipeline_cluster.errors import StageFailed
 from pipeline_cluster.logs.records import Record
 from pipeline_cluster.messages import (BatchDone, BatchResult, BatchUnreadable, Chunk, DeadLetter, Death,
-                                       DownstreamFull, DroppedFailure, Flush, Kill, Link, NodeLog, Outputs, Path,
-                                       Pause, Push, Resize, Respawn, RunBatch, SendBatch, Shutdown, SizeHint,
-                                       SpawnWorkers, StageFailure, StageReady, Stats, StopWorker, WorkerDied,
-                                       WorkerReady)
+                                       DownstreamFull, DroppedFailure, Flush, HoldStreams, Kill, Link, NodeLog,
+                                       Outputs, PartAck, PartDone, Path, Pause, Push, Resize, Respawn, RunBatch,
+                                       SendBatch, Shutdown, SizeHint, SpawnWorkers, StageFailure, StageReady, Stats,
+                                       StopWorker, WorkerDied, WorkerReady)
 from pipeline_cluster.model import Stage
 from pipeline_cluster.placement import Placement
 from pipeline_cluster.stats import StageStats
@@ -54,6 +54,10 @@ class Slot:
     given: int = 0  # batches given to it so far (the actor sends them in this order)
     alone: bool = False  # it runs one suspect item and nothing else, so a crash now is that item's
     retiring: bool = False  # the stage was resized down: it gets no more batches and stops once idle
+    # generator items of its running batch that stream their outputs: position -> outputs sent on so far
+    streamed: dict[int, int] = field(default_factory=dict)
+    ended: set[int] = field(default_factory=set)  # positions whose last part came: every output of theirs went on
+    acks_owed: int = 0  # parts passed on while the next stage was full: acknowledged once it has room
 
 
 class StageSupervisor(Actor):
@@ -72,6 +76,7 @@ class StageSupervisor(Actor):
         self.next_stage: pykka.ActorRef | None = None
         self.previous_stage: pykka.ActorRef | None = None
         self.downstream_full = False  # the next stage's queue is above its high water mark
+        self.streams_held = False  # a last stage: the caller is behind on streamed outputs
         self.throttling = False  # we told the previous stage to hold back
         timeout = self.sup.timeout
         # an async item past the timeout is cancelled in the worker; the watchdog only catches a loop that hangs
@@ -119,7 +124,23 @@ class StageSupervisor(Actor):
         """Backpressure from the next stage: a generator's fan-out never piles up without limit."""
         self._account()
         self.downstream_full = message.full
+        self._pay_acks()
         self._dispatch()
+
+    @handles(HoldStreams)
+    def on_hold_streams(self, message: HoldStreams) -> None:
+        """A last stage: hold streaming generators back while the caller is behind on their outputs."""
+        self.streams_held = message.held
+        self._pay_acks()
+
+    def _pay_acks(self) -> None:
+        """Acknowledge the parts held back, once nothing holds them any more."""
+        if self.downstream_full or self.streams_held:
+            return
+        for slot in self.slots.values():
+            while slot.acks_owed:
+                slot.acks_owed -= 1
+                self._ack(slot)
 
     @handles(SpawnWorkers)
     def on_spawn_workers(self, message: SpawnWorkers) -> None:
@@ -411,6 +432,8 @@ class StageSupervisor(Actor):
             return
         chunk = slot.inflight.popleft()
         slot.alone = False
+        slot.streamed.clear()
+        slot.ended.clear()
         self.placement.done(slot.proc.pid)
         if slot.retiring:
             self._retire_idle()
@@ -444,6 +467,42 @@ class StageSupervisor(Actor):
             tell(self.next_stage, Push(Chunk(out_rids, outs, None, out_paths)))
         self._dispatch()
 
+    @handles(PartDone)
+    def on_part_done(self, message: PartDone) -> None:
+        """Outputs a generator item of a worker's running batch sent on while it still yields: each is a new live
+        item of its root item's tree, passed on at once; the worker may send more once the next stage has room."""
+        slot = self.slots.get(message.wid)
+        if slot is None or not slot.inflight or self.state == "stopping":
+            return
+        chunk = slot.inflight[0]
+        position, outs, last = message.part
+        rid = chunk.rids[position]
+        offset = slot.streamed.get(position, 0)
+        slot.streamed[position] = offset + len(outs)
+        if last:
+            slot.ended.add(position)
+        self.stats.items_out += len(outs)
+        paths = None
+        if self.keyed:
+            path = chunk.paths[position] if chunk.paths else ()
+            paths = [path + (offset + j,) for j in range(len(outs))]
+        out_rids = [rid] * len(outs)
+        self.ledger.record_part(self.generation, rid, 0 if self.last else len(outs),
+                                Outputs(out_rids, outs, paths) if self.last and outs else None)
+        if outs and not self.last and self.next_stage is not None:
+            tell(self.next_stage, Push(Chunk(out_rids, outs, None, paths)))
+        if self.downstream_full or self.streams_held:
+            slot.acks_owed += 1
+        else:
+            self._ack(slot)
+
+    @staticmethod
+    def _ack(slot: Slot) -> None:
+        try:
+            slot.proc.conn.send(PartAck())
+        except OSError:
+            pass  # the process died: its actor reports it
+
     def _output_paths(self, chunk: Chunk, result: BatchResult) -> list[Path]:
         """Each output's path in its root item's tree: a generator's j-th output of an item adds j to the item's
         path; a one-to-one stage passes paths on (ordered runs only)."""
@@ -462,6 +521,8 @@ class StageSupervisor(Actor):
         if slot is None or not slot.inflight or self.state == "stopping":
             return
         chunk = slot.inflight.popleft()
+        slot.streamed.clear()
+        slot.ended.clear()
         self.placement.done(slot.proc.pid)
         died: list[int] = []
         dead: list[DeadLetter] = []
@@ -523,12 +584,18 @@ class StageSupervisor(Actor):
                 self.suspects.extend(chunk.select([i]) for i in range(len(chunk.rids)))
                 continue
             blamed = death.index if position == 0 and death.cause != "init_failed" else -1
+            ended = slot.ended if position == 0 else set()  # streamed items that had ended: all their outputs went
+            finished.extend(chunk.rids[i] for i in ended)
             if 0 <= blamed < len(chunk.rids):  # only the item it was running is charged; the rest go back uncharged
                 self.last_item = chunk.items[blamed]
-                self._charge(chunk, blamed, finished, dead, death.cause, True, message=death.message,
+                streamed = slot.streamed.get(blamed, 0) if position == 0 else 0
+                note = f" (after {streamed} of its outputs were sent on; not retried)" if streamed else ""
+                self._charge(chunk, blamed, finished, dead, death.cause, not streamed, message=death.message + note,
                              traceback=death.traceback, pid=death.pid, exit_code=death.exit_code,
                              signal=death.signal)
-                chunk = chunk.select([i for i in range(len(chunk.rids)) if i != blamed])
+                ended = ended | {blamed}
+            if ended:
+                chunk = chunk.select([i for i in range(len(chunk.rids)) if i not in ended])
             if chunk.rids:
                 self._requeue(chunk)
         self._report([], finished, None, dead)

@@ -19,9 +19,9 @@ import pykka
 
 from pipeline_cluster.actors.base import POLL_SLICE, Actor, PollingInbox, handles, tell
 from pipeline_cluster.logs.records import Record
-from pipeline_cluster.messages import (BatchDone, BatchResult, BatchUnreadable, Death, InitFailed, Readable,
-                                       SendBatch, Started, Stop, Stopped, StopWorker, Tick, Unreadable, WorkerDied,
-                                       WorkerInit, WorkerReady)
+from pipeline_cluster.messages import (BatchDone, BatchResult, BatchUnreadable, Death, InitFailed, Part, PartDone,
+                                       Readable, SendBatch, Started, Stop, Stopped, StopWorker, Tick, Unreadable,
+                                       WorkerDied, WorkerInit, WorkerReady)
 from pipeline_cluster.placement import Placement
 from pipeline_cluster.transport import wire
 from pipeline_cluster.worker.process import WorkerProcess, describe_exit
@@ -109,7 +109,8 @@ class WorkerActor(Actor):
 
     @handles(Readable)
     def on_readable(self, message: Readable) -> None:
-        """One message from the process: a log record, a batch's result, or a batch it could not read."""
+        """One message from the process: a log record, a batch's result, a part of a streaming generator item's
+        outputs, or a batch it could not read."""
         reply = self._receive("crash")
         if reply is None:
             return
@@ -119,6 +120,8 @@ class WorkerActor(Actor):
             self.answered += 1
             self._send_next()
             tell(self.supervisor, BatchDone(self.wid, reply))
+        elif isinstance(reply, Part):
+            tell(self.supervisor, PartDone(self.wid, reply))
         elif isinstance(reply, Unreadable):
             self.answered += 1
             self._send_next()

@@ -241,6 +241,9 @@ class Completed(NamedTuple):
     outputs: list
     dead: list[DeadLetter]
     output_rids: list[int] | None = None  # each output's root item, when the run is keyed or ordered
+    # set instead of `done`: outputs of root items still running, sent on as a generator streams them (each
+    # output's root item)
+    streamed: list[int] | None = None
 
 
 class NodeReady(NamedTuple):
@@ -269,6 +272,13 @@ class Pause(NamedTuple):
     """Stop starting new work (True) or go on (False)."""
 
     paused: bool
+
+
+class HoldStreams(NamedTuple):
+    """Streamed outputs pile up for the caller: last stages hold their streaming generators back (True), or let
+    them go on (False)."""
+
+    held: bool
 
 
 class Kill(NamedTuple):
@@ -400,6 +410,13 @@ class BatchDone(NamedTuple):
     result: BatchResult
 
 
+class PartDone(NamedTuple):
+    """Worker `wid` streamed a part of a generator item's outputs (its oldest batch in flight is running)."""
+
+    wid: int
+    part: Part
+
+
 class BatchUnreadable(NamedTuple):
     """Worker `wid` could not unpickle its oldest batch (or we its answer)."""
 
@@ -470,7 +487,7 @@ class Ping(NamedTuple):
 
 
 ROOT_TO_NODE_REQUESTS = (Hello, Setup, Boot, Stats, Pause, Shutdown, Kill, Resize)
-ROOT_TO_NODE = (Submit, Request, Ping, Boot, Pause)  # Request bodies must be among ROOT_TO_NODE_REQUESTS
+ROOT_TO_NODE = (Submit, Request, Ping, Boot, Pause, HoldStreams)  # Request bodies must be among ROOT_TO_NODE_REQUESTS
 NODE_TO_ROOT = (Reply, Ping, Completed, NodeReady, NodeFailed, SizeHint)  # and logs.records.Record
 
 
@@ -506,6 +523,19 @@ class RunBatch(NamedTuple):
 
     rids: list[int]
     items: list
+
+
+class Part(NamedTuple):
+    """Outputs of the item at `position` of the running batch, sent on while its generator still yields; `last`:
+    the item has ended and these are its final outputs (the batch's result then counts none for it)."""
+
+    position: int
+    outputs: list
+    last: bool
+
+
+class PartAck(NamedTuple):
+    """The node passed a Part on: the worker may have one more in flight."""
 
 
 class Unreadable(NamedTuple):

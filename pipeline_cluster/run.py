@@ -33,11 +33,17 @@ class RunPhase(enum.Enum):
 
 
 class Delivery(NamedTuple):
-    """Outputs of the finished root items `done`; `rids` gives each output's root item when the run is keyed."""
+    """Outputs of the finished root items `done`; `rids` gives each output's root item when the run is keyed;
+    `streamed`: outputs of root items still running, whose generators stream."""
 
     outputs: list
     done: list[int]
     rids: list[int] | None = None
+    streamed: bool = False
+
+
+STREAMED_HIGH = 16  # streamed deliveries waiting for the caller before the nodes hold their streams back ...
+STREAMED_LOW = 4  # ... and as few as this when they let them go on
 
 
 class RunState:
@@ -61,6 +67,9 @@ class RunState:
         self.input_error: InputFailed | None = None  # the feeder's iterable raised: raised once the rest is done
         self.error: BaseException | None = None
         self.ready_nodes: set[str] = set()
+        self.streamed_waiting = 0  # streamed deliveries the caller has not taken yet
+        self.streams_held = False
+        self.hold_streams: Callable[[bool], None] = lambda held: None  # the root tells the nodes; never blocks
 
     # -- changes (from the feeder, the RootActor and the caller's side) --------------------------------------------
 
@@ -115,6 +124,24 @@ class RunState:
     def deliver(self, outputs: list, done: list[int], rids: list[int] | None = None) -> None:
         """Hand the outputs of the finished root items `done` to the caller (`rids`: each output's root item)."""
         self._outputs.put(Delivery(outputs, done, rids))
+
+    def deliver_streamed(self, outputs: list) -> None:
+        """Hand the caller outputs of root items that are still running; past STREAMED_HIGH deliveries waiting,
+        the streams are held back until the caller has taken all but STREAMED_LOW."""
+        with self._cond:
+            self.streamed_waiting += 1
+            if not self.streams_held and self.streamed_waiting > STREAMED_HIGH:
+                self.streams_held = True
+                self.hold_streams(True)  # under the lock: holds and releases reach the nodes in their order
+        self._outputs.put(Delivery(outputs, [], None, True))
+
+    def took_streamed(self) -> None:
+        """The caller took a streamed delivery."""
+        with self._cond:
+            self.streamed_waiting -= 1
+            if self.streams_held and self.streamed_waiting <= STREAMED_LOW:
+                self.streams_held = False
+                self.hold_streams(False)
 
     def wake(self) -> None:
         """Make a thread waiting for outputs look at the state again (the run stops, say)."""
@@ -286,6 +313,8 @@ def _batches(state: RunState, current: list[list], on_end: Callable[[bool], None
             current[0] = outputs
             yield outputs
             state.consume(len(done))
+            if delivery.streamed:
+                state.took_streamed()
             if durable is not None:
                 durable.completed(done, len(outputs))
             if progress is not None:

@@ -17,14 +17,16 @@ import struct
 import sys
 import time
 import traceback
+from collections import deque
+from itertools import islice
 from typing import TYPE_CHECKING, Any, NamedTuple
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import cloudpickle
 
 from pipeline_cluster.logs import route
-from pipeline_cluster.messages import (BatchResult, InitFailed, ItemError, RunBatch, Started, Stop, Stopped, Timing,
-                                       TreeChange, Unreadable, WorkerInit)
+from pipeline_cluster.messages import (BatchResult, InitFailed, ItemError, Part, PartAck, RunBatch, Started, Stop,
+                                       Stopped, Timing, TreeChange, Unreadable, WorkerInit)
 from pipeline_cluster.transport import wire
 
 if TYPE_CHECKING:
@@ -34,6 +36,57 @@ PROGRESS = struct.Struct("<qd")  # index of the running item in its batch (-1: i
 PROGRESS_SIZE = PROGRESS.size
 SAMPLES_PER_BATCH = 64  # item durations sent back per batch, for the p95 estimate
 MAX_FRAME = 1 << 40  # the socket pair to the node carries batches of any size the node's memory allows
+STREAM_PART = 1024  # a generator item that yields more than this sends its outputs on in parts of up to this many
+PART_BYTES = 4 << 20  # parts of big outputs get fewer of them, to about this many pickled bytes
+PART_WINDOW = 2  # parts sent and not yet passed on by the node: the generator waits beyond that
+_END = object()
+
+
+class Streamer:
+    """The worker's channel to its node, with flow control for streamed parts: `send_part` waits while
+    PART_WINDOW parts are not yet acknowledged, keeping any other message that comes meanwhile for `next_message`."""
+
+    def __init__(self, conn: wire.Channel) -> None:
+        self.conn = conn
+        self.unacked = 0
+        self.kept: deque[Any] = deque()  # messages (or UnpicklingFailed errors) read while waiting for an ack
+        self.part_size = STREAM_PART  # outputs per part: halved while parts are big, doubled back when small
+
+    def send_part(self, position: int, outputs: list, last: bool) -> None:
+        packed = wire.pack(Part(position, wire.out_of_band(outputs), last))
+        if packed.nbytes > PART_BYTES:
+            self.part_size = max(1, self.part_size // 2)
+        elif packed.nbytes < PART_BYTES // 4:
+            self.part_size = min(STREAM_PART, self.part_size * 2)
+        self.conn.send_packed(packed)
+        self.unacked += 1
+        while self.unacked >= PART_WINDOW:
+            try:
+                message = self._read()
+            except (EOFError, OSError):
+                raise SystemExit(0) from None  # the node is gone: so is this process, task code or not
+            if message is not None:
+                self.kept.append(message)
+
+    def next_message(self) -> Any:
+        """The node's next message other than an ack (raises as `Channel.recv` does)."""
+        while True:
+            message = self.kept.popleft() if self.kept else self._read()
+            if isinstance(message, BaseException):
+                raise message
+            if message is not None:
+                return message
+
+    def _read(self) -> Any:
+        """One message; None for an ack (counted), an UnpicklingFailed error as a value."""
+        try:
+            message = self.conn.recv()
+        except wire.UnpicklingFailed as exc:
+            return exc
+        if type(message) is PartAck:
+            self.unacked -= 1
+            return None
+        return message
 
 
 class Outcome(NamedTuple):
@@ -58,7 +111,9 @@ class TaskRunner:
     """Runs one stage's task over batches, catching each item's failure separately."""
 
     def __init__(self, spec: dict, retry_on: tuple[type[BaseException], ...], progress: mmap.mmap,
-                 timeout: float | None) -> None:
+                 timeout: float | None, streamer: Streamer | None = None) -> None:
+        """`streamer`: how a generator item that yields many outputs sends them on as it yields (None: it does
+        not; a concurrent or batch stage collects each item's outputs whole)."""
         self.name: str = spec["name"]
         self.generator: bool = spec["generator"]
         self.retry_on = retry_on
@@ -81,6 +136,8 @@ class TaskRunner:
             run_one = self._run_one_async if spec.get("is_async") else self._run_one
             self.concurrent = ConcurrentRunner(run_one, spec.get("concurrency", 1), spec.get("is_async", False),
                                                timeout, retry_on, self._publish)
+        self.streamer = streamer if self.generator and self.concurrent is None and self.batch_size is None else None
+        self.streamed = 0  # outputs of the running item sent on in parts so far
 
     def _publish(self, index: int, started: float) -> None:
         """Show the supervisor which item runs (the longest-running one, with concurrency) and since when."""
@@ -130,15 +187,18 @@ class TaskRunner:
                     dropped += 1
                     n = 0
                 elif self.generator:
-                    produced = self._expand(result, item)
+                    produced = self._expand(result, item, index)
                     outs.extend(produced)
                     n = len(produced)
                 else:
                     outs.append(result)
                     n = 1
             except Exception as exc:
-                errors.append(ItemError(index, type(exc).__name__, _message(exc), traceback.format_exc(),
-                                        isinstance(exc, self.retry_on)))
+                message, retryable = _message(exc), isinstance(exc, self.retry_on)
+                if self.streamed:  # its outputs so far went on: running it again would send them twice
+                    message += f" (after {self.streamed} of its outputs were sent on; not retried)"
+                    retryable, self.streamed = False, 0
+                errors.append(ItemError(index, type(exc).__name__, message, traceback.format_exc(), retryable))
                 n = 0
             if sampled:
                 samples.append(clock() - started)
@@ -192,11 +252,56 @@ class TaskRunner:
                                                                    _message(exc), traceback.format_exc(), False), 0.0)
 
 
-    def _expand(self, result: Any, item: Any) -> list:
+    def _expand(self, result: Any, item: Any, position: int = -1) -> list:
+        """A generator item's outputs; past STREAM_PART of them, the item at `position` of a sequential batch
+        streams them on in parts instead (and the list returned is empty)."""
         if isinstance(result, (str, bytes, bytearray)) or not hasattr(result, "__iter__"):
             raise TypeError(f"generator stage {self.name!r} returned a {type(result).__name__} for item "
                             f"{_short(item)}; a generator stage must return an iterable of items (or None)")
-        return [out for out in result if out is not None]
+        iterator = iter(result)
+        outs = [out for out in islice(iterator, STREAM_PART) if out is not None]
+        if len(outs) < STREAM_PART:  # it ended, or it yielded None among them
+            following = next(iterator, _END)
+            if following is _END:
+                return outs
+            if following is not None:
+                outs.append(following)
+        if self.streamer is None or position < 0:
+            outs.extend(out for out in iterator if out is not None)
+            return outs
+        return self._stream(position, outs, iterator)
+
+    def _stream(self, position: int, outs: list, iterator: Iterator) -> list:
+        """Send the item's outputs on a part at a time as its generator yields them; the node's acknowledgements
+        hold it back when the stages after it are full. Its timeout counts from its latest part."""
+        assert self.streamer is not None
+        self._send_part(position, outs)
+        while True:
+            part: list = []
+            size = self.streamer.part_size
+            consumed = 0
+            try:
+                for out in islice(iterator, size):
+                    consumed += 1
+                    if out is not None:
+                        part.append(out)
+            except Exception:  # what it yielded before it raised goes on too; then the item fails
+                if part:
+                    self._send_part(position, part)
+                raise
+            if consumed < size:
+                break
+            self._send_part(position, part)
+        self.streamer.send_part(position, part, True)
+        self.streamed = 0
+        return []
+
+    def _send_part(self, position: int, outs: list) -> None:
+        assert self.streamer is not None
+        self.streamer.send_part(position, outs, False)
+        self.streamed += len(outs)
+        if self.start_slot is not None:
+            self.start_slot[1] = time.monotonic()
 
     def close(self) -> None:
         """Call the class stage's optional close() once, when the worker stops."""
@@ -300,6 +405,7 @@ def main(argv: list[str]) -> int:
     conn = wire.Channel(socket.socket(fileno=int(argv[0])), max_frame=MAX_FRAME)
     progress = mmap.mmap(int(argv[1]), PROGRESS_SIZE)
     send = conn.send  # thread-safe: log records may come from the task's own threads
+    streamer = Streamer(conn)
 
     init = conn.recv()
     assert isinstance(init, WorkerInit), init
@@ -307,14 +413,14 @@ def main(argv: list[str]) -> int:
     route.attach_worker(send, node=init.node, stage=init.stage, level=init.log_level)
     try:
         spec = cloudpickle.loads(init.spec)
-        runner = TaskRunner(spec, cloudpickle.loads(init.retry_on), progress, init.timeout)
+        runner = TaskRunner(spec, cloudpickle.loads(init.retry_on), progress, init.timeout, streamer)
     except BaseException as exc:  # the stage cannot start: report why, with the traceback
         send(InitFailed(f"{type(exc).__name__}: {_message(exc)}", traceback.format_exc()))
         return 3
     send(Started(os.getpid()))
     while True:
         try:
-            message = conn.recv()
+            message = streamer.next_message()
         except wire.UnpicklingFailed as exc:  # e.g. an item's class is missing here: its batch fails, we go on
             send(Unreadable(str(exc), traceback.format_exc()))
             continue

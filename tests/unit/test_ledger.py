@@ -1,5 +1,6 @@
 """TreeLedger: a root item is reported exactly once, only when its whole tree has left the pipeline, with exactly
-its outputs and dead letters, however its items are split into batches and interleaved between stages."""
+its outputs and dead letters, however its items are split into batches and interleaved between stages; a root item
+whose generator streams has its outputs sent on as they come, each exactly once."""
 from __future__ import annotations
 
 import random
@@ -13,7 +14,7 @@ from pipeline_cluster.messages import DeadLetter, Outputs
 STAGES = 3
 
 
-def _simulate(seed: int, roots: int, fanout: tuple[int, ...], fail_rate: float) -> None:
+def _simulate(seed: int, roots: int, fanout: tuple[int, ...], fail_rate: float, stream_rate: float = 0.0) -> None:
     """Run random trees through a TreeLedger as stage supervisors would report them, checking every report."""
     rng = random.Random(seed)
     reports: list[tuple] = []
@@ -23,6 +24,7 @@ def _simulate(seed: int, roots: int, fanout: tuple[int, ...], fail_rate: float) 
     expected_outputs: dict[int, list] = defaultdict(list)
     expected_dead: dict[int, int] = Counter()
     reported: dict[int, tuple[list, int]] = {}
+    streamed: dict[int, list] = defaultdict(list)  # outputs sent on before their root item was done
     serial = roots
     while any(queues):
         stage = rng.choice([i for i, queue in enumerate(queues) if queue])
@@ -43,7 +45,23 @@ def _simulate(seed: int, roots: int, fanout: tuple[int, ...], fail_rate: float) 
                 live[rid] -= 1
                 continue
             n = rng.choice(fanout)
-            if stage == STAGES - 1:  # the last stage: the input leaves, with its outputs
+            if n > 1 and rng.random() < stream_rate:  # a generator item streaming its outputs in parts, then ending
+                parts = sorted(rng.sample(range(1, n), rng.randint(0, n - 1)))
+                for first, end in zip([0, *parts], [*parts, n]):
+                    items = []
+                    for _ in range(end - first):
+                        serial += 1
+                        items.append((rid, serial))
+                    if stage == STAGES - 1:
+                        expected_outputs[rid].extend(items)
+                        ledger.record_part(0, rid, 0, Outputs([rid] * len(items), items))
+                    else:
+                        live[rid] += len(items)
+                        ledger.record_part(0, rid, len(items), None)
+                        queues[stage + 1].extend(items)
+                died.append(rid)
+                live[rid] -= 1
+            elif stage == STAGES - 1:  # the last stage: the input leaves, with its outputs
                 died.append(rid)
                 live[rid] -= 1
                 for _ in range(n):
@@ -61,9 +79,15 @@ def _simulate(seed: int, roots: int, fanout: tuple[int, ...], fail_rate: float) 
                     serial += 1
                     queues[stage + 1].append((rid, serial))
         ledger.record(0, born, died, Outputs(out_rids, outs) if out_rids else None, dead)
-        while reports:
-            name, done, outputs, letters, _ = reports.pop()
+        for name, done, outputs, letters, _, streamed_rids in reports:
             assert name == "n"
+            if streamed_rids is not None:
+                assert not done and not letters and len(streamed_rids) == len(outputs)
+                for rid, output in zip(streamed_rids, outputs):
+                    assert rid not in reported, f"an output of root item {rid} streamed after it was done"
+                    assert output[0] == rid
+                    streamed[rid].append(output)
+                continue
             by_root: dict[int, list] = defaultdict(list)
             for output in outputs:
                 by_root[output[0]].append(output)
@@ -73,11 +97,15 @@ def _simulate(seed: int, roots: int, fanout: tuple[int, ...], fail_rate: float) 
                 assert rid not in reported, f"root item {rid} reported twice"
                 assert live[rid] == 0, f"root item {rid} reported with {live[rid]} live item(s)"
                 reported[rid] = (by_root.get(rid, []), dead_by_root.get(rid, 0))
+        reports.clear()
     assert sorted(reported) == list(range(roots))
     for rid, (outputs, dead_count) in reported.items():
-        assert sorted(outputs) == sorted(expected_outputs[rid])
+        assert sorted(outputs + streamed[rid]) == sorted(expected_outputs[rid])
         assert dead_count == expected_dead[rid]
     assert not ledger.extra and not ledger.died and not ledger.results and not ledger.held_dead
+    assert not ledger.streaming
+    if stream_rate:
+        assert streamed, "no output was streamed: the test did not test streaming"
 
 
 @pytest.mark.timeout(60)
@@ -90,3 +118,9 @@ def test_random_trees_are_reported_exactly_once_when_complete(seed):
 @pytest.mark.parametrize("seed", range(4))
 def test_trees_that_never_grow_are_reported_at_their_only_death(seed):
     _simulate(seed, roots=200, fanout=(0, 1, 1, 1), fail_rate=0.02)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("seed", range(8))
+def test_streaming_trees_send_every_output_once(seed):
+    _simulate(seed, roots=60, fanout=(0, 1, 2, 3, 5, 9), fail_rate=0.05, stream_rate=0.3)

@@ -1,0 +1,187 @@
+"""Generator stages that yield many outputs per input stream them on in parts: bounded memory, backpressure, and
+what a failure after some outputs went on means (the item is dead-lettered, never run twice)."""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import pipeline_cluster as pc
+from tests.helpers import REPO, wait_until
+
+ONCE = pc.Supervision(max_attempts=3, backoff=(0.01, 0.05))
+
+PEAK_RSS_SCRIPT = textwrap.dedent("""
+    import json, resource, sys
+    import pipeline_cluster as pc
+
+    def burst(n):
+        return range(n)
+
+    if __name__ == "__main__":
+        per_input = int(sys.argv[1])
+        with pc.LocalCluster(workers=1, run_dir=sys.argv[2]) as cluster:
+            count = total = 0
+            for out in cluster.run([pc.Stage(burst, generator=True)], [per_input, per_input]):
+                count += 1
+                total += out
+        driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        print(json.dumps({"count": count, "total": total, "driver_kb": driver, "worker_kb": workers}))
+""")
+
+
+def _peak_rss(tmp_path, per_input: int) -> dict:
+    script = tmp_path / "peak.py"
+    script.write_text(PEAK_RSS_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(per_input), str(tmp_path / f"run{per_input}")],
+                          capture_output=True, text=True, timeout=240, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.timeout(300)
+def test_ten_million_outputs_per_input_in_bounded_memory(tmp_path):
+    small = _peak_rss(tmp_path, 100_000)
+    big = _peak_rss(tmp_path, 10_000_000)
+    n = 10_000_000
+    assert big["count"] == 2 * n and big["total"] == 2 * (n * (n - 1) // 2)
+    # held whole, 10 million ints take some 400 MB in the worker and again in the driver
+    assert big["worker_kb"] < small["worker_kb"] + 40_000, (small, big)
+    assert big["driver_kb"] < small["driver_kb"] + 60_000, (small, big)
+
+
+def fan_out(n):
+    for i in range(n):
+        yield (n, i)
+
+
+def slow_identity(pair):
+    if pair[1] % 1000 == 0:
+        time.sleep(0.001)
+    return pair
+
+
+@pytest.mark.timeout(120)
+def test_streamed_outputs_pass_a_slower_stage_exactly_once(tmp_path):
+    inputs = [3, 5000, 200_000, 0, 70_000]
+    with pc.LocalCluster(workers=2, run_dir=str(tmp_path / "run")) as cluster:
+        seen = collections.Counter(cluster.run([pc.Stage(fan_out, generator=True), slow_identity], inputs))
+        stats = cluster.stats()
+    assert len(seen) == sum(inputs) and set(seen.values()) == {1}
+    assert seen.keys() == {(n, i) for n in inputs for i in range(n)}
+    assert stats["fan_out"]["items_out"] == sum(inputs)
+    assert cluster.failures() == []
+
+
+def breaks_after(n):
+    yield from range(n)
+    if n > 4000:
+        raise ValueError(f"broke after {n}")
+
+
+@pytest.mark.timeout(120)
+def test_a_streaming_item_that_raises_is_dead_lettered_not_retried(tmp_path):
+    with pc.LocalCluster(workers=2, run_dir=str(tmp_path / "run")) as cluster:
+        outputs = list(cluster.run([pc.Stage(breaks_after, generator=True, supervision=ONCE)], [10, 5000, 20]))
+        failures = cluster.failures()
+    # every output it yielded before it raised went on, once; the item is not run again
+    assert sorted(outputs) == sorted([*range(10), *range(5000), *range(20)])
+    [letter] = failures
+    assert letter.item == 5000 and letter.attempts == 1 and letter.error_type == "ValueError"
+    assert "not retried" in letter.message
+
+
+def small_then_retried(n, marks):
+    mark = os.path.join(marks, str(n))
+    if not os.path.exists(mark):
+        open(mark, "w").close()
+        raise ValueError("first attempt")
+    return range(n)
+
+
+@pytest.mark.timeout(120)
+def test_a_generator_under_a_part_is_still_retried_whole(tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    stage = pc.Stage(small_then_retried, generator=True, args=(str(marks),), supervision=ONCE)
+    with pc.LocalCluster(workers=1, run_dir=str(tmp_path / "run")) as cluster:
+        outputs = sorted(cluster.run([stage], [100, 1000]))
+        assert cluster.failures() == []
+    assert outputs == sorted([*range(100), *range(1000)])
+
+
+def stalls_after_a_while(n, flag):
+    for i in range(n):
+        if i == 3000:
+            with open(flag, "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(60)  # killed here by the test
+        yield (n, i)
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_killed_mid_stream_charges_that_item_once_and_repeats_nothing(tmp_path):
+    flag = tmp_path / "streaming.pid"
+    stage = pc.Stage(stalls_after_a_while, generator=True, args=(str(flag),), supervision=ONCE)
+    outputs: list = []
+    with pc.LocalCluster(workers=1, run_dir=str(tmp_path / "run")) as cluster:
+        results = cluster.run([stage], [100, 10_000, 50])
+        for out in results:
+            outputs.append(out)
+            if len(outputs) == 1:  # the run is under way: wait for the stall, then kill that worker
+                wait_until(flag.exists, 30)
+                wait_until(lambda: flag.read_text() != "", 5)
+                os.kill(int(flag.read_text()), signal.SIGKILL)
+        failures = cluster.failures()
+    counts = collections.Counter(outputs)
+    assert set(counts.values()) == {1}  # nothing delivered twice
+    [letter] = failures
+    assert letter.item == 10_000 and letter.cause == "crash" and letter.attempts == 1
+    assert "not retried" in letter.message and letter.signal == "SIGKILL"
+    streamed = sorted(i for n, i in outputs if n == 10_000)  # what the killed item sent on before it stalled
+    assert 0 < len(streamed) <= 3000 and streamed == list(range(len(streamed)))
+    assert sorted(out for out in outputs if out[0] != 10_000) == [*((50, i) for i in range(50)),
+                                                                   *((100, i) for i in range(100))]
+
+
+@pytest.mark.timeout(120)
+def test_ordered_run_keeps_a_streaming_generators_order(tmp_path):
+    inputs = [2500, 3, 4100]
+    with pc.LocalCluster(workers=2, run_dir=str(tmp_path / "run")) as cluster:
+        outputs = list(cluster.run([pc.Stage(fan_out, generator=True), slow_identity], inputs, ordered=True))
+    assert outputs == [(n, i) for n in inputs for i in range(n)]
+
+
+def tagged_stream(n):
+    for i in range(n):
+        if n > 1000 and i == 2048:  # two whole parts have gone on
+            time.sleep(60)  # its node is killed while it waits here
+        yield (n, i, os.environ.get("NODE_TAG"))
+
+
+@pytest.mark.timeout(120)
+def test_a_node_lost_mid_stream_dead_letters_that_input_and_repeats_nothing(nodes):
+    servers = {tag: nodes(f"127.0.0.{40 + i}", env={"NODE_TAG": tag}) for i, tag in enumerate("ab")}
+    inputs = [5000, *range(1, 200)]
+    outputs: list = []
+    with pc.Cluster.connect([s.address for s in servers.values()], heartbeat=0.2, dead_after=2.0) as cluster:
+        for out in cluster.run([pc.Stage(tagged_stream, generator=True)], inputs):
+            outputs.append(out)
+            streamed = [o for o in outputs if o[0] == 5000]
+            if len(streamed) == 2048 and len(outputs) == len(set(outputs)):
+                servers[streamed[0][2]].proc.send_signal(signal.SIGKILL)
+        failures = cluster.failures()
+    assert len(outputs) == len(set(outputs))
+    [letter] = failures
+    assert letter.item == 5000 and letter.cause == "node_lost" and "not run again" in letter.message
+    assert sorted(i for n, i, _ in outputs if n == 5000) == list(range(2048))
+    assert sorted((n, i) for n, i, _ in outputs if n != 5000) == [(n, i) for n in range(1, 200) for i in range(n)]
