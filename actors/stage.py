@@ -129,9 +129,12 @@ class StageSupervisor(Actor):
 
     @handles(HoldStreams)
     def on_hold_streams(self, message: HoldStreams) -> None:
-        """A last stage: hold streaming generators back while the caller is behind on their outputs."""
+        """A last stage: while the caller is behind on streamed outputs, start no batch and hold streaming
+        generators back; the stages before it then fill up and hold back in turn."""
+        self._account()
         self.streams_held = message.held
         self._pay_acks()
+        self._dispatch()
 
     def _pay_acks(self) -> None:
         """Acknowledge the parts held back, once nothing holds them any more."""
@@ -275,7 +278,7 @@ class StageSupervisor(Actor):
         stats.elapsed_seconds = now - self.since
         stats.node_seconds = stats.elapsed_seconds
         stats.worker_seconds += stats.workers * spent
-        if self.downstream_full:
+        if self.downstream_full or self.streams_held:
             stats.held_seconds += spent
         if not self.queued:
             stats.starved_seconds += spent
@@ -297,7 +300,7 @@ class StageSupervisor(Actor):
         self._dispatch()
 
     def _dispatch(self) -> None:
-        if self.paused or self.downstream_full or self.state != "running":
+        if self.paused or self.downstream_full or self.streams_held or self.state != "running":
             return
         while self.suspects:  # each alone on an idle worker, so that a crash blames the item that caused it
             idle = next((slot for slot in self.slots.values()

@@ -52,3 +52,9 @@ def test_ordered_keeps_input_order_and_keys_match_inputs():
     lines = _run("ordered.py").splitlines()
     assert lines[0] == " ".join(f"{n}{part}" for n in range(8) for part in "ABC")
     assert lines[1:] == ["0 pear -> PEAR", "1 fig -> FIG", "2 banana -> BANANA", "3 kiwi -> KIWI", "4 plum -> PLUM"]
+
+
+@pytest.mark.timeout(120)
+def test_stream_stage_counts_two_million_outputs_of_one_input():
+    assert _run("stream_stage.py").startswith(
+        "2000000 outputs from 1 input, counted by weekday: 285715 on day 0; this process peaked at ")
