@@ -14,6 +14,7 @@ ends; its children die with it (PR_SET_PDEATHSIG, set by `main`).
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import pickle
@@ -53,7 +54,7 @@ class Fork(NamedTuple):
             cwd: str | None = os.getcwd()
         except OSError:  # removed: the child keeps the zygote's
             cwd = None
-        return cls(dict(os.environb), cwd, os.sched_getaffinity(0), os.sched_getscheduler(0),
+        return cls(_environment(), cwd, os.sched_getaffinity(0), os.sched_getscheduler(0),
                    os.sched_getparam(0).sched_priority, os.getpriority(os.PRIO_PROCESS, 0))
 
     def apply(self) -> None:
@@ -333,6 +334,19 @@ def serve(channel: socket.socket, node: int) -> tuple[Fork, list[int]] | None:
         for pidfd, pid in children.items():
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             os.waitpid(pid, 0)
+
+
+def _environment() -> dict[bytes, bytes]:
+    """The process's environment as a child inherits it: C's `environ`, which holds what native code set with
+    setenv() as well as os.environ's changes."""
+    entries = ctypes.POINTER(ctypes.c_char_p).in_dll(ctypes.CDLL(None), "environ")
+    environ: dict[bytes, bytes] = {}
+    index = 0
+    while entries and entries[index] is not None:
+        key, _, value = entries[index].partition(b"=")
+        environ.setdefault(key, value)  # getenv() takes the first of a repeated name
+        index += 1
+    return environ
 
 
 def _close_all_but(keep: list[int]) -> None:
