@@ -243,6 +243,8 @@ class Launcher:
             if self.unavailable:
                 return None
             if self.zygote is None or not self.zygote.alive:
+                if self.zygote is not None:
+                    self.zygote.close()  # reap the one that died
                 try:
                     self.zygote = Zygote()
                 except OSError:
