@@ -24,7 +24,8 @@ import socket
 import subprocess
 import sys
 import threading
-from typing import NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 from pipeline_cluster.worker import main as worker_main
 
@@ -33,7 +34,8 @@ LAUNCH = ("import sys; sys.path[0] = sys.argv[1]; from pipeline_cluster.worker.z
 # the directory the package is imported from: first on sys.path of a worker (spawned or forked), so that a source
 # checkout in the working directory cannot shadow the package the node runs
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(worker_main.__file__))))
-MAX_MESSAGE = 1 << 20  # an environment and a few numbers
+MAX_REQUEST = 1 << 20  # bytes: an environment and a few numbers
+MAX_REPLY = 4096  # bytes: a pid, or a pid and a status
 REPLY_TIMEOUT = 30.0  # seconds: a zygote that answers nothing in this time is taken for broken
 
 
@@ -62,17 +64,20 @@ class Fork(NamedTuple):
         if self.environ != dict(os.environb):
             os.environb.clear()
             os.environb.update(self.environ)
-        try:
-            if self.cwd is not None and self.cwd != os.getcwd():
-                os.chdir(self.cwd)
-            if self.cpus != os.sched_getaffinity(0):
-                os.sched_setaffinity(0, self.cpus)
-            if (self.policy, self.priority) != (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority):
-                os.sched_setscheduler(0, self.policy, os.sched_param(self.priority))
-            if self.nice != os.getpriority(os.PRIO_PROCESS, 0):
-                os.setpriority(os.PRIO_PROCESS, 0, self.nice)
-        except OSError:  # not allowed (a lower nice value, say): the child keeps the zygote's
-            pass
+        changes: list[tuple[Callable[..., Any], tuple]] = []
+        if self.cwd is not None and self.cwd != os.getcwd():
+            changes.append((os.chdir, (self.cwd,)))
+        if self.cpus != os.sched_getaffinity(0):
+            changes.append((os.sched_setaffinity, (0, self.cpus)))
+        if (self.policy, self.priority) != (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority):
+            changes.append((os.sched_setscheduler, (0, self.policy, os.sched_param(self.priority))))
+        if self.nice != os.getpriority(os.PRIO_PROCESS, 0):
+            changes.append((os.setpriority, (os.PRIO_PROCESS, 0, self.nice)))
+        for change, args in changes:
+            try:
+                change(*args)
+            except OSError:  # not allowed (a lower nice value, say): the child keeps the zygote's
+                pass
 
 
 class Forked(NamedTuple):
@@ -147,7 +152,7 @@ class Zygote:
 
     def _read(self) -> tuple[Forked | ForkFailed | Exited, list[int]]:
         """The zygote's next message (exit reports are kept in `statuses`)."""
-        data, fds, _, _ = socket.recv_fds(self.sock, MAX_MESSAGE, 1)
+        data, fds, _, _ = socket.recv_fds(self.sock, MAX_REPLY, 1)
         if not data:
             raise EOFError("the zygote closed its socket")
         message = pickle.loads(data)
@@ -308,7 +313,7 @@ def serve(channel: socket.socket, node: int) -> tuple[Fork, list[int]] | None:
                     _, status = os.waitpid(pid, 0)
                     channel.send(pickle.dumps(Exited(pid, status)))
                     continue
-                data, fds, _, _ = socket.recv_fds(channel, MAX_MESSAGE, 2)
+                data, fds, _, _ = socket.recv_fds(channel, MAX_REQUEST, 2)
                 if not data:
                     return None
                 request: Fork = pickle.loads(data)

@@ -148,3 +148,20 @@ def test_a_killed_zygote_takes_its_workers_and_the_node_starts_another(tmp_path)
         assert len(cluster.outputs) == 20
         new_zygote, new_workers = _zygote_and_workers(os.getpid())
         assert new_zygote.pid != zygote.pid and set(cluster.outputs) <= {w.pid for w in new_workers}
+
+
+def sigkilled_by_3(x: int) -> int:
+    if x == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_worker_killed_by_sigkill_is_reported_so(tmp_path):
+    stage = pc.Stage(sigkilled_by_3, supervision=pc.Supervision(max_attempts=2, backoff=(0.01, 0.05)))
+    with pc.LocalCluster(workers=2, run_dir=str(tmp_path / "run")) as cluster:
+        assert sorted(cluster.run([stage], range(10))) == [x for x in range(10) if x != 3]
+        [letter] = cluster.failures()
+        zygote, _ = _zygote_and_workers(os.getpid())  # the workers came from the zygote
+    assert letter.item == 3 and letter.cause == "crash" and letter.signal == "SIGKILL" and letter.attempts == 2
+    assert wait_until(lambda: _ended(zygote), 10)
