@@ -165,3 +165,22 @@ def test_a_forked_worker_killed_by_sigkill_is_reported_so(tmp_path):
         zygote, _ = _zygote_and_workers(os.getpid())  # the workers came from the zygote
     assert letter.item == 3 and letter.cause == "crash" and letter.signal == "SIGKILL" and letter.attempts == 2
     assert wait_until(lambda: _ended(zygote), 10)
+
+
+@pytest.mark.timeout(60)
+def test_without_a_zygote_workers_are_spawned_as_fresh_interpreters(tmp_path, monkeypatch):
+    from pipeline_cluster.worker import zygote
+
+    monkeypatch.setattr(zygote, "LAUNCH", "import sys; sys.exit(3)")  # a zygote that dies before it serves
+    with pc.LocalCluster(workers=2, run_dir=str(tmp_path / "run")) as cluster:
+        cluster.setup([pid_of])
+        cluster.boot()
+        workers = [proc for proc in live_children() if not is_zygote(proc)]
+        assert len(workers) == 2 and all(proc.ppid() == os.getpid() for proc in workers)  # the node's own children
+        cluster.feed(*range(20))
+        cluster.wait_empty()
+        assert set(cluster.outputs) <= {proc.pid for proc in workers}
+        cluster.reset()
+        assert sorted(cluster.run([abs], [-1, -2])) == [1, 2]  # later workers too
+        assert not [proc for proc in live_children() if is_zygote(proc)]
+    assert wait_until(lambda: live_children() == [], 10)
