@@ -1,5 +1,6 @@
-"""Worker start-up through the node's zygote: many workers at once, what a forked worker inherits, and no process
-left behind when the driver or a node server is SIGKILLed."""
+"""Worker start-up through the node's zygote: many workers at once, what a forked worker inherits, no process left
+behind when the driver, a node server or the zygote is SIGKILLed, a SIGKILLed worker reported as such, and the
+fallback to spawned workers when no zygote serves."""
 from __future__ import annotations
 
 import json
