@@ -23,6 +23,7 @@ from pipeline_cluster.messages import (Boot, DroppedFailure, HoldStreams, Kill, 
                                        StageFailure, StageReady, Stats)
 from pipeline_cluster.placement import Placement
 from pipeline_cluster.stats import StageStats
+from pipeline_cluster.worker.zygote import Launcher
 
 
 class NodeActor(Actor):
@@ -38,6 +39,7 @@ class NodeActor(Actor):
         self.default_workers = workers or usable_cpus()
         self.log_level = log_level
         self.placement = placement or Placement()
+        self.launcher = Launcher()  # this node's zygote, which forks its workers
         self.stages: list[pykka.ActorRef] = []
         self.autoscaler: Autoscaler | None = None
         self.generation = 0  # setups so far: a timer of an earlier pipeline finds nothing to do
@@ -53,7 +55,8 @@ class NodeActor(Actor):
         self.stages = [
             StageSupervisor.start(i, stage, self.autoscaler.initial(i) if self.autoscaler else
                                   stage.workers or self.default_workers, i == n - 1, self.actor_ref,
-                                  self.ledger, self.placement, self.log_sink, self.log_level, message.keyed)
+                                  self.ledger, self.placement, self.launcher, self.log_sink, self.log_level,
+                                  message.keyed)
             for i, stage in enumerate(stages)
         ]
         if self.autoscaler is not None:
@@ -161,3 +164,4 @@ class NodeActor(Actor):
 
     def on_stop(self) -> None:
         self._stop_stages(kill=True)
+        self.launcher.close()

@@ -38,6 +38,7 @@ from pipeline_cluster.placement import Placement
 from pipeline_cluster.stats import StageStats
 from pipeline_cluster.transport import wire
 from pipeline_cluster.worker.process import WorkerProcess
+from pipeline_cluster.worker.zygote import Launcher
 
 SHORT_BATCH_SECONDS = 0.001  # a batch with this little work and ...
 SHORT_BATCH_BYTES = 64 * 1024  # ... this few bytes may run beside the node's threads (placement opted in)
@@ -64,13 +65,15 @@ class StageSupervisor(Actor):
     """Feeds one stage's worker pool and applies its Supervision config."""
 
     def __init__(self, index: int, stage: Stage, workers: int, last: bool, node: pykka.ActorRef,
-                 ledger: TreeLedger, placement: Placement, log_sink: Callable[[Record], None],
+                 ledger: TreeLedger, placement: Placement, launcher: Launcher, log_sink: Callable[[Record], None],
                  log_level: int, keyed: bool = False) -> None:
-        """`keyed`: the run wants ordered or keyed output, so each item's path in its tree travels with it."""
+        """`launcher`: the node's, which starts worker processes. `keyed`: the run wants ordered or keyed output, so
+        each item's path in its tree travels with it."""
         super().__init__()
         self.keyed = keyed
         self.index, self.stage, self.n_workers, self.last = index, stage, workers, last
         self.node, self.ledger, self.node_name, self.placement = node, ledger, ledger.name, placement
+        self.launcher = launcher
         self.generation = ledger.generation  # the node's setup this stage belongs to; its reports carry it
         self.sup = stage.supervision
         self.next_stage: pykka.ActorRef | None = None
@@ -152,7 +155,7 @@ class StageSupervisor(Actor):
 
     def _spawn(self) -> None:
         wid = next(self.wids)
-        proc = WorkerProcess(self.placement)
+        proc = WorkerProcess(self.placement, self.launcher)
         ref = WorkerActor.start(self.actor_ref, wid, proc, self.config)
         self.slots[wid] = Slot(ref, proc)
 
@@ -187,7 +190,7 @@ class StageSupervisor(Actor):
     def _retire_idle(self) -> None:
         """Stop the retiring workers that have no batch left."""
         for wid, slot in list(self.slots.items()):
-            if slot.retiring and not slot.inflight and (slot.ready or slot.proc.popen.poll() is not None):
+            if slot.retiring and not slot.inflight and (slot.ready or slot.proc.poll() is not None):
                 del self.slots[wid]
                 self._account()
                 self.stats.workers = sum(s.ready for s in self.slots.values())

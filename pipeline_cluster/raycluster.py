@@ -76,7 +76,7 @@ class RayCluster(Cluster):
         self._workers = workers
         self._heartbeat, self._dead_after, self._connect_timeout = heartbeat, dead_after, connect_timeout
         self._hosts: dict[str, tuple[Any, RemoteLink]] = {}  # Ray node id -> (actor, link)
-        self._worker_parents: dict[str, int] = {}  # link name -> pid of the actor whose children its workers are
+        self._worker_parents: dict[str, int] = {}  # link name -> pid of the actor that runs its node server
         self._watching = threading.Event()
         self._watcher: threading.Thread | None = None
         super().__init__(**options)
@@ -96,7 +96,8 @@ class RayCluster(Cluster):
 
     @property
     def worker_parents(self) -> dict[str, int]:
-        """Per node (link name): the pid of the Ray actor its worker processes are children of."""
+        """Per node (link name): the pid of the Ray actor that runs its node server (its worker processes are children
+        of the node's zygote, a child of that actor)."""
         return dict(self._worker_parents)
 
     def _candidates(self) -> list[tuple[str, int]]:

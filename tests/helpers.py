@@ -57,6 +57,22 @@ def live_children() -> list[psutil.Process]:
     return alive
 
 
+ZYGOTE = "pipeline_cluster.worker.zygote"  # in the command line of a node's zygote, and of the workers it forks
+
+
+def is_zygote(proc: psutil.Process) -> bool:
+    """Whether `proc` is a node's zygote (the workers it forks share its command line, and have it as parent)."""
+    try:
+        return ZYGOTE in " ".join(proc.cmdline()) and ZYGOTE not in " ".join(proc.parent().cmdline())
+    except psutil.Error:
+        return False
+
+
+def live_workers() -> list[psutil.Process]:
+    """The live descendants of this test process other than zygotes (worker processes and node servers)."""
+    return [proc for proc in live_children() if not is_zygote(proc)]
+
+
 def log_tail(proc: subprocess.Popen, log: Path | None = None, limit: int = 3000) -> str:
     """The last `limit` characters of what `proc` logged: the file `log`, else what its stderr pipe holds now."""
     if log is not None:

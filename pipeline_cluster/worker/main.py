@@ -1,6 +1,7 @@
 """The program inside a worker process: builds one stage's task and runs batches of items through it.
 
-Started by `WorkerProcess` as a fresh interpreter (`python -c LAUNCH PACKAGE_ROOT SOCK_FD PROGRESS_FD`). It talks to
+Run in a process forked by the node's zygote (`worker/zygote.py`), or, without one, in a fresh interpreter
+(`python -c LAUNCH PACKAGE_ROOT SOCK_FD PROGRESS_FD`); `main` gets the two descriptors either way. It talks to
 its WorkerActor over a socket pair (framed by `wire.Channel`: one copy from the kernel, none to send), and writes the
 index and start time of the item it is running into a small shared memory file, so the supervisor can blame exactly
 that item when the process dies or hangs.
@@ -388,7 +389,8 @@ def encode_result(ran: Ran, rids: list[int], items: list, stage: str) -> wire.Pa
 
 
 def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when the node that started it dies, so no worker is orphaned."""
+    """Ask Linux to SIGKILL this process when its parent (the node's zygote, or the node) dies, so no worker is
+    orphaned."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

@@ -1,8 +1,9 @@
 """WorkerProcess: the node's handle on one worker process (started, watched, killed, reaped).
 
-The process is a fresh interpreter running `pipeline_cluster.worker.main` (like multiprocessing's spawn, without
-re-importing the user's `__main__`). It inherits the node's environment, CPUs and scheduling unchanged; it runs in a
-session of its own, so a Ctrl-C at the terminal reaches the node, which stops it cleanly, and not the task code.
+The process runs `pipeline_cluster.worker.main` as a fresh interpreter would (like multiprocessing's spawn, without
+re-importing the user's `__main__`): forked by the node's zygote (see `pipeline_cluster.worker.zygote`), or, where
+there is none, started as one. Either way it inherits the node's environment, CPUs and scheduling unchanged; it runs
+in a session of its own, so a Ctrl-C at the terminal reaches the node, which stops it cleanly, and not the task code.
 """
 from __future__ import annotations
 
@@ -16,33 +17,33 @@ import sys
 from pipeline_cluster.placement import Placement
 from pipeline_cluster.transport import wire
 from pipeline_cluster.worker import main as worker_main
+from pipeline_cluster.worker.zygote import PACKAGE_ROOT, ForkedChild, Launcher
 
-# `python -c` puts the current directory first on sys.path; the package's own root takes its place, so a source
-# checkout there cannot shadow the package the node runs (the worker then takes the node's own sys.path).
+# `python -c` puts the current directory first on sys.path; the package's own root takes its place (the worker then
+# takes the node's own sys.path)
 LAUNCH = ("import sys; sys.path[0] = sys.argv[1]; from pipeline_cluster.worker.main import main; "
           "sys.exit(main(sys.argv[2:]))")
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(worker_main.__file__))))
 
 
 class WorkerProcess:
     """A started worker process with its socket and progress record; `kill()` is safe from any thread."""
 
-    def __init__(self, placement: Placement) -> None:
+    def __init__(self, placement: Placement, launcher: Launcher) -> None:
         parent_sock, child_sock = socket.socketpair()
         self.progress_fd = os.memfd_create("pipeline-cluster-progress")
         os.ftruncate(self.progress_fd, worker_main.PROGRESS_SIZE)
         self.progress = mmap.mmap(self.progress_fd, worker_main.PROGRESS_SIZE)
         worker_main.PROGRESS.pack_into(self.progress, 0, -1, 0.0)
+        fds = (child_sock.fileno(), self.progress_fd)
+        self.child: ForkedChild | subprocess.Popen
         try:
             with placement.spawning():
-                self.popen = subprocess.Popen(
-                    [sys.executable, "-c", LAUNCH, PACKAGE_ROOT, str(child_sock.fileno()), str(self.progress_fd)],
-                    pass_fds=(child_sock.fileno(), self.progress_fd), stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
+                self.child = launcher.fork(fds) or subprocess.Popen(
+                    [sys.executable, "-c", LAUNCH, PACKAGE_ROOT, *map(str, fds)], pass_fds=fds,
+                    stdin=subprocess.DEVNULL, start_new_session=True)
         finally:
             child_sock.close()
-        self.pid = self.popen.pid
+        self.pid = self.child.pid
         self.conn = wire.Channel(parent_sock, max_frame=worker_main.MAX_FRAME)
 
     def running_item(self) -> tuple[int, float]:
@@ -50,21 +51,21 @@ class WorkerProcess:
         index, started = worker_main.PROGRESS.unpack_from(self.progress, 0)
         return index, started
 
+    def poll(self) -> int | None:
+        """The returncode once the process has exited, else None."""
+        return self.child.poll()
+
     def kill(self) -> None:
         """SIGKILL the process if it still runs."""
-        if self.popen.poll() is None:
-            try:
-                self.popen.kill()
-            except ProcessLookupError:
-                pass
+        self.child.kill()
 
     def reap(self, timeout: float = 5.0) -> int:
-        """Wait for the exit (killing after `timeout`) and return its returncode."""
+        """Wait for the exit (killing after `timeout`) and return its returncode (-N: killed by signal N)."""
         try:
-            return self.popen.wait(timeout)
+            return self.child.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            return self.popen.wait()
+            return self.child.wait()
 
     def release(self) -> None:
         """Close the socket and the progress record."""

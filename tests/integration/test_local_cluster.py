@@ -17,7 +17,7 @@ import pipeline_cluster as pc
 import pipeline_cluster.actors.policies
 import pipeline_cluster.run
 from pipeline_cluster import multiprocess_logging as mpl
-from tests.helpers import NO_HANG, live_children, returns_within, wait_until
+from tests.helpers import NO_HANG, live_children, live_workers, returns_within, wait_until
 
 
 def split(x):
@@ -327,7 +327,7 @@ def test_no_child_process_after_close(tmp_path):
     cluster = pc.LocalCluster(workers=2, run_dir=str(tmp_path / "run"))
     cluster.setup("x", 1, [square, square])
     cluster.boot()
-    assert len(live_children()) == 4
+    assert len(live_workers()) == 4
     cluster.feed(*range(10))
     cluster.close()
     assert wait_until(lambda: live_children() == [], timeout=10)

@@ -21,8 +21,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
 
 def tagged(x: int) -> tuple[int, int, int]:
-    """The input, with the worker's pid and its parent's (the node server's Ray actor)."""
-    return x, os.getpid(), os.getppid()
+    """The input, with the worker's pid and its node's (the node server's Ray actor, its zygote's parent)."""
+    return x, os.getpid(), psutil.Process(os.getppid()).ppid()
 
 
 def slow_tagged(x: int) -> tuple[int, int, int]:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.helpers import REPO, live_children
+from tests.helpers import REPO, live_children, live_workers
 
 
 def _run_script(tmp_path, source: str, timeout: float = 90) -> subprocess.CompletedProcess:
@@ -197,7 +197,7 @@ def test_ctrl_c_in_wait_empty_stops_at_once_and_leaves_no_process(tmp_path):
                             env={**os.environ, "PYTHONPATH": str(REPO)},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().strip() == "waiting"
-    workers = [p for p in live_children() if p.pid != proc.pid]
+    workers = [p for p in live_workers() if p.pid != proc.pid]
     assert len(workers) == 2, workers  # the two workers run an item each, for a minute
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
