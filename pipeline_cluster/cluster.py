@@ -564,6 +564,8 @@ class Cluster:
                 state.fail(exc)
                 return
             state.consume(len(delivery.done))
+            if delivery.streamed:
+                state.took_streamed()
 
     def _refresh_stats(self) -> None:
         """Rewrite stats.json every few seconds while the run lasts (a slow or failing refresh is retried)."""

@@ -188,3 +188,15 @@ def test_a_node_lost_mid_stream_dead_letters_that_input_and_repeats_nothing(node
     assert letter.item == 5000 and letter.cause == "node_lost" and "not run again" in letter.message
     assert sorted(i for n, i, _ in outputs if n == 5000) == list(range(2048))
     assert sorted((n, i) for n, i, _ in outputs if n != 5000) == [(n, i) for n in range(1, 200) for i in range(n)]
+
+
+@pytest.mark.timeout(120)
+def test_an_output_handler_takes_a_long_stream(tmp_path):
+    """The older interface's output handler is a caller too: streams held back for it are let go as it takes them."""
+    got: list = []
+    with pc.LocalCluster(workers=1, run_dir=str(tmp_path / "run")) as cluster:
+        cluster.setup("streams", 1.0, [{"function": fan_out, "is_generator": True}])
+        cluster.boot(output_handler=got.append)
+        cluster.feed(100_000, 7)
+        cluster.wait_empty()
+    assert sorted(got) == sorted([*((100_000, i) for i in range(100_000)), *((7, i) for i in range(7))])
