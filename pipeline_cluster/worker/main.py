@@ -259,6 +259,8 @@ class TaskRunner:
         if isinstance(result, (str, bytes, bytearray)) or not hasattr(result, "__iter__"):
             raise TypeError(f"generator stage {self.name!r} returned a {type(result).__name__} for item "
                             f"{_short(item)}; a generator stage must return an iterable of items (or None)")
+        if (type(result) is tuple or type(result) is list) and len(result) <= STREAM_PART:  # the usual case
+            return [out for out in result if out is not None]
         iterator = iter(result)
         outs = [out for out in islice(iterator, STREAM_PART) if out is not None]
         if len(outs) < STREAM_PART:  # it ended, or it yielded None among them
