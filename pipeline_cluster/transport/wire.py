@@ -10,10 +10,6 @@ zero or more BUFFER or RBUFFER frames (pickle protocol 5 out-of-band buffers, se
 holds a read-only one and is received as `bytes`, so a big `bytes` item wrapped by `out_of_band` arrives as itself
 with one copy from the kernel) followed by one PICKLE frame.
 
-A `share_memory` channel (a socket pair between processes of one host) may pass big buffers through shared memory
-instead: a SHARED or RSHARED frame, standing for a BUFFER or RBUFFER, holds only where its buffer lies in the
-sender's ring (see `_Ring`), whose memfd went over once, before its first use, in a RING frame.
-
 On a keyed channel every frame carries a 16-byte tag right after its header: GMAC under the direction's session
 key, with the frame's kind and number as the nonce and its payload as the authenticated data, the number being a
 per-direction frame counter that both sides keep (it is never sent). A frame that fails its tag (altered,
@@ -29,8 +25,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import mmap
-import os
 import pickle
 import queue
 import socket
@@ -56,8 +50,6 @@ _HEADER = struct.Struct("!Q")
 _KIND_SHIFT = 56
 _LENGTH_MASK = (1 << _KIND_SHIFT) - 1
 _BYTES, _PICKLE, _BUFFER, _RBUFFER = 1, 2, 3, 4
-_RING, _SHARED, _RSHARED = 5, 6, 7
-_SHARING = (_RING, _SHARED, _RSHARED)  # the kinds only a `share_memory` channel sends and takes
 
 _OUT_OF_BAND_MIN = 64 * 1024  # smaller pickle buffers stay in-band: one frame is cheaper than a copy
 _MAIN = b"__main__"  # in a pickle from the C pickler: a reference the peer cannot resolve (see pack)
@@ -65,11 +57,6 @@ _CONCAT_MAX = 64 * 1024  # header and payload up to this size are joined into on
 _IOV_MAX = 512  # buffers per sendmsg call, well under the usual IOV_MAX of 1024
 TAG_SIZE = 16  # bytes of the GMAC tag that follows the header of every frame of a keyed channel
 _NONCE = struct.Struct("!BxxxQ")  # a frame's kind and number: never the same twice under one session key
-_RING_SIZE = 8 << 20  # bytes of the shared ring of each direction of a `share_memory` channel
-_RING_DATA = 64  # the ring's first bytes hold the receiver's count of bytes consumed; its buffers follow
-_SIZE = struct.Struct("!Q")  # a RING frame's payload: the ring's size
-_SPAN = struct.Struct("!QQ")  # a SHARED or RSHARED frame's payload: where its buffer starts in the ring, and its size
-_MEMFD_NAME = "pipeline-cluster-ring"
 
 
 class _FrameMac:
@@ -164,18 +151,13 @@ class Channel:
     authenticated (see the module docstring). `keys=None` sends and checks no tags at all, so only use it for a
     socket whose peer is trusted by construction: the socket pair between a node and a worker process it started.
     Wrapping any other socket without keys would unpickle whatever anyone sends or injects.
-    `share_memory=True` (on such a socket pair, with the same setting at both ends) sends big out-of-band buffers
-    through a ring of shared memory, which costs a copy at each end but no trips through the kernel's small socket
-    buffers; the ring is a memfd, which has no name to leak and goes away with the last process that maps it.
     `send` may be called from several threads at once; `recv` is meant for one reader thread.
     The socket has no user-space read buffer, so `select` on `fileno()` tells truthfully whether `recv` has data to
     read. `peer` is the remote address.
     """
 
     def __init__(self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME, *,
-                 keys: SessionKeys | None = None, share_memory: bool = False) -> None:
-        if share_memory and (keys is not None or sock.family != socket.AF_UNIX):
-            raise ValueError("share_memory needs an unkeyed AF_UNIX socket (a trusted socket pair)")
+                 keys: SessionKeys | None = None) -> None:
         sock.settimeout(None)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -192,9 +174,6 @@ class Channel:
         self._recv_mac = None if keys is None else _FrameMac(keys.recv)
         self._send_sequence = 0  # frames sent so far: guarded by _send_lock
         self._recv_sequence = 0  # frames received so far: only the reader thread touches it
-        self._share_memory = share_memory
-        self._ring_out: _Ring | None = None  # made at the first big buffer sent: guarded by _send_lock
-        self._ring_in: _Ring | None = None  # the peer's, from its RING frame: only the reader thread touches it
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -243,10 +222,10 @@ class Channel:
         if not buffers and len(payload) <= _CONCAT_MAX:
             self._send_frame(_HEADER.pack(_PICKLE << _KIND_SHIFT | len(payload)), payload)
             return
-        if self._share_memory:
-            self._send_sharing(payload, buffers)
-            return
-        frames: list[tuple[bytes, bytes | memoryview]] = [_buffer_frame(buffer) for buffer in buffers]
+        frames: list[tuple[bytes, bytes | memoryview]] = []
+        for buffer in buffers:
+            kind = _RBUFFER if buffer.readonly else _BUFFER
+            frames.append((_HEADER.pack(kind << _KIND_SHIFT | buffer.nbytes), buffer))
         frames.append((_HEADER.pack(_PICKLE << _KIND_SHIFT | len(payload)), payload))
         self._send_frames(frames)
 
@@ -276,10 +255,6 @@ class Channel:
                 buffers.append(buffer)
             elif kind == _RBUFFER:  # read-only: a bytes object, which the unpickled message then holds as is
                 buffers.append(self._recv_payload(kind, length, tag))
-            elif kind == _SHARED or kind == _RSHARED:
-                buffers.append(self._recv_shared(kind, length))
-            elif kind == _RING:
-                self._recv_ring(length)
             elif kind == _PICKLE:
                 payload = self._recv_payload(kind, length, tag)  # every frame of the message is checked by now
                 try:
@@ -294,18 +269,10 @@ class Channel:
     def recv_bytes(self) -> bytes:
         """Receive the next raw frame sent by `send_bytes` (or `send` of bytes); TypeError if it was a pickle."""
         kind, length, tag = self._recv_header()
-        while kind == _RING:
-            self._recv_ring(length)
-            kind, length, tag = self._recv_header()
         if kind == _BYTES:
             return self._recv_payload(kind, length, tag)
-        while kind not in (_BYTES, _PICKLE):  # skip the whole pickled message so that the stream stays in step
-            if kind == _SHARED or kind == _RSHARED:
-                self._recv_shared(kind, length)
-            elif kind == _RING:
-                self._recv_ring(length)
-            else:
-                self._recv_payload(kind, length, tag)
+        while kind in (_BUFFER, _RBUFFER):  # skip the whole pickled message so that the stream stays in step
+            self._recv_payload(kind, length, tag)
             kind, length, tag = self._recv_header()
         if kind != _PICKLE:
             self._broken(f"raw frame inside a pickled message from {self.peer}")
@@ -322,7 +289,6 @@ class Channel:
         except OSError:
             pass  # not connected any more: nothing to wake
         self._sock.close()
-        self._ring_out = self._ring_in = None  # unmapped once a sender or reader still at work lets go of them too
 
     def _check_size(self, size: int) -> None:
         if size > self.max_frame:
@@ -358,47 +324,6 @@ class Channel:
                 self.close()  # a partly written message would desynchronise the stream for good
                 raise
 
-    def _send_sharing(self, payload: bytes, buffers: list[memoryview]) -> None:
-        """Send a message, its big buffers through the ring where they fit, under the send lock: the ring's space
-        is handed out in the order of the stream, which is the order in which the peer frees it."""
-        if self._closed:
-            raise OSError("channel closed")
-        with self._send_lock:
-            try:
-                ring = self._ring_out or self._open_ring()
-                views: list[memoryview] = []
-                for buffer in buffers:
-                    start = ring.put(buffer)
-                    if start is None:
-                        header, _ = _buffer_frame(buffer)
-                        views += (memoryview(header), buffer)
-                    else:
-                        kind = _RSHARED if buffer.readonly else _SHARED
-                        views.append(memoryview(_HEADER.pack(kind << _KIND_SHIFT | _SPAN.size)
-                                                + _SPAN.pack(start, buffer.nbytes)))
-                views += (memoryview(_HEADER.pack(_PICKLE << _KIND_SHIFT | len(payload))), memoryview(payload))
-                self._write(views)
-            except BaseException:
-                self.close()  # a partly written message would desynchronise the stream for good
-                raise
-
-    def _open_ring(self) -> _Ring:
-        """Make this direction's ring and pass its memfd to the peer in a RING frame (the caller holds the send
-        lock). The fd travels with the frame's payload, sent on its own: a read that takes passed fds without room for
-        them closes them, and only the read of that payload has room."""
-        fd = os.memfd_create(_MEMFD_NAME, os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, _RING_SIZE)  # no memory yet: pages are allotted as buffers are first written to them
-            ring = _Ring(mmap.mmap(fd, _RING_SIZE))
-            self._sock.sendall(_HEADER.pack(_RING << _KIND_SHIFT | _SIZE.size))
-            payload = _SIZE.pack(_RING_SIZE)
-            sent = socket.send_fds(self._sock, [payload], [fd])
-            self._sock.sendall(payload[sent:])
-        finally:
-            os.close(fd)  # the mappings hold the memory from now on
-        self._ring_out = ring
-        return ring
-
     def _write_tagged(self, frames: list[tuple[bytes, bytes | memoryview]]) -> None:
         """Write frames, each with its tag between header and payload (the caller holds the send lock)."""
         views: list[memoryview] = []
@@ -431,7 +356,7 @@ class Channel:
             header, tag = data[:_HEADER.size], data[_HEADER.size:]
         (value,) = _HEADER.unpack(header)
         kind, length = value >> _KIND_SHIFT, value & _LENGTH_MASK
-        if kind not in (_BYTES, _PICKLE, _BUFFER, _RBUFFER) and not (self._share_memory and kind in _SHARING):
+        if kind not in (_BYTES, _PICKLE, _BUFFER, _RBUFFER):
             self._broken(f"corrupt frame header {header.hex()} from {self.peer}")
         if length > self.max_frame:
             self.close()
@@ -451,39 +376,6 @@ class Channel:
         self._recv_into(view)
         if self._recv_mac is not None:
             self._check_tag(self._recv_mac.tag(self._recv_sequence, kind, view), tag)
-
-    def _recv_ring(self, length: int) -> None:
-        """Map the peer's ring from a RING frame's payload, which brings its memfd."""
-        if length != _SIZE.size or self._ring_in is not None:
-            self._broken(f"unexpected ring from {self.peer}")
-        try:
-            payload, fds, _, _ = socket.recv_fds(self._sock, _SIZE.size, 1, socket.MSG_CMSG_CLOEXEC)
-        except OSError as e:
-            raise self._eof(e) from None
-        try:
-            if not payload:
-                raise self._eof()
-            payload += self._recv_exact(_SIZE.size - len(payload))
-            if len(fds) != 1:
-                self._broken(f"ring without its memfd from {self.peer}")
-            try:
-                self._ring_in = _Ring(mmap.mmap(fds[0], _SIZE.unpack(payload)[0]))
-            except (OSError, ValueError) as e:  # the memfd is smaller than announced, or cannot be mapped
-                self._broken(f"cannot map the ring from {self.peer}: {e}")
-        finally:
-            for fd in fds:
-                os.close(fd)  # the mapping holds the memory from now on
-
-    def _recv_shared(self, kind: int, length: int) -> bytes | bytearray:
-        """Copy a SHARED (as a bytearray) or RSHARED (as bytes) frame's buffer out of the peer's ring."""
-        ring = self._ring_in
-        if length != _SPAN.size or ring is None:
-            self._broken(f"shared buffer without a ring from {self.peer}")
-        start, size = _SPAN.unpack(self._recv_exact(_SPAN.size))
-        try:
-            return ring.take(start, size, bytes if kind == _RSHARED else bytearray)
-        except ValueError as e:
-            self._broken(f"shared buffer from {self.peer}: {e}")
 
     def _check_tag(self, expected: bytes, tag: bytes) -> None:
         """Accept the received frame if its `tag` is the `expected` one, else close with IntegrityError."""
@@ -541,58 +433,6 @@ class Channel:
             if not got:
                 raise self._eof()
             view = view[got:]
-
-
-class _Ring:
-    """One direction's ring of shared memory on a `share_memory` channel: a memfd that both ends map. The sender
-    copies a big buffer into free space and sends where it lies; the receiver copies it out and then stores how many
-    bytes of the ring it has consumed in the ring's first 8 bytes, so the sender knows what it may overwrite.
-    Positions count bytes since the ring was made (they wrap around the ring), so both ends agree on them without
-    more messages. A buffer goes to the start of the ring when it would not fit before the end, or when the ring is
-    empty (warm pages, few of them). Nothing waits for space: a buffer that does not fit goes through the socket."""
-
-    __slots__ = ("_mapping", "_data", "_consumed", "_head")
-
-    def __init__(self, mapping: mmap.mmap) -> None:
-        if len(mapping) <= _RING_DATA:
-            raise ValueError(f"ring of {len(mapping)} bytes")
-        self._mapping = mapping  # unmapped when the ring and the views below are gone
-        view = memoryview(mapping)
-        self._consumed = view[:8].cast("Q")  # stored whole, after the copy: the sender never sees a torn count
-        self._data = view[_RING_DATA:]
-        self._head = 0  # the sender's: bytes of the ring handed out, skipped ones included
-
-    def put(self, buffer: memoryview) -> int | None:
-        """(sender) Copy `buffer` into free space and return its position; None if it does not fit now."""
-        capacity, size, head = self._data.nbytes, buffer.nbytes, self._head
-        consumed = self._consumed[0]
-        next_lap = -(-head // capacity) * capacity
-        if consumed == head:  # empty: start over at the start
-            start, free_from = next_lap, next_lap
-        else:
-            start = head if head % capacity + size <= capacity else next_lap
-            free_from = consumed
-        if start + size > free_from + capacity:
-            return None
-        offset = start % capacity
-        self._data[offset:offset + size] = buffer
-        self._head = start + size
-        return start
-
-    def take(self, start: int, size: int, kind: type[bytes] | type[bytearray]) -> bytes | bytearray:
-        """(receiver) A copy, as `kind`, of the `size` bytes at `start`, whose space the sender may then reuse."""
-        offset = start % self._data.nbytes
-        if offset + size > self._data.nbytes:
-            raise ValueError(f"{size} bytes at {offset} overrun the ring")
-        data = kind(self._data[offset:offset + size])
-        self._consumed[0] = start + size
-        return data
-
-
-def _buffer_frame(buffer: memoryview) -> tuple[bytes, memoryview]:
-    """The BUFFER frame (RBUFFER if read-only) of an out-of-band buffer: header and the buffer itself."""
-    kind = _RBUFFER if buffer.readonly else _BUFFER
-    return _HEADER.pack(kind << _KIND_SHIFT | buffer.nbytes), buffer
 
 
 def connect(address: tuple[str, int], authkey: bytes, timeout: float = 10.0, *,

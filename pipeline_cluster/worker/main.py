@@ -297,7 +297,7 @@ def main(argv: list[str]) -> int:
     _die_with_parent()
     if os.getppid() != parent or parent == 1:
         return 1
-    conn = wire.Channel(socket.socket(fileno=int(argv[0])), max_frame=MAX_FRAME, share_memory=True)
+    conn = wire.Channel(socket.socket(fileno=int(argv[0])), max_frame=MAX_FRAME)
     progress = mmap.mmap(int(argv[1]), PROGRESS_SIZE)
     send = conn.send  # thread-safe: log records may come from the task's own threads
 

@@ -43,7 +43,7 @@ class WorkerProcess:
         finally:
             child_sock.close()
         self.pid = self.popen.pid
-        self.conn = wire.Channel(parent_sock, max_frame=worker_main.MAX_FRAME, share_memory=True)
+        self.conn = wire.Channel(parent_sock, max_frame=worker_main.MAX_FRAME)
 
     def running_item(self) -> tuple[int, float]:
         """(index in batch, start time) of the item being run now; index -1 when idle."""
