@@ -145,3 +145,28 @@ def test_the_framework_threads_are_left_where_the_process_is(tmp_path):
     assert any(name.startswith("StageSupervisor") for name in framework), framework
     assert {cpus for cpus, _ in framework.values()} == {EVERYTHING}
     assert {policy for _, policy in framework.values()} == {os.SCHED_OTHER}
+
+
+NO_NUMPY = """
+import sys
+import pipeline_cluster as pc
+
+def loaded(x):
+    return "numpy" in sys.modules
+
+if __name__ == "__main__":
+    with pc.LocalCluster(workers=1, run_dir=sys.argv[1]) as cluster:
+        in_workers = set(cluster.run([loaded], range(10)))
+    print(in_workers, "numpy" in sys.modules)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_numpy_is_never_imported_for_items_that_are_not_arrays(tmp_path):
+    pytest.importorskip("numpy", reason="only meaningful where numpy is installed and could be imported")
+    script = tmp_path / "no_numpy.py"
+    script.write_text(NO_NUMPY)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], capture_output=True, text=True,
+                          timeout=50)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["{False}", "False"]  # neither in the workers nor in the driver
