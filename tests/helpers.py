@@ -139,6 +139,15 @@ def run_cli(*args: str, cwd: str | os.PathLike = REPO, env: dict | None = None,
                           timeout=timeout, cwd=cwd, env=env)
 
 
+def start_script(tmp_path: Path, text: str) -> subprocess.Popen:
+    """Write `text` to a script in `tmp_path` and start it with a run directory there as its argument, its stdout
+    and stderr piped (read them with `read_line`)."""
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    return subprocess.Popen([sys.executable, str(script), str(tmp_path / "run")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
 def run_stage(tmp_path: Path, stage: Any, inputs: Any) -> tuple[list, list, dict]:
     """Run one stage over `inputs` on a LocalCluster: its sorted outputs, its dead letters and its stats."""
     import pipeline_cluster as pc

@@ -6,8 +6,6 @@ import ctypes
 import os
 import random
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 
@@ -15,7 +13,7 @@ import psutil
 import pytest
 
 import pipeline_cluster as pc
-from tests.helpers import is_zygote, live_workers, read_line, returns_within, wait_until
+from tests.helpers import is_zygote, live_workers, read_line, returns_within, start_script, wait_until
 
 FAST_RESTARTS = dict(max_restarts=1000, restart_window=60.0, backoff=(0.01, 0.05))
 
@@ -261,10 +259,7 @@ CTRL_C_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.timeout(60)
 def test_ctrl_c_during_run_stops_everything(tmp_path):
-    script = tmp_path / "ctrl_c.py"
-    script.write_text(CTRL_C_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "run")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_script(tmp_path, CTRL_C_SCRIPT)
     assert read_line(proc, 30) == "RUNNING"
     tree = psutil.Process(proc.pid).children(recursive=True)  # its workers and the zygote they came from
     assert len([p for p in tree if not is_zygote(p)]) == 4

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 import pipeline_cluster as pc
-from tests.helpers import REPO, is_zygote, live_children, read_line, wait_until
+from tests.helpers import REPO, is_zygote, live_children, read_line, start_script, wait_until
 
 
 def pid_of(item: int) -> int:
@@ -107,10 +107,7 @@ DRIVER_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.timeout(60)
 def test_a_sigkilled_driver_leaves_no_zygote_or_worker(tmp_path):
-    script = tmp_path / "driver.py"
-    script.write_text(DRIVER_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "run")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_script(tmp_path, DRIVER_SCRIPT)
     try:
         assert read_line(proc, 30) == "BOOTED"
         zygote, workers = _zygote_and_workers(proc.pid)
