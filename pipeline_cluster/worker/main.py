@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import mmap
 import os
 import signal
@@ -295,13 +296,16 @@ class TaskRunner:
             if consumed < size:
                 break
             self._send_part(position, part)
-        self.streamer.send_part(position, part, True)
+        self._send_part(position, part, last=True)
         self.streamed = 0
         return []
 
-    def _send_part(self, position: int, outs: list) -> None:
+    def _send_part(self, position: int, outs: list, last: bool = False) -> None:
+        """Send a part on; the time its generator is held back waiting for room is not counted by the timeout."""
         assert self.streamer is not None
-        self.streamer.send_part(position, outs, False)
+        if self.start_slot is not None:
+            self.start_slot[1] = math.inf
+        self.streamer.send_part(position, outs, last)
         self.streamed += len(outs)
         if self.start_slot is not None:
             self.start_slot[1] = time.monotonic()

@@ -200,3 +200,20 @@ def test_an_output_handler_takes_a_long_stream(tmp_path):
         cluster.feed(100_000, 7)
         cluster.wait_empty()
     assert sorted(got) == sorted([*((100_000, i) for i in range(100_000)), *((7, i) for i in range(7))])
+
+
+def tick(pair):
+    time.sleep(0.0002)
+    return pair
+
+
+@pytest.mark.timeout(120)
+def test_a_generator_held_back_longer_than_its_timeout_is_not_timed_out(tmp_path):
+    """The stage timeout counts the time a streaming item runs, not the time the stages after it hold it back."""
+    timed = pc.Stage(fan_out, generator=True, supervision=pc.Supervision(timeout=0.3))
+    with pc.LocalCluster(workers=1, run_dir=str(tmp_path / "run")) as cluster:
+        outputs = list(cluster.run([timed, tick], [12_000]))
+        failures, stats = cluster.failures(), cluster.stats()
+    assert failures == [] and len(outputs) == 12_000
+    held = stats["fan_out"]["held"] * stats["fan_out"]["elapsed_seconds"]
+    assert held > 0.3, stats["fan_out"]  # it was held back longer than its timeout
