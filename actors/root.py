@@ -57,6 +57,8 @@ class RootActor(Actor):
         self.held[link.name] = {}
         self.credit[link.name] = self.fixed_credit or policies.DEFAULT_CREDIT
         self._update_capacity()
+        if self.state.streams_held:  # it joins while the caller is behind on streamed outputs
+            link.tell(HoldStreams(True))
         self._dispatch()  # a node that joins a running pipeline takes backlog at once
 
     @handles(SizeHint)
@@ -147,7 +149,7 @@ class RootActor(Actor):
         if message.streamed is not None:  # outputs of root items still running, delivered as they come
             if held.keys() >= set(message.streamed):  # else from a run already ended
                 self.streamed.update(message.streamed)
-                self.state.deliver_streamed(message.outputs)
+                self.state.deliver_streamed(message.outputs, message.streamed)
             return
         dead = [letter for letter in message.dead if letter.rid in held]  # none from a run already ended
         for letter in dead:

@@ -58,6 +58,7 @@ class Slot:
     # generator items of its running batch that stream their outputs: position -> outputs sent on so far
     streamed: dict[int, int] = field(default_factory=dict)
     ended: set[int] = field(default_factory=set)  # positions whose last part came: every output of theirs went on
+    broken: dict[int, str] = field(default_factory=dict)  # position -> why a part of its outputs was unreadable here
     acks_owed: int = 0  # parts passed on while the next stage was full: acknowledged once it has room
 
 
@@ -438,8 +439,7 @@ class StageSupervisor(Actor):
             return
         chunk = slot.inflight.popleft()
         slot.alone = False
-        slot.streamed.clear()
-        slot.ended.clear()
+        _, broken = self._end_streams(slot)
         self.placement.done(slot.proc.pid)
         if slot.retiring:
             self._retire_idle()
@@ -466,8 +466,13 @@ class StageSupervisor(Actor):
             born = []
             died = [rid for i, rid in enumerate(chunk.rids) if i not in failed] if failed else chunk.rids
         for error in result.errors:
+            why = broken.pop(error.position, None)
             self._charge(chunk, error.position, died, dead, "exception", error.retryable, error_type=error.error_type,
-                         message=error.message, traceback=error.traceback, pid=slot.proc.pid)
+                         message=error.message + (f"; {self._unreadable_part(why)}" if why else ""),
+                         traceback=error.traceback, pid=slot.proc.pid)
+        for position, why in broken.items():  # it ended (and died in the tree) but some of its outputs were lost
+            self._give_up(chunk, position, dead, "exception", error_type="UnpicklingError",
+                          message=self._unreadable_part(why), pid=slot.proc.pid)
         self._report(born, died, Outputs(out_rids, outs, out_paths) if self.last and outs else None, dead)
         if outs and not self.last and self.next_stage is not None:
             tell(self.next_stage, Push(Chunk(out_rids, outs, None, out_paths)))
@@ -481,20 +486,27 @@ class StageSupervisor(Actor):
         if slot is None or not slot.inflight or self.state == "stopping":
             return
         chunk = slot.inflight[0]
-        position, outs, last = message.part
+        part = message.part
+        position = part.position
+        if part.last:
+            slot.ended.add(position)
+        try:
+            outs = [] if position in slot.broken else part.load()
+        except Exception as exc:  # the item fails for good once its batch is answered; the rest goes on
+            slot.broken[position] = f"{type(exc).__name__}: {exc}"
+            outs = []
         rid = chunk.rids[position]
         offset = slot.streamed.get(position, 0)
         slot.streamed[position] = offset + len(outs)
-        if last:
-            slot.ended.add(position)
         self.stats.items_out += len(outs)
         paths = None
         if self.keyed:
             path = chunk.paths[position] if chunk.paths else ()
             paths = [path + (offset + j,) for j in range(len(outs))]
         out_rids = [rid] * len(outs)
-        self.ledger.record_part(self.generation, rid, 0 if self.last else len(outs),
-                                Outputs(out_rids, outs, paths) if self.last and outs else None)
+        if outs:
+            self.ledger.record_part(self.generation, rid, 0 if self.last else len(outs),
+                                    Outputs(out_rids, outs, paths) if self.last else None)
         if outs and not self.last and self.next_stage is not None:
             tell(self.next_stage, Push(Chunk(out_rids, outs, None, paths)))
         if self.downstream_full or self.streams_held:
@@ -527,12 +539,17 @@ class StageSupervisor(Actor):
         if slot is None or not slot.inflight or self.state == "stopping":
             return
         chunk = slot.inflight.popleft()
-        slot.streamed.clear()
-        slot.ended.clear()
+        ended, broken = self._end_streams(slot)
         self.placement.done(slot.proc.pid)
         died: list[int] = []
         dead: list[DeadLetter] = []
         for i in range(len(chunk.rids)):
+            if i in ended:  # its outputs went on in parts: it is done
+                died.append(chunk.rids[i])
+                if i in broken:
+                    self._give_up(chunk, i, dead, "exception", error_type="UnpicklingError",
+                                  message=self._unreadable_part(broken[i]), pid=slot.proc.pid)
+                continue
             self._charge(chunk, i, died, dead, "exception", False, error_type="UnpicklingError",
                          message=f"stage {self.stage.name!r}: {message.error}", traceback=message.traceback,
                          pid=slot.proc.pid)
@@ -549,14 +566,31 @@ class StageSupervisor(Actor):
             self.stats.retried += 1
             self._requeue(Chunk([rid], [item], [attempts], chunk.paths and [chunk.paths[i]]))
             return
-        self.stats.failed += 1
         died.append(rid)
-        letter = DeadLetter(item, self.stage.name, self.index, attempts, cause, node=self.node_name, rid=rid,
-                            **detail)
+        self._give_up(chunk, i, dead, cause, **detail)
+
+    def _give_up(self, chunk: Chunk, i: int, dead: list[DeadLetter], cause: str, **detail: Any) -> None:
+        """Item `i` of `chunk` failed for good: its dead letter goes to `dead` (or is dropped, if the stage drops
+        failures). Its death in the tree is the caller's to record."""
+        self.stats.failed += 1
+        letter = DeadLetter(chunk.items[i], self.stage.name, self.index, _attempts(chunk, i) + 1, cause,
+                            node=self.node_name, rid=chunk.rids[i], **detail)
         if self.sup.on_failure == "drop":
             tell(self.node, DroppedFailure(letter))
         else:
             dead.append(letter)
+
+    @staticmethod
+    def _end_streams(slot: Slot) -> tuple[set[int], dict[int, str]]:
+        """Forget what the slot's oldest batch streamed; returns its items that ended and those with unreadable
+        parts."""
+        ended, broken = slot.ended, slot.broken
+        slot.streamed, slot.ended, slot.broken = {}, set(), {}
+        return ended, broken
+
+    def _unreadable_part(self, why: str) -> str:
+        return (f"stage {self.stage.name!r}: outputs this item streamed cannot be unpickled here ({why}); those "
+                "before them went on, and it is not retried")
 
     def _report(self, born: list[int], died: list[int], outputs: Outputs | None, dead: list[DeadLetter]) -> None:
         """Record in the node's ledger which root items gained live items (`born`, one rid per new item) and
@@ -590,15 +624,23 @@ class StageSupervisor(Actor):
                 self.suspects.extend(chunk.select([i]) for i in range(len(chunk.rids)))
                 continue
             blamed = death.index if position == 0 and death.cause != "init_failed" else -1
-            ended = slot.ended if position == 0 else set()  # streamed items that had ended: all their outputs went
-            finished.extend(chunk.rids[i] for i in ended)
-            if 0 <= blamed < len(chunk.rids):  # only the item it was running is charged; the rest go back uncharged
+            streamed = slot.streamed if position == 0 else {}
+            ended, broken = self._end_streams(slot) if position == 0 else (set(), {})
+            finished.extend(chunk.rids[i] for i in ended)  # streamed items that had ended: all their outputs went
+            for i in ended & broken.keys():
+                self._give_up(chunk, i, dead, "exception", error_type="UnpicklingError",
+                              message=self._unreadable_part(broken[i]), pid=death.pid)
+            # only the item it was running is charged (not one that ended, waiting to send its last part); the rest
+            # go back uncharged
+            if 0 <= blamed < len(chunk.rids) and blamed not in ended:
                 self.last_item = chunk.items[blamed]
-                streamed = slot.streamed.get(blamed, 0) if position == 0 else 0
-                note = f" (after {streamed} of its outputs were sent on; not retried)" if streamed else ""
-                self._charge(chunk, blamed, finished, dead, death.cause, not streamed, message=death.message + note,
-                             traceback=death.traceback, pid=death.pid, exit_code=death.exit_code,
-                             signal=death.signal)
+                sent = streamed.get(blamed, 0)
+                note = f" (after {sent} of its outputs were sent on; not retried)" if sent else ""
+                if blamed in broken:
+                    note += f"; {self._unreadable_part(broken[blamed])}"
+                self._charge(chunk, blamed, finished, dead, death.cause, not sent and blamed not in broken,
+                             message=death.message + note, traceback=death.traceback, pid=death.pid,
+                             exit_code=death.exit_code, signal=death.signal)
                 ended = ended | {blamed}
             if ended:
                 chunk = chunk.select([i for i in range(len(chunk.rids)) if i not in ended])

@@ -127,6 +127,7 @@ class DurableRun:
         self.latest: deque[DeadLetter] = deque(maxlen=LATEST)
         self.last_commit = time.monotonic()
         self.written = False  # the sink took outputs whose inputs are not recorded as complete yet
+        self.streaming: set[int] = set()  # root items some of whose outputs the consumer took before they were done
         self.closed = False
         if sink is not None:
             sink.open(meta.get("sink"))
@@ -186,9 +187,13 @@ class DurableRun:
 
     # -- completion ----------------------------------------------------------------------------------------------
 
-    def completed(self, rids: Sequence[int], outputs: int) -> None:
-        """The consumer took every output of these root items: their inputs are complete."""
+    def completed(self, rids: Sequence[int], outputs: int, streamed: Sequence[int] = ()) -> None:
+        """The consumer took every output of the root items `rids`: their inputs are complete; and (`streamed`,
+        each output's root item) outputs of root items still running. While any of those runs, the sink's position
+        is not committed (a resume runs them again), so nothing reaches the sink twice."""
         with self.lock:
+            if streamed:
+                self.streaming.update(streamed)
             self.outputs += outputs
             if self.key is None and not self.ids.refeeds and rids and max(rids) - min(rids) + 1 == len(rids):
                 for start, end in self.ids.position_spans(min(rids), len(rids)):  # the usual case: one block
@@ -197,7 +202,9 @@ class DurableRun:
             else:
                 self._completed_one_by_one(rids)
             self.pending += len(rids)
-            self.written = False
+            if self.streaming and rids:
+                self.streaming.difference_update(rids)
+            self.written = bool(self.streaming)
         if self.pending >= max(1, self.capacity()) or time.monotonic() - self.last_commit >= COMMIT_SECONDS:
             self.commit()
 

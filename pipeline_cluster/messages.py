@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import pickle
 import time
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -527,11 +528,17 @@ class RunBatch(NamedTuple):
 
 class Part(NamedTuple):
     """Outputs of the item at `position` of the running batch, sent on while its generator still yields; `last`:
-    the item has ended and these are its final outputs (the batch's result then counts none for it)."""
+    the item has ended and these are its final outputs (the batch's result then counts none for it). The outputs
+    travel pickled on their own (big buffers out-of-band beside them), so outputs the node cannot unpickle fail
+    their item (`load` raises) while the part itself, and the order of the worker's messages, still arrive."""
 
     position: int
-    outputs: list
+    pickled: bytes
+    buffers: list
     last: bool
+
+    def load(self) -> list:
+        return pickle.loads(self.pickled, buffers=self.buffers)
 
 
 class PartAck(NamedTuple):

@@ -125,15 +125,16 @@ class RunState:
         """Hand the outputs of the finished root items `done` to the caller (`rids`: each output's root item)."""
         self._outputs.put(Delivery(outputs, done, rids))
 
-    def deliver_streamed(self, outputs: list) -> None:
-        """Hand the caller outputs of root items that are still running; past STREAMED_HIGH deliveries waiting,
-        the streams are held back until the caller has taken all but STREAMED_LOW."""
+    def deliver_streamed(self, outputs: list, rids: list[int]) -> None:
+        """Hand the caller outputs of root items that are still running (`rids`: each output's); past
+        STREAMED_HIGH deliveries waiting, the streams are held back until the caller has taken all but
+        STREAMED_LOW."""
         with self._cond:
             self.streamed_waiting += 1
             if not self.streams_held and self.streamed_waiting > STREAMED_HIGH:
                 self.streams_held = True
                 self.hold_streams(True)  # under the lock: holds and releases reach the nodes in their order
-        self._outputs.put(Delivery(outputs, [], None, True))
+        self._outputs.put(Delivery(outputs, [], rids, True))
 
     def took_streamed(self) -> None:
         """The caller took a streamed delivery."""
@@ -316,7 +317,7 @@ def _batches(state: RunState, current: list[list], on_end: Callable[[bool], None
             if delivery.streamed:
                 state.took_streamed()
             if durable is not None:
-                durable.completed(done, len(outputs))
+                durable.completed(done, len(outputs), (delivery.rids or ()) if delivery.streamed else ())
             if progress is not None:
                 progress.update(len(done))
     finally:

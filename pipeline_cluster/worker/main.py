@@ -13,6 +13,7 @@ import logging
 import math
 import mmap
 import os
+import pickle
 import signal
 import socket
 import struct
@@ -52,15 +53,14 @@ class Streamer:
         self.conn = conn
         self.unacked = 0
         self.kept: deque[Any] = deque()  # messages (or UnpicklingFailed errors) read while waiting for an ack
-        self.part_size = STREAM_PART  # outputs per part: halved while parts are big, doubled back when small
+        self.part_size = STREAM_PART  # outputs per part: sized to PART_BYTES by the parts before
 
     def send_part(self, position: int, outputs: list, last: bool) -> None:
-        packed = wire.pack(Part(position, wire.out_of_band(outputs), last))
-        if packed.nbytes > PART_BYTES:
-            self.part_size = max(1, self.part_size // 2)
-        elif packed.nbytes < PART_BYTES // 4:
-            self.part_size = min(STREAM_PART, self.part_size * 2)
-        self.conn.send_packed(packed)
+        inner = wire.pack(wire.out_of_band(outputs))
+        if outputs:
+            self.part_size = max(1, min(STREAM_PART, len(outputs) * PART_BYTES // max(1, inner.nbytes)))
+        self.conn.send_packed(wire.pack(Part(position, inner.payload, [pickle.PickleBuffer(buffer)
+                                                                      for buffer in inner.buffers], last)))
         self.unacked += 1
         while self.unacked >= PART_WINDOW:
             try:

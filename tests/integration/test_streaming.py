@@ -14,7 +14,7 @@ import time
 import pytest
 
 import pipeline_cluster as pc
-from tests.helpers import REPO, wait_until
+from tests.helpers import REPO, returns_within, wait_until
 
 ONCE = pc.Supervision(max_attempts=3, backoff=(0.01, 0.05))
 
@@ -217,3 +217,108 @@ def test_a_generator_held_back_longer_than_its_timeout_is_not_timed_out(tmp_path
     assert failures == [] and len(outputs) == 12_000
     held = stats["fan_out"]["held"] * stats["fan_out"]["elapsed_seconds"]
     assert held > 0.3, stats["fan_out"]  # it was held back longer than its timeout
+
+
+def filler_then_marked(n, marks):
+    """The 10,000 outputs of one input fill the next stage; the other input waits for that, then ends its stream
+    while the stage after it is full, so its worker is stuck sending its last part."""
+    if n != 10_000:
+        with open(os.path.join(marks, "pid"), "w") as f:
+            f.write(str(os.getpid()))
+        deadline = time.monotonic() + 30
+        while not os.path.exists(os.path.join(marks, "go")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for i in range(n):
+        yield (n, i)
+
+
+def slower(pair):
+    time.sleep(0.0003)
+    return pair
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_killed_after_its_streaming_item_ended_charges_nothing(tmp_path):
+    """Its item ended (its last part went on) while the worker waited for room: it is done, not charged or lost."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    stages = [pc.Stage(filler_then_marked, generator=True, args=(str(marks),), workers=2), pc.Stage(slower, workers=1)]
+    outputs: list = []
+    with pc.LocalCluster(workers=1, run_dir=str(tmp_path / "run")) as cluster:
+        results = cluster.run(stages, [10_000, 1500])
+        outputs.append(next(results))
+        stats = lambda: cluster.stats()  # noqa: E731
+        wait_until(lambda: stats()["filler_then_marked"]["items_out"] == 10_000 and stats()["slower"]["queued"]
+                   >= 8192, 30)  # the next stage is full: no part is acknowledged now
+        (marks / "go").touch()
+        wait_until(lambda: stats()["filler_then_marked"]["items_out"] == 11_500, 30)  # both parts are in
+        os.kill(int((marks / "pid").read_text()), signal.SIGKILL)
+        with returns_within("a run whose worker died after its streaming item ended"):
+            outputs.extend(results)
+        failures = cluster.failures()
+    assert failures == []
+    assert sorted(outputs) == sorted([*((10_000, i) for i in range(10_000)), *((1500, i) for i in range(1500))])
+
+
+class Unloadable(Exception):
+    """Pickles in the worker; unpickling it calls Unloadable(text), which lacks `code`."""
+
+    def __init__(self, text, code):
+        super().__init__(text)
+        self.code = code
+
+
+def yields_an_unloadable(n):
+    for i in range(n):
+        yield Unloadable("odd", 1) if (n == 3000 and i == 1500) else (n, i)
+
+
+@pytest.mark.timeout(60)
+def test_a_streamed_part_the_node_cannot_read_fails_only_its_item(tmp_path):
+    with pc.LocalCluster(workers=1, run_dir=str(tmp_path / "run")) as cluster:
+        outputs = list(cluster.run([pc.Stage(yields_an_unloadable, generator=True)], [3000, 5, 2000, 7]))
+        failures = cluster.failures()
+    by_input = collections.Counter(n for n, _ in outputs)
+    assert by_input == {3000: 1024, 5: 5, 2000: 2000, 7: 7}  # its first part went on; the others are whole
+    assert sorted(i for n, i in outputs if n == 3000) == list(range(1024))
+    [letter] = failures
+    assert letter.item == 3000 and letter.error_type == "UnpicklingError" and "not retried" in letter.message
+
+
+SINK_DRIVER = """
+import os, sys, time
+import pipeline_cluster as pc
+from pipeline_cluster import sinks
+
+def stream(n, flag):
+    for i in range(n):
+        if i and i % 1024 == 0:
+            time.sleep(0.1)  # each part reaches the sink, and a commit is due, before the next
+        if n == 5000 and i == 3500 and os.environ.get("STALL"):
+            open(flag, "w").close()
+            time.sleep(60)  # the driver is killed meanwhile
+        yield [n, i]
+
+if __name__ == "__main__":
+    with pc.LocalCluster(workers=1, run_dir=sys.argv[1]) as cluster:
+        cluster.run([pc.Stage(stream, generator=True, args=(sys.argv[3],))], [1, 2, 5000], run_id="sinkstream",
+                    resume=not os.environ.get("STALL"), sink=sinks.JsonLines(sys.argv[2]))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_streaming_input_reaches_a_sink_once_across_a_driver_crash(tmp_path):
+    script, out, stalled = tmp_path / "driver.py", tmp_path / "out.jsonl", tmp_path / "stalled"
+    script.write_text(SINK_DRIVER)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    args = [sys.executable, str(script), str(tmp_path / "run"), str(out), str(stalled)]
+    driver = subprocess.Popen(args, env={**env, "STALL": "1"}, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(stalled.exists, 60)  # 3,072 of its outputs are in the sink, with inputs 1 and 2 complete
+    finally:
+        driver.kill()
+        driver.wait()
+    resumed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=90)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    lines = [tuple(json.loads(line)) for line in out.read_text().splitlines()]
+    assert collections.Counter(lines) == collections.Counter([(n, i) for n in (1, 2, 5000) for i in range(n)])
