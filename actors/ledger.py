@@ -116,13 +116,10 @@ class TreeLedger:
             if self.streaming and done:
                 self.streaming.difference_update(done)
             self.report_lock.acquire()
-        try:  # outside the lock: a report may wait on the network
-            if streamed:
-                self.report(Completed(self.name, [], streamed, [], None, streamed_rids))
-            if done:
-                self.report(Completed(self.name, done, finished_outputs, finished_dead, finished_rids))
-        finally:
-            self.report_lock.release()
+        reports = [Completed(self.name, [], streamed, [], None, streamed_rids)] if streamed else []
+        if done:
+            reports.append(Completed(self.name, done, finished_outputs, finished_dead, finished_rids))
+        self._send(reports)
 
     def record_part(self, generation: int, rid: int, born: int, outputs: Outputs | None) -> None:
         """A part of a generator item's outputs, sent on while it still yields: `born` new live items of root item
@@ -143,9 +140,14 @@ class TreeLedger:
                 else:
                     streamed.extend(outputs.items)
             self.report_lock.acquire()
+        self._send([Completed(self.name, [], streamed, [], None, [rid] * len(streamed))] if streamed else [])
+
+    def _send(self, reports: list[Completed]) -> None:
+        """Report outside `lock` (a report may wait on the network), then let `report_lock` go: the caller took it
+        before letting `lock` go, so reports leave in the order the ledger made them."""
         try:
-            if streamed:
-                self.report(Completed(self.name, [], streamed, [], None, [rid] * len(streamed)))
+            for report in reports:
+                self.report(report)
         finally:
             self.report_lock.release()
 

@@ -471,8 +471,7 @@ class StageSupervisor(Actor):
                          message=error.message + (f"; {self._unreadable_part(why)}" if why else ""),
                          traceback=error.traceback, pid=slot.proc.pid)
         for position, why in broken.items():  # it ended (and died in the tree) but some of its outputs were lost
-            self._give_up(chunk, position, dead, "exception", error_type="UnpicklingError",
-                          message=self._unreadable_part(why), pid=slot.proc.pid)
+            self._lost_outputs(chunk, position, dead, why, slot.proc.pid)
         self._report(born, died, Outputs(out_rids, outs, out_paths) if self.last and outs else None, dead)
         if outs and not self.last and self.next_stage is not None:
             tell(self.next_stage, Push(Chunk(out_rids, outs, None, out_paths)))
@@ -547,8 +546,7 @@ class StageSupervisor(Actor):
             if i in ended:  # its outputs went on in parts: it is done
                 died.append(chunk.rids[i])
                 if i in broken:
-                    self._give_up(chunk, i, dead, "exception", error_type="UnpicklingError",
-                                  message=self._unreadable_part(broken[i]), pid=slot.proc.pid)
+                    self._lost_outputs(chunk, i, dead, broken[i], slot.proc.pid)
                 continue
             self._charge(chunk, i, died, dead, "exception", False, error_type="UnpicklingError",
                          message=f"stage {self.stage.name!r}: {message.error}", traceback=message.traceback,
@@ -587,6 +585,12 @@ class StageSupervisor(Actor):
         ended, broken = slot.ended, slot.broken
         slot.streamed, slot.ended, slot.broken = {}, set(), {}
         return ended, broken
+
+    def _lost_outputs(self, chunk: Chunk, i: int, dead: list[DeadLetter], why: str, pid: int | None) -> None:
+        """Item `i` ended, but some of the outputs it streamed could not be read here: a dead letter, no death (its
+        end already counted)."""
+        self._give_up(chunk, i, dead, "exception", error_type="UnpicklingError", message=self._unreadable_part(why),
+                      pid=pid)
 
     def _unreadable_part(self, why: str) -> str:
         return (f"stage {self.stage.name!r}: outputs this item streamed cannot be unpickled here ({why}); those "
@@ -628,8 +632,7 @@ class StageSupervisor(Actor):
             ended, broken = self._end_streams(slot) if position == 0 else (set(), {})
             finished.extend(chunk.rids[i] for i in ended)  # streamed items that had ended: all their outputs went
             for i in ended & broken.keys():
-                self._give_up(chunk, i, dead, "exception", error_type="UnpicklingError",
-                              message=self._unreadable_part(broken[i]), pid=death.pid)
+                self._lost_outputs(chunk, i, dead, broken[i], death.pid)
             # only the item it was running is charged (not one that ended, waiting to send its last part); the rest
             # go back uncharged
             if 0 <= blamed < len(chunk.rids) and blamed not in ended:
@@ -641,9 +644,9 @@ class StageSupervisor(Actor):
                 self._charge(chunk, blamed, finished, dead, death.cause, not sent and blamed not in broken,
                              message=death.message + note, traceback=death.traceback, pid=death.pid,
                              exit_code=death.exit_code, signal=death.signal)
-                ended = ended | {blamed}
-            if ended:
-                chunk = chunk.select([i for i in range(len(chunk.rids)) if i not in ended])
+            settled = ended | {blamed} if 0 <= blamed < len(chunk.rids) else ended  # charged or done: not re-queued
+            if settled:
+                chunk = chunk.select([i for i in range(len(chunk.rids)) if i not in settled])
             if chunk.rids:
                 self._requeue(chunk)
         self._report([], finished, None, dead)

@@ -563,9 +563,7 @@ class Cluster:
             except BaseException as exc:
                 state.fail(exc)
                 return
-            state.consume(len(delivery.done))
-            if delivery.streamed:
-                state.took_streamed()
+            state.consume(len(delivery.done), delivery.streamed)
 
     def _refresh_stats(self) -> None:
         """Rewrite stats.json every few seconds while the run lasts (a slow or failing refresh is retried)."""

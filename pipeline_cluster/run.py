@@ -93,10 +93,16 @@ class RunState:
             self.at_root -= n
             self._changed()
 
-    def consume(self, roots: int) -> None:
-        """The caller took the outputs of `roots` root items."""
+    def consume(self, roots: int, streamed: bool = False) -> None:
+        """The caller took the outputs of `roots` root items; `streamed`: it took a streamed delivery, so streams
+        held back for it go on once it is down to STREAMED_LOW."""
         with self._cond:
             self.consumed += roots
+            if streamed:
+                self.streamed_waiting -= 1
+                if self.streams_held and self.streamed_waiting <= STREAMED_LOW:
+                    self.streams_held = False
+                    self.hold_streams(False)
             self._changed()
 
     def set_capacity(self, capacity: int) -> None:
@@ -135,14 +141,6 @@ class RunState:
                 self.streams_held = True
                 self.hold_streams(True)  # under the lock: holds and releases reach the nodes in their order
         self._outputs.put(Delivery(outputs, [], rids, True))
-
-    def took_streamed(self) -> None:
-        """The caller took a streamed delivery."""
-        with self._cond:
-            self.streamed_waiting -= 1
-            if self.streams_held and self.streamed_waiting <= STREAMED_LOW:
-                self.streams_held = False
-                self.hold_streams(False)
 
     def wake(self) -> None:
         """Make a thread waiting for outputs look at the state again (the run stops, say)."""
@@ -313,9 +311,7 @@ def _batches(state: RunState, current: list[list], on_end: Callable[[bool], None
                 outputs, done = arrange(delivery, state, held, keyed, index)
             current[0] = outputs
             yield outputs
-            state.consume(len(done))
-            if delivery.streamed:
-                state.took_streamed()
+            state.consume(len(done), delivery.streamed)
             if durable is not None:
                 durable.completed(done, len(outputs), (delivery.rids or ()) if delivery.streamed else ())
             if progress is not None:

@@ -277,7 +277,7 @@ class TaskRunner:
 
     def _stream(self, position: int, outs: list, iterator: Iterator) -> list:
         """Send the item's outputs on a part at a time as its generator yields them; the node's acknowledgements
-        hold it back when the stages after it are full. Its timeout counts from its latest part."""
+        hold it back when the stages after it, or the caller, are behind."""
         assert self.streamer is not None
         self._send_part(position, outs)
         while True:

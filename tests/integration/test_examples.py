@@ -40,7 +40,7 @@ def test_batch_stage_dead_letters_only_the_bad_reading():
 
 @pytest.mark.timeout(120)
 def test_arrays_match_numpy_in_the_driver():
-    pytest.importorskip("numpy", reason="examples/arrays.py needs numpy (the bench extra)")
+    pytest.importorskip("numpy", reason="examples/arrays.py needs numpy (the test extra installs it)")
     assert _run("arrays.py").splitlines() == [
         "16 arrays of (256, 256) float64 in (8 MiB), 16 of (256,) out",
         "16 of 16 match numpy run here",

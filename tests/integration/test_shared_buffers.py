@@ -13,7 +13,7 @@ import pytest
 import pipeline_cluster as pc
 from tests.helpers import wait_until
 
-np = pytest.importorskip("numpy", reason="numpy items need numpy (the bench extra)")
+np = pytest.importorskip("numpy", reason="numpy items need numpy (the test extra installs it)")
 
 OURS = "memfd:pipeline-cluster"  # how a memfd of ours shows in /proc/<pid>/maps and as an fd's link
 
